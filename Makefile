@@ -1,0 +1,38 @@
+# Fresh machine: `make demo` (main job) and `make test` (test suite) install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install data test lint bench demo
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist package (needs root; otherwise prints the command).
+data:
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+		echo "Fashion-MNIST found in /usr/share/datasets/fashion-mnist"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)); \
+	else \
+		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; \
+	fi
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: install
+	$(PY) benchmarks/throughput.py
+
+demo: install data
+	$(VENV)/bin/bcosvit train --preset fmnist-demo --out runs/demo

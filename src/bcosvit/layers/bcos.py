@@ -1,0 +1,168 @@
+"""B-cos linear and convolution layers (SPEC §2.1).
+
+    B-cos(x; w) = |cos(x, ŵ)|^(B-1) · (ŵᵀx),   ŵ = w / ||w||,   cos(x, ŵ) = ŵᵀx / ||x||
+
+No bias; raw weights are stored and normalised on every forward pass. In explanation mode the
+factor ``|cos|^(B-1)`` is detached, so the layer is the linear map ``x -> |cos|^(B-1) ŵᵀx``.
+
+Numerical guards: ``||x||`` is ``sqrt(sum x² + NORM_EPS)``; for non-integer ``B`` the cosine is
+clamped at ``COS_EPS`` before the power so its gradient stays finite. Both sit inside the detached
+factor, so they never break completeness.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .detach import DetachableModule
+
+NORM_EPS = 1e-6
+COS_EPS = 1e-6
+
+
+class _SquareCosScale(torch.autograd.Function):
+    """``out = lin · |lin| / norm`` (the B = 2 factor) with a hand-written backward.
+
+    Autograd's generic graph for this expression takes about a dozen element-wise passes over the
+    ``(rows, out_features)`` tensor; this takes three forward and four backward, which is what
+    keeps a B-cos training step close to the cost of an ordinary ViT's on a CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, lin: Tensor, norm: Tensor, dim: int) -> Tensor:
+        factor = lin.abs().div_(norm)  # |cos|
+        ctx.save_for_backward(lin, factor, norm)
+        ctx.dim = dim
+        return lin * factor
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        lin, factor, norm = ctx.saved_tensors
+        grad_lin = (grad * factor).mul_(2)
+        # d out / d norm = -lin·|lin| / norm² = -(grad_lin · lin) / (2 norm) summed over outputs
+        grad_norm = (grad_lin * lin).sum(dim=ctx.dim, keepdim=True).div_(norm).mul_(-0.5)
+        return grad_lin.to(lin.dtype), grad_norm.to(norm.dtype), None
+
+
+def bcos_scale(linear_out: Tensor, input_norm: Tensor, b: float, detach: bool, dim: int = -1) -> Tensor:
+    """Apply the B-cos factor ``|linear_out / input_norm|^(b-1)`` to ``linear_out``.
+
+    ``input_norm`` broadcasts against ``linear_out`` along the output-channel axis ``dim``
+    (where it has size 1): the last axis for tokens, axis 1 for feature maps.
+    """
+    if b == 1:
+        return linear_out
+    if detach:
+        with torch.no_grad():
+            factor = _cos_factor(linear_out, input_norm, b)
+        return linear_out * factor
+    if b == 2:
+        return _SquareCosScale.apply(linear_out, input_norm, dim)
+    return linear_out * _cos_factor(linear_out, input_norm, b)
+
+
+def _cos_factor(linear_out: Tensor, input_norm: Tensor, b: float) -> Tensor:
+    abs_cos = linear_out.abs() / input_norm
+    if b == 2:
+        return abs_cos
+    return abs_cos.clamp_min(COS_EPS).pow(b - 1)
+
+
+class BcosLinear(DetachableModule):
+    """B-cos linear layer: ``(..., in_features) -> (..., out_features)``.
+
+    Args:
+        b: the alignment exponent B >= 1 (B = 1: unit-norm linear layer).
+        max_out: MaxOut units M >= 1; each output is the max over M linear units, taken before
+            the B-cos factor.
+    """
+
+    def __init__(self, in_features: int, out_features: int, b: float = 2.0, max_out: int = 1) -> None:
+        super().__init__()
+        if b < 1:
+            raise ValueError(f"B-cos exponent b must be >= 1, got {b}")
+        if max_out < 1:
+            raise ValueError(f"max_out must be >= 1, got {max_out}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.b = float(b)
+        self.max_out = max_out
+        self.weight = nn.Parameter(torch.empty(out_features * max_out, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = F.normalize(self.weight, dim=1)
+        out = F.linear(x, weight)
+        if self.max_out > 1:
+            out = out.unflatten(-1, (self.out_features, self.max_out)).amax(dim=-1)
+        if self.b == 1:
+            return out
+        norm = (torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() + NORM_EPS).sqrt()
+        if self.detach:
+            norm = norm.detach()
+        return bcos_scale(out, norm, self.b, self.detach, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, b={self.b:g}, max_out={self.max_out}"
+
+
+class BcosConv2d(DetachableModule):
+    """B-cos 2-D convolution: ``(N, C_in, H, W) -> (N, C_out, H', W')``.
+
+    The cosine uses the norm of each ``k×k×C_in`` input window in place of ``||x||``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        b: float = 2.0,
+        max_out: int = 1,
+    ) -> None:
+        super().__init__()
+        if b < 1:
+            raise ValueError(f"B-cos exponent b must be >= 1, got {b}")
+        if max_out < 1:
+            raise ValueError(f"max_out must be >= 1, got {max_out}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.b = float(b)
+        self.max_out = max_out
+        self.weight = nn.Parameter(torch.empty(out_channels * max_out, in_channels, kernel_size, kernel_size))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = F.normalize(self.weight.flatten(1), dim=1).view_as(self.weight)
+        out = F.conv2d(x, weight, stride=self.stride, padding=self.padding)
+        if self.max_out > 1:
+            out = out.unflatten(1, (self.out_channels, self.max_out)).amax(dim=2)
+        if self.b == 1:
+            return out
+        # Sum of squares over each k×k×C_in window (zero padding counts as zeros).
+        window_sq = F.avg_pool2d(
+            x.square().sum(dim=1, keepdim=True),
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            count_include_pad=True,
+        ) * (self.kernel_size**2)
+        norm = (window_sq + NORM_EPS).sqrt()
+        if self.detach:
+            norm = norm.detach()
+        return bcos_scale(out, norm, self.b, self.detach, dim=1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, b={self.b:g}, max_out={self.max_out}"
+        )

@@ -1,0 +1,93 @@
+"""Positional schemes: additive embeddings (sin-cos, learned) and 2-D rotary embeddings.
+
+Additive embeddings are added to the tokens after tokenisation; an explanation reports their
+contribution as the positional term (SPEC §2.3). Rotary embeddings act on the (detached) queries
+and keys only, so they leave no positional term at all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Grid = tuple[int, int]
+
+
+def sincos_2d(grid: Grid, dim: int, temperature: float = 10000.0, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The fixed 2-D sin-cos embedding of a ``grid = (rows, cols)`` token grid: ``(rows*cols, dim)``."""
+    if dim % 4 != 0:
+        raise ValueError(f"the sin-cos embedding needs embed_dim divisible by 4, got {dim}")
+    y, x = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / max(dim // 4 - 1, 1))
+    y = y.flatten()[:, None] * omega[None, :]
+    x = x.flatten()[:, None] * omega[None, :]
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).to(dtype)
+
+
+class AdditivePositionalEmbedding(nn.Module):
+    """Adds a positional embedding to tokens: ``(N, L, D), grid -> (N, L, D)``.
+
+    ``learned=False`` gives the fixed sin-cos embedding for any grid; ``learned=True`` a learned
+    embedding for ``grid``, bicubically resized for other grids.
+    """
+
+    def __init__(self, dim: int, grid: Grid, learned: bool = False) -> None:
+        super().__init__()
+        self.dim = dim
+        self.grid = tuple(grid)
+        self.learned = learned
+        if learned:
+            self.weight = nn.Parameter(torch.randn(grid[0] * grid[1], dim) * 0.02)
+        else:
+            self.register_buffer("weight", sincos_2d(self.grid, dim), persistent=False)
+
+    def embedding(self, grid: Grid) -> Tensor:
+        """The ``(L, D)`` embedding added for a token grid ``(rows, cols)``."""
+        if tuple(grid) == self.grid:
+            return self.weight
+        if not self.learned:
+            return sincos_2d(grid, self.dim, dtype=self.weight.dtype).to(self.weight.device)
+        square = self.weight.T.reshape(1, self.dim, *self.grid)
+        resized = F.interpolate(square, size=tuple(grid), mode="bicubic", align_corners=False)
+        return resized.reshape(self.dim, -1).T
+
+    def forward(self, tokens: Tensor, grid: Grid) -> Tensor:
+        return tokens + self.embedding(grid)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, grid={self.grid}, learned={self.learned}"
+
+
+class Rotary2d(nn.Module):
+    """Axial 2-D rotary embedding for queries/keys ``(N, heads, L, head_dim) -> same shape``.
+
+    The first half of the rotated pairs turns with the token's row, the second with its column.
+    """
+
+    def __init__(self, head_dim: int, temperature: float = 100.0) -> None:
+        super().__init__()
+        if head_dim % 4 != 0:
+            raise ValueError(f"rotary embeddings need a head dimension divisible by 4, got {head_dim}")
+        self.head_dim = head_dim
+        self.temperature = temperature
+        self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def _cos_sin(self, grid: Grid, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        key = (tuple(grid), device, dtype)
+        if key not in self._cache:
+            quarter = self.head_dim // 4
+            freqs = 1.0 / self.temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+            y, x = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij")
+            angles = torch.cat([y.flatten()[:, None] * freqs, x.flatten()[:, None] * freqs], dim=1)
+            angles = torch.cat([angles, angles], dim=1)
+            self._cache[key] = (angles.cos().to(device, dtype), angles.sin().to(device, dtype))
+        return self._cache[key]
+
+    def forward(self, x: Tensor, grid: Grid) -> Tensor:
+        cos, sin = self._cos_sin(grid, x.device, x.dtype)
+        first, second = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}"

@@ -1,0 +1,16 @@
+"""Model definitions and the registry of named configurations."""
+
+from .registry import create_model, list_models, list_pretrained, model_config, register, twin_name
+from .vit import POS_EMBED_SCHEMES, ViTConfig, VisionTransformer
+
+__all__ = [
+    "POS_EMBED_SCHEMES",
+    "ViTConfig",
+    "VisionTransformer",
+    "create_model",
+    "list_models",
+    "list_pretrained",
+    "model_config",
+    "register",
+    "twin_name",
+]

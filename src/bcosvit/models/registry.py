@@ -1,0 +1,109 @@
+"""Registry of named configurations and ``create_model``.
+
+Every configuration is registered twice: the B-cos model (``bcos_...``) and its standard twin
+(the same name without the ``bcos_`` prefix), so the two always share their shapes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from importlib import resources
+from pathlib import Path
+
+from ..errors import ConfigError
+from .vit import ViTConfig, VisionTransformer
+
+_CONFIGS: dict[str, dict] = {}
+BCOS_PREFIX = "bcos_"
+
+
+def register(name: str, **config) -> None:
+    """Register the B-cos configuration ``name`` (must start with ``bcos_``) and its standard twin."""
+    if not name.startswith(BCOS_PREFIX):
+        raise ValueError(f"registered names start with {BCOS_PREFIX!r}, got {name!r}")
+    _CONFIGS[name] = dict(config, bcos=True)
+    _CONFIGS[name[len(BCOS_PREFIX) :]] = dict(config, bcos=False)
+
+
+def twin_name(name: str) -> str:
+    """The name of the other family's model with the same shapes."""
+    return name[len(BCOS_PREFIX) :] if name.startswith(BCOS_PREFIX) else BCOS_PREFIX + name
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """All registered names matching a shell-style ``pattern`` (B-cos models first)."""
+    names = [n for n in _CONFIGS if fnmatch.fnmatch(n, pattern)]
+    return sorted(names, key=lambda n: (not n.startswith(BCOS_PREFIX), n))
+
+
+def model_config(name: str, **overrides) -> ViTConfig:
+    """The validated configuration of ``name`` with ``overrides`` applied."""
+    if name not in _CONFIGS:
+        close = difflib.get_close_matches(name, _CONFIGS, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; run `bcosvit models` to list them"
+        raise ConfigError(f"unknown model name {name!r}{hint}")
+    valid = set(ViTConfig.option_names()) - {"bcos"}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ConfigError(f"unknown model option(s) {unknown}; valid options are {sorted(valid)}")
+    config = ViTConfig(**{**_CONFIGS[name], **{k: v for k, v in overrides.items() if v is not None}})
+    config.validate()
+    return config
+
+
+def weights_dir() -> Path:
+    """The folder of weights shipped inside the package."""
+    return Path(str(resources.files("bcosvit") / "weights"))
+
+
+def list_pretrained() -> list[str]:
+    """Names of models whose trained weights ship inside the package."""
+    folder = weights_dir()
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[: -len(".safetensors")] for p in folder.glob("*.safetensors") if (p.with_suffix(".json")).exists())
+
+
+def create_model(name: str, pretrained: bool = False, num_classes: int | None = None, **overrides) -> VisionTransformer:
+    """Build the registered model ``name``.
+
+    Args:
+        name: a registered name (``bcosvit.list_models()``).
+        pretrained: load the weights shipped inside the package (offline); the architecture and
+            classes come from those weights, and only the input size may be overridden.
+        num_classes: number of classes (default: the configuration's).
+        **overrides: any ``ViTConfig`` field, e.g. ``image_size=32, in_chans=1, pos_embed="rope"``.
+    """
+    if not pretrained:
+        return VisionTransformer(model_config(name, num_classes=num_classes, **overrides))
+    from ..checkpoint import load_pretrained
+
+    return load_pretrained(name, num_classes=num_classes, **overrides)
+
+
+# --- Published ImageNet architectures (SPEC §2.6) -----------------------------------------
+_VITC_SMALL_STEM = dict(stem_channels=[24, 48, 96, 192], stem_strides=[2, 2, 2, 2])
+_VITC_LARGE_STEM = dict(stem_channels=[64, 128, 128, 256, 256, 512], stem_strides=[2, 2, 1, 2, 1, 2])
+
+register("bcos_vit_tiny_patch16_224", embed_dim=192, depth=12, num_heads=3)
+register("bcos_vit_small_patch16_224", embed_dim=384, depth=12, num_heads=6)
+register("bcos_vit_base_patch16_224", embed_dim=768, depth=12, num_heads=12)
+register("bcos_vit_large_patch16_224", embed_dim=1024, depth=14, num_heads=16)
+register("bcos_vitc_tiny_224", embed_dim=192, depth=11, num_heads=3, **_VITC_SMALL_STEM)
+register("bcos_vitc_small_224", embed_dim=384, depth=11, num_heads=6, stem_channels=[48, 96, 192, 384], stem_strides=[2, 2, 2, 2])
+register("bcos_vitc_base_224", embed_dim=768, depth=11, num_heads=12, **_VITC_LARGE_STEM)
+register("bcos_vitc_large_224", embed_dim=1024, depth=13, num_heads=16, **_VITC_LARGE_STEM)
+
+# --- Small configurations for 28-64 px inputs ---------------------------------------------
+_SMALL = dict(num_classes=10)
+register("bcos_vit_nano_patch4_28", image_size=28, patch_size=4, in_chans=1, embed_dim=64, depth=4, num_heads=2, **_SMALL)
+register("bcos_vit_micro_patch4_28", image_size=28, patch_size=4, in_chans=1, embed_dim=128, depth=6, num_heads=4, **_SMALL)
+register("bcos_vit_mini_patch4_28", image_size=28, patch_size=4, in_chans=1, embed_dim=192, depth=6, num_heads=3, **_SMALL)
+register(
+    "bcos_vitc_micro_28", image_size=28, patch_size=4, in_chans=1, embed_dim=128, depth=5, num_heads=4,
+    stem_channels=[32, 64], stem_strides=[2, 2], **_SMALL,
+)
+register("bcos_vit_micro_patch4_32", image_size=32, patch_size=4, in_chans=3, embed_dim=128, depth=6, num_heads=4, **_SMALL)
+register("bcos_vit_mini_patch4_32", image_size=32, patch_size=4, in_chans=3, embed_dim=192, depth=6, num_heads=3, **_SMALL)
+register("bcos_vit_mini_patch8_64", image_size=64, patch_size=8, in_chans=3, embed_dim=192, depth=6, num_heads=3, **_SMALL)

@@ -1,0 +1,331 @@
+"""One Vision Transformer definition for B-cos models and their standard twins.
+
+    images [0, 1] -> encode -> tokenise -> (+ position) -> blocks -> mean over tokens -> norm -> head
+
+The layer set (``bcosvit.layers.sets``) decides which family is built: B-cos layers give a model
+that is dynamic linear end to end (``logit = w(x)·x + positional + logit_bias``); the standard set
+gives the ordinary ViT with the same shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import ConfigError, InputError
+from ..layers import (
+    AddInverse,
+    AdditivePositionalEmbedding,
+    Attention,
+    LayerSet,
+    LogitBias,
+    Normalize,
+    Rotary2d,
+    bcos_layer_set,
+    standard_layer_set,
+)
+from ..layers.position import Grid
+
+POS_EMBED_SCHEMES = ("sincos", "learned", "rope", "none")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ViTConfig:
+    """Everything that defines a model's architecture (stored with every checkpoint)."""
+
+    bcos: bool = True
+    image_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 192
+    depth: int = 12
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    pos_embed: str = "sincos"
+    stem_channels: list[int] | None = None  # None: patch embedding; else the conv stem's widths
+    stem_strides: list[int] | None = None
+    b: float = 2.0
+    max_out: int = 1
+    input_mean: list[float] | None = None  # standard twin only; None: ImageNet for RGB, else 0.5
+    input_std: list[float] | None = None
+    class_names: list[str] | None = field(default=None, compare=False)
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the first invalid value."""
+        for name in ("image_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "max_out"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_classes < 2:
+            raise ConfigError(f"num_classes must be at least 2, got {self.num_classes}")
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
+        if self.mlp_ratio <= 0:
+            raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.b < 1:
+            raise ConfigError(f"the B-cos exponent b must be >= 1, got {self.b}")
+        if self.pos_embed not in POS_EMBED_SCHEMES:
+            raise ConfigError(f"pos_embed must be one of {POS_EMBED_SCHEMES}, got {self.pos_embed!r}")
+        if self.pos_embed == "sincos" and self.embed_dim % 4:
+            raise ConfigError(f"pos_embed='sincos' needs embed_dim divisible by 4, got {self.embed_dim}")
+        if self.pos_embed == "rope" and (self.embed_dim // self.num_heads) % 4:
+            raise ConfigError(
+                f"pos_embed='rope' needs a head dimension divisible by 4, got {self.embed_dim // self.num_heads}"
+            )
+        if self.stem_channels is not None:
+            strides = self.stem_strides or [2] * len(self.stem_channels)
+            if len(strides) != len(self.stem_channels):
+                raise ConfigError(
+                    f"stem_strides needs one stride per stem layer ({len(self.stem_channels)}), got {len(strides)}"
+                )
+            reduction = 1
+            for s in strides:
+                reduction *= s
+            if reduction != self.patch_size:
+                raise ConfigError(
+                    f"the conv stem reduces the image by {reduction}, but patch_size is {self.patch_size}"
+                )
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}")
+        for name in ("input_mean", "input_std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.in_chans:
+                raise ConfigError(f"{name} needs {self.in_chans} values (one per channel), got {len(value)}")
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches, flattened and projected: ``(N, C, H, W) -> (N, L, D), (H/p, W/p)``."""
+
+    def __init__(self, in_chans: int, patch_size: int, dim: int, layers: LayerSet) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = layers.linear(in_chans * patch_size * patch_size, dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Grid]:
+        p = self.patch_size
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        patches = rearrange(x, "n c (h p1) (w p2) -> n (h w) (p1 p2 c)", p1=p, p2=p)
+        return self.proj(patches), grid
+
+
+class ConvStem(nn.Module):
+    """Convolutional stem (Xiao et al. 2021): 3×3 convs with norm and activation, then a 1×1 conv.
+
+    ``(N, C, H, W) -> (N, L, D), (H/r, W/r)`` where ``r`` is the product of the strides.
+    """
+
+    def __init__(self, in_chans: int, channels: list[int], strides: list[int], dim: int, layers: LayerSet) -> None:
+        super().__init__()
+        stages: list[nn.Module] = []
+        for out_chans, stride in zip(channels, strides):
+            stages += [layers.conv(in_chans, out_chans, 3, stride, 1), layers.norm2d(out_chans), layers.act()]
+            in_chans = out_chans
+        stages.append(layers.conv(in_chans, dim, 1, 1, 0))
+        self.stages = nn.Sequential(*stages)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Grid]:
+        features = self.stages(x)
+        return rearrange(features, "n d h w -> n (h w) d"), (features.shape[-2], features.shape[-1])
+
+
+class Mlp(nn.Module):
+    """``(N, L, D) -> (N, L, D)``: linear, activation (identity for B-cos), linear."""
+
+    def __init__(self, dim: int, hidden: int, layers: LayerSet) -> None:
+        super().__init__()
+        self.fc1 = layers.linear(dim, hidden)
+        self.act = layers.act()
+        self.fc2 = layers.linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, layers: LayerSet, rotary: Rotary2d | None) -> None:
+        super().__init__()
+        self.norm1 = layers.norm(dim)
+        self.attn = Attention(dim, num_heads, proj=layers.linear(dim, dim), qkv_bias=layers.qkv_bias, rotary=rotary)
+        self.norm2 = layers.norm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), layers)
+
+    def forward(self, x: Tensor, grid: Grid) -> Tensor:
+        x = x + self.attn(self.norm1(x), grid)
+        return x + self.mlp(self.norm2(x))
+
+    def forward_with_attn(self, x: Tensor, grid: Grid) -> tuple[Tensor, Tensor]:
+        """Same as ``forward``, also returning the attention maps ``(N, heads, L, L)``."""
+        out, attn = self.attn(self.norm1(x), grid, return_attn=True)
+        x = x + out
+        return x + self.mlp(self.norm2(x)), attn
+
+
+class VisionTransformer(nn.Module):
+    """A ViT (mean-pooled, no class token) built as a B-cos model or a standard twin.
+
+    Input: images ``(N, in_chans, H, W)`` with values in [0, 1]; ``H`` and ``W`` divisible by
+    ``patch_size``. Output: logits ``(N, num_classes)``. A B-cos model encodes ``[x, 1 - x]``
+    itself; a standard twin normalises with its per-channel mean and std.
+    """
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.is_bcos = config.bcos
+        self.num_classes = config.num_classes
+        self.in_chans = config.in_chans
+        self.image_size = config.image_size
+        self.patch_size = config.patch_size
+        self.embed_dim = self.num_features = config.embed_dim
+        self.grad_checkpointing = False
+        layers = bcos_layer_set(config.b, config.max_out) if config.bcos else standard_layer_set()
+        self._layers = layers
+
+        if config.bcos:
+            self.encode: nn.Module = AddInverse()
+            encoded_chans = 2 * config.in_chans
+        else:
+            rgb = config.in_chans == 3
+            mean = config.input_mean or (IMAGENET_MEAN if rgb else (0.5,) * config.in_chans)
+            std = config.input_std or (IMAGENET_STD if rgb else (0.5,) * config.in_chans)
+            self.encode = Normalize(mean, std)
+            encoded_chans = config.in_chans
+
+        dim = config.embed_dim
+        if config.stem_channels is None:
+            self.tokenizer: nn.Module = PatchEmbed(encoded_chans, config.patch_size, dim, layers)
+        else:
+            strides = config.stem_strides or [2] * len(config.stem_channels)
+            self.tokenizer = ConvStem(encoded_chans, list(config.stem_channels), list(strides), dim, layers)
+
+        grid = (config.image_size // config.patch_size,) * 2
+        self.pos_embed = (
+            AdditivePositionalEmbedding(dim, grid, learned=config.pos_embed == "learned")
+            if config.pos_embed in ("sincos", "learned")
+            else None
+        )
+        rotary = Rotary2d(dim // config.num_heads) if config.pos_embed == "rope" else None
+        self.blocks = nn.ModuleList(
+            Block(dim, config.num_heads, config.mlp_ratio, layers, rotary) for _ in range(config.depth)
+        )
+        self.norm = layers.norm(dim)
+        self.head = layers.linear(dim, config.num_classes)
+        self.logit_bias = LogitBias(config.num_classes) if config.bcos else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        if self.is_bcos:
+            return  # B-cos weights are normalised on every forward pass; their init scale is moot.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    # --- timm-like contract -------------------------------------------------------------
+    def check_input(self, x: Tensor) -> None:
+        """Raise ``InputError`` when ``x`` cannot be fed to this model."""
+        if not isinstance(x, Tensor):
+            raise InputError(f"expected a torch.Tensor of images, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise InputError(f"expected images of shape (N, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise InputError(
+                f"expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
+                f"convert the images or create the model with in_chans={x.shape[1]}"
+            )
+        h, w = x.shape[-2:]
+        if h % self.patch_size or w % self.patch_size or h == 0 or w == 0:
+            raise InputError(
+                f"image size {h}×{w} is not divisible by the patch size {self.patch_size}; "
+                f"resize or crop to a multiple of {self.patch_size} (the model was built for {self.image_size}×{self.image_size})"
+            )
+        if not x.is_floating_point():
+            raise InputError(f"expected floating-point images in [0, 1], got dtype {x.dtype}; divide uint8 images by 255")
+        param = self.norm.weight
+        if x.device != param.device:
+            raise InputError(f"images are on {x.device} but the model is on {param.device}; move one of them")
+        if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise InputError(f"images have dtype {x.dtype} but the model has {param.dtype}; convert with images.to({param.dtype})")
+        finite = torch.isfinite(x).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            raise InputError(f"images {bad[:10]} contain NaN or Inf values; clean or drop them before calling the model")
+
+    def forward_tokens(self, x: Tensor) -> tuple[Tensor, Grid]:
+        """Encode, tokenise and add position: images ``(N, C, H, W)`` -> tokens ``(N, L, D)``, grid."""
+        if not torch.compiler.is_compiling():
+            self.check_input(x)
+        tokens, grid = self.tokenizer(self.encode(x))
+        if self.pos_embed is not None:
+            tokens = self.pos_embed(tokens, grid)
+        return tokens, grid
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images ``(N, C, H, W)`` in [0, 1] -> tokens after the last block ``(N, L, D)``."""
+        tokens, grid = self.forward_tokens(x)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, grid, use_reentrant=False)
+            else:
+                tokens = block(tokens, grid)
+        return tokens
+
+    def forward_features_with_attn(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Like ``forward_features``, also returning each block's attention maps ``(N, heads, L, L)``."""
+        tokens, grid = self.forward_tokens(x)
+        maps = []
+        for block in self.blocks:
+            tokens, attn = block.forward_with_attn(tokens, grid)
+            maps.append(attn)
+        return tokens, maps
+
+    def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
+        """Tokens ``(N, L, D)`` -> logits ``(N, num_classes)`` (or pooled features ``(N, D)``)."""
+        pooled = self.norm(tokens.mean(dim=1))
+        if pre_logits:
+            return pooled
+        return self.logit_bias(self.head(pooled))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a freshly initialised one for ``num_classes`` classes."""
+        if num_classes < 2:
+            raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
+        device = self.norm.weight.device
+        dtype = self.norm.weight.dtype
+        self.head = self._layers.linear(self.embed_dim, num_classes).to(device, dtype)
+        if isinstance(self.head, nn.Linear):
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        self.logit_bias = LogitBias(num_classes) if self.is_bcos else nn.Identity()
+        self.num_classes = self.config.num_classes = num_classes
+        self.config.class_names = None
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations."""
+        self.grad_checkpointing = enable
+
+    @property
+    def logit_bias_value(self) -> float:
+        """The constant added to every logit (0 for standard models)."""
+        return self.logit_bias.value if isinstance(self.logit_bias, LogitBias) else 0.0
