@@ -1,0 +1,96 @@
+"""The ``bcosvit`` command: ``models``, ``train`` (``explain`` and ``evaluate`` come with later work)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import BcosVitError
+
+
+def _count(name: str) -> tuple[int, object]:
+    from .models import create_model
+
+    with torch.device("meta"):
+        model = create_model(name)
+    return sum(p.numel() for p in model.parameters()), model.config
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import list_models, list_pretrained
+
+    pretrained = set(list_pretrained())
+    names = list_models(args.pattern)
+    if not names:
+        print(f"no registered model matches {args.pattern!r}")
+        return 1
+    header = f"{'name':30s} {'family':8s} {'params':>9s} {'input':>9s} {'tokens':>8s} {'dim':>5s} {'depth':>5s} {'heads':>5s}  weights"
+    print(header)
+    print("-" * len(header))
+    for name in names:
+        count, cfg = _count(name)
+        grid = cfg.image_size // cfg.patch_size
+        tokeniser = "stem" if cfg.stem_channels else f"p{cfg.patch_size}"
+        print(f"{name:30s} {'B-cos' if cfg.bcos else 'standard':8s} {count / 1e6:8.2f}M "
+              f"{cfg.in_chans}x{cfg.image_size:<3d}   {grid}x{grid} {tokeniser:>4s} {cfg.embed_dim:5d} {cfg.depth:5d} "
+              f"{cfg.num_heads:5d}  {'shipped' if name in pretrained else ''}")
+    print(f"\n{len(names)} models; B-cos models start with 'bcos_', their standard twins drop the prefix.")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.config import PRESETS, config_from_args
+    from .train.main_job import run_training
+
+    if args.list_presets:
+        for name, preset in sorted(PRESETS.items()):
+            print(f"{name:40s} {preset.model:28s} {preset.dataset:14s} {preset.epochs:3d} epochs, batch {preset.batch_size}")
+        return 0
+    config = config_from_args(args)
+    out = Path(args.out) if args.out else Path("runs") / (args.preset or config.model)
+    run_training(config, out, resume=args.resume, progress=not args.no_progress, stop_after=args.stop_after)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train.config import add_override_arguments
+
+    parser = argparse.ArgumentParser(prog="bcosvit", description="Holistically explainable B-cos Vision Transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list registered models with parameter counts")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'bcos_*_28'")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("train", help="train a model (one process, or many with torchrun)",
+                       description="Train from a named preset with optional overrides. Distributed: "
+                                   "torchrun --nproc_per_node=N -m bcosvit train ...")
+    p.add_argument("--preset", help="named preset (see --list-presets)")
+    p.add_argument("--out", help="run folder (default: runs/<preset or model>)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    p.add_argument("--stop-after", type=int, metavar="N", help="end after N epochs of this invocation (resume later)")
+    p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    add_override_arguments(p)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except BcosVitError as exc:
+        print(f"bcosvit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bcosvit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

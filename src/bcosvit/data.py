@@ -1,0 +1,181 @@
+"""Datasets read from local files only (nothing is downloaded) and their transforms.
+
+Images stay ordinary tensors in [0, 1]: each model owns its input encoding.
+
+- Fashion-MNIST: the four idx ``.gz`` files of Debian's ``dataset-fashion-mnist`` package.
+- CIFAR-10: the standard python-format batches (``data_batch_1`` ... ``test_batch``).
+- Any ImageNet-style folder tree ``<root>/{train,val}/<class>/<image>`` through torchvision.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import datasets as tv_datasets
+from torchvision.transforms import v2
+
+from .errors import DataError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+DATASETS = ("fashion-mnist", "cifar10", "folder")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an idx file (optionally gzip-compressed) into a numpy array of its stored shape."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read {path}: {exc}; reinstall the dataset") from exc
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte idx file; reinstall the dataset")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    offset = 4 + 4 * ndim
+    if len(data) - offset != int(np.prod(shape)):
+        raise DataError(f"{path} is truncated: expected {int(np.prod(shape))} values for shape {shape}")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as uint8 ``(N, C, H, W)`` with integer labels; yields ``(image, label)``.
+
+    ``transform`` receives a uint8 ``(C, H, W)`` tensor; without one, images come out as float in [0, 1].
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, classes: list[str], transform=None) -> None:
+        self.images, self.labels, self.classes, self.transform = images, labels, classes, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = self.images[index]
+        image = self.transform(image) if self.transform is not None else image.float() / 255
+        return image, int(self.labels[index])
+
+
+def load_fashion_mnist(split: str, root: str | Path | None = None, transform=None) -> TensorImageDataset:
+    """Fashion-MNIST ``split`` ("train" or "test") from the idx ``.gz`` files under ``root``."""
+    root = Path(root) if root is not None else FASHION_MNIST_DIR
+    prefix = {"train": "train", "test": "t10k", "val": "t10k"}[split]
+    files = [root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise DataError(
+            f"Fashion-MNIST not found: missing {', '.join(missing)}. Install it with "
+            f"'sudo apt-get install dataset-fashion-mnist' (puts the files in {FASHION_MNIST_DIR}) "
+            "or pass --data-dir pointing to a folder with the four idx .gz files"
+        )
+    images = torch.from_numpy(read_idx(files[0]).copy()).unsqueeze(1)
+    labels = torch.from_numpy(read_idx(files[1]).astype(np.int64))
+    if len(images) != len(labels):
+        raise DataError(f"{files[0]} has {len(images)} images but {files[1]} has {len(labels)} labels")
+    return TensorImageDataset(images, labels, list(FASHION_MNIST_CLASSES), transform)
+
+
+def load_cifar10(split: str, root: str | Path, transform=None) -> TensorImageDataset:
+    """CIFAR-10 ``split`` from the python-format batches in ``root`` (``cifar-10-batches-py``)."""
+    root = Path(root)
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    missing = [n for n in names if not (root / n).exists()]
+    if missing:
+        raise DataError(
+            f"CIFAR-10 batches {missing} not found in {root}; download 'cifar-10-python.tar.gz' from "
+            "https://www.cs.toronto.edu/~kriz/cifar.html on a connected machine, unpack it and pass "
+            "--data-dir .../cifar-10-batches-py"
+        )
+    images, labels = [], []
+    for name in names:
+        try:
+            with open(root / name, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+        except (OSError, pickle.UnpicklingError, EOFError) as exc:
+            raise DataError(f"cannot read CIFAR-10 batch {root / name}: {exc}") from exc
+        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(batch["labels"])
+    return TensorImageDataset(
+        torch.from_numpy(np.concatenate(images)), torch.tensor(labels), list(CIFAR10_CLASSES), transform
+    )
+
+
+def load_image_folder(split: str, root: str | Path, transform=None) -> tv_datasets.ImageFolder:
+    """An ImageNet-style tree ``root/<split>/<class>/<image>`` read by torchvision."""
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} not found; expected {root}/{{train,val}}/<class>/<image files>")
+    decode = v2.Compose([v2.ToImage(), v2.RGB()])
+    pipeline = v2.Compose([decode, transform]) if transform is not None else v2.Compose([decode, v2.ToDtype(torch.float32, scale=True)])
+    return tv_datasets.ImageFolder(str(folder), transform=pipeline)
+
+
+@dataclass
+class DataSpec:
+    """What a model needs to know about a dataset."""
+
+    in_chans: int
+    image_size: int
+    num_classes: int
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def build_transforms(train: bool, image_size: int, native_size: int | None, randaugment: int = 0, flip: bool = True):
+    """torchvision v2 transforms from a uint8 image tensor to float ``(C, H, W)`` in [0, 1].
+
+    Small datasets with a native size (``native_size``) use pad-and-crop; folder datasets random
+    resized crops (train) and resize + centre crop (eval).
+    """
+    ops: list = []
+    if native_size is not None:
+        if image_size != native_size:
+            ops.append(v2.Resize(image_size, antialias=True))
+        if train:
+            ops.append(v2.RandomCrop(image_size, padding=image_size // 8))
+    else:
+        ops += [v2.RandomResizedCrop(image_size, antialias=True)] if train else [
+            v2.Resize(int(round(image_size / 0.875)), antialias=True), v2.CenterCrop(image_size)
+        ]
+    if train and flip:
+        ops.append(v2.RandomHorizontalFlip())
+    if train and randaugment > 0:
+        ops.append(v2.RandAugment(magnitude=randaugment))
+    ops.append(v2.ToDtype(torch.float32, scale=True))
+    return v2.Compose(ops)
+
+
+def load_dataset(
+    name: str, split: str, root: str | Path | None, image_size: int | None = None, train_transforms: bool = False,
+    randaugment: int = 0, flip: bool = True,
+) -> tuple[Dataset, DataSpec]:
+    """Load ``name`` ("fashion-mnist", "cifar10" or "folder") with the train or eval transforms."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    if name == "fashion-mnist":
+        size = image_size or 28
+        ds = load_fashion_mnist(split, root, build_transforms(train_transforms, size, 28, randaugment, flip))
+        return ds, DataSpec(1, size, 10, ds.classes, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    if root is None:
+        raise DataError(f"dataset {name!r} needs --data-dir (nothing is downloaded)")
+    if name == "cifar10":
+        size = image_size or 32
+        ds = load_cifar10(split, root, build_transforms(train_transforms, size, 32, randaugment, flip))
+        return ds, DataSpec(3, size, 10, ds.classes, CIFAR10_MEAN, CIFAR10_STD)
+    size = image_size or 224
+    ds = load_image_folder(split, root, build_transforms(train_transforms, size, None, randaugment, flip))
+    return ds, DataSpec(3, size, len(ds.classes), list(ds.classes), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

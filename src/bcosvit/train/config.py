@@ -1,0 +1,184 @@
+"""One typed training configuration, named presets and command-line overrides."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields
+
+from ..data import DATASETS
+from ..errors import ConfigError
+from ..models.registry import list_models, model_config
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; stored in the run folder."""
+
+    model: str = "bcos_vit_micro_patch4_28"
+    model_options: dict = field(default_factory=dict)  # ViTConfig overrides, e.g. {"pos_embed": "rope"}
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None  # None: the dataset's default location (Fashion-MNIST only)
+    image_size: int | None = None  # None: the dataset's native size
+    train_subset: int | None = None  # use only the first N training images (tests, quick runs)
+    test_subset: int | None = None
+    epochs: int = 10
+    batch_size: int = 128  # global batch, split over processes
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "auto"  # auto: Adam for B-cos, AdamW for standard (published recipe)
+    loss: str = "auto"  # auto: BCE with off-labels 1/C for B-cos, cross-entropy for standard
+    clip: str = "auto"  # auto: adaptive (unit-wise) for B-cos, grad-norm for standard; or "none"
+    clip_value: float | None = None  # None: 0.01 for adaptive clipping, 1.0 for grad-norm clipping
+    agc_eps: float = 1e-3
+    warmup_steps: int = 500
+    min_lr: float = 0.0
+    randaugment: int = 0  # RandAugment magnitude; 0 disables it
+    flip: bool = True
+    mixup: float = 0.0  # mixup alpha; 0 disables it
+    label_smoothing: float = 0.0  # standard models only
+    ema: float = 0.0  # EMA decay per step; 0 disables it
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    compile: bool = False  # torch.compile the model for training
+    seed: int = 0
+    num_workers: int = 0
+    explain_examples: bool = True  # write an explanation figure for test images at the end
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the first invalid value."""
+        model_config(self.model, **self.model_options)  # unknown names/options fail clearly
+        checks = [
+            (self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.optimizer in ("auto", "adam", "adamw", "sgd"), f"optimizer must be auto, adam, adamw or sgd, got {self.optimizer!r}"),
+            (self.loss in ("auto", "bce", "ce"), f"loss must be auto, bce or ce, got {self.loss!r}"),
+            (self.clip in ("auto", "agc", "norm", "none"), f"clip must be auto, agc, norm or none, got {self.clip!r}"),
+            (self.clip_value is None or self.clip_value > 0, f"clip_value must be positive, got {self.clip_value}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (0 <= self.randaugment <= 30, f"randaugment magnitude must lie in [0, 30], got {self.randaugment}"),
+            (self.mixup >= 0, f"mixup alpha must be >= 0, got {self.mixup}"),
+            (0 <= self.ema < 1, f"ema decay must lie in [0, 1), got {self.ema}"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {self.label_smoothing}"),
+            (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}"),
+            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+            (self.train_subset is None or self.train_subset >= 1, f"train_subset must be >= 1, got {self.train_subset}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def is_bcos(self) -> bool:
+        return model_config(self.model, **self.model_options).bcos
+
+    def resolved(self) -> TrainConfig:
+        """A copy with every "auto" choice replaced by the published recipe's (SPEC §2.5)."""
+        bcos = self.is_bcos
+        return dataclasses.replace(
+            self,
+            optimizer=self.optimizer if self.optimizer != "auto" else ("adam" if bcos else "adamw"),
+            loss=self.loss if self.loss != "auto" else ("bce" if bcos else "ce"),
+            clip=self.clip if self.clip != "auto" else ("agc" if bcos else "norm"),
+            clip_value=self.clip_value if self.clip_value is not None else (0.01 if (self.clip if self.clip != "auto" else ("agc" if bcos else "norm")) == "agc" else 1.0),
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}")
+        return cls(**data)
+
+
+# --- Presets --------------------------------------------------------------------------------
+def _fmnist(model: str, **kw) -> TrainConfig:
+    """Fashion-MNIST recipe shared by every small model (B-cos or standard: only 'auto' choices differ)."""
+    base = dict(model=model, dataset="fashion-mnist", epochs=30, batch_size=128, lr=1e-3, warmup_steps=1000, precision="bf16")
+    if not model.startswith("bcos_"):
+        base["weight_decay"] = 0.05
+    return TrainConfig(**{**base, **kw})
+
+
+def _imagenet(model: str) -> TrainConfig:
+    """The published ImageNet recipe (SPEC §2.5) on an ImageNet-style folder."""
+    big = any(s in model for s in ("base", "large"))
+    bcos = model.startswith("bcos_")
+    return TrainConfig(
+        model=model, dataset="folder", image_size=224, epochs=90, batch_size=1024, lr=1e-3,
+        weight_decay=0.0 if bcos else 1e-4, warmup_steps=50_000 if big else 10_000, randaugment=10, mixup=0.2,
+        precision="bf16", num_workers=8,
+    )
+
+
+def build_presets() -> dict[str, TrainConfig]:
+    presets: dict[str, TrainConfig] = {
+        # The main job: the small B-cos model, about 15 minutes on 2 CPU cores.
+        "fmnist-demo": _fmnist("bcos_vitc_micro_28", epochs=4, warmup_steps=300),
+    }
+    for name in list_models():
+        size = model_config(name).image_size
+        if size == 28:
+            presets[f"fmnist-{name}"] = _fmnist(name)
+        elif size == 32:
+            presets[f"cifar10-{name}"] = dataclasses.replace(_fmnist(name), dataset="cifar10", epochs=100, randaugment=9)
+        elif size == 224:
+            presets[f"imagenet-{name}"] = _imagenet(name)
+    return presets
+
+
+PRESETS = build_presets()
+
+
+def get_preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+    return dataclasses.replace(PRESETS[name], model_options=dict(PRESETS[name].model_options))
+
+
+# --- Command-line overrides -------------------------------------------------------------------
+def _field_type(f: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return args[0]
+    return hint
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_override_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--option`` per ``TrainConfig`` field (``--model-options`` takes JSON)."""
+    group = parser.add_argument_group("training options (override the preset)")
+    for f in fields(TrainConfig):
+        kind = _field_type(f)
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            group.add_argument(flag, type=_parse_bool, default=None, metavar="BOOL", dest=f.name)
+        elif kind is dict:
+            group.add_argument(flag, type=json.loads, default=None, metavar="JSON", dest=f.name)
+        else:
+            group.add_argument(flag, type=kind, default=None, dest=f.name)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The preset named by ``args.preset`` (or the defaults) with the given overrides."""
+    config = get_preset(args.preset) if getattr(args, "preset", None) else TrainConfig()
+    changes = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    config = dataclasses.replace(config, **changes)
+    config.validate()
+    return config

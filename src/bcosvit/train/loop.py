@@ -1,0 +1,300 @@
+"""The training loop: one process on a CPU, or many with ``torchrun`` and DistributedDataParallel.
+
+A run folder holds, rewritten atomically after every epoch:
+``model.safetensors`` + ``model.json`` (weights used for evaluation, architecture, classes,
+config, metrics), ``state.pt`` (optimizer, schedule, EMA, history: what ``--resume`` needs),
+``metrics.jsonl`` (one line per epoch) and ``curves.png`` (loss and accuracy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from ..checkpoint import save_weights
+from ..data import load_dataset
+from ..errors import CheckpointError, ConfigError
+from ..fileio import atomic_write
+from ..models.registry import create_model
+from ..models.vit import VisionTransformer
+from .config import TrainConfig
+from .recipe import adaptive_clip_grad_, bce_uniform_off_labels, soft_cross_entropy, warmup_cosine
+
+
+@dataclasses.dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Runtime:
+    """Join the process group when started by ``torchrun`` (gloo on CPU, NCCL on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Runtime(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return Runtime(dist.get_rank(), dist.get_world_size(), device)
+
+
+def unwrap(model: nn.Module) -> VisionTransformer:
+    """The plain model inside DDP / torch.compile / EMA wrappers."""
+    while True:
+        if isinstance(model, (DistributedDataParallel, AveragedModel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _subset(ds, n: int | None):
+    return Subset(ds, range(min(n, len(ds)))) if n else ds
+
+
+def build_model(config: TrainConfig, spec) -> VisionTransformer:
+    options = dict(config.model_options)
+    options.setdefault("in_chans", spec.in_chans)
+    options.setdefault("image_size", spec.image_size)
+    if not config.is_bcos:
+        options.setdefault("input_mean", list(spec.mean))
+        options.setdefault("input_std", list(spec.std))
+    return create_model(config.model, num_classes=spec.num_classes, class_names=list(spec.classes), **options)
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if config.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def loss_function(config: TrainConfig):
+    """``(logits, soft_targets) -> loss`` for the resolved recipe."""
+    if config.loss == "bce":
+        return bce_uniform_off_labels
+    return lambda logits, targets: soft_cross_entropy(logits, targets, config.label_smoothing)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, config: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean loss over ``loader``."""
+    model.eval()
+    loss_fn = loss_function(config)
+    correct1 = correct5 = total = 0
+    loss_sum = 0.0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with _autocast(config, device):
+            logits = model(images).float()
+        targets = F.one_hot(labels, logits.shape[1]).float()
+        loss_sum += float(loss_fn(logits, targets)) * len(labels)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += int((top[:, 0] == labels).sum())
+        correct5 += int((top == labels[:, None]).any(dim=1).sum())
+        total += len(labels)
+    return {"test_top1": 100.0 * correct1 / total, "test_top5": 100.0 * correct5 / total, "test_loss": loss_sum / total}
+
+
+def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    epochs = [h["epoch"] for h in history]
+    fig = Figure(figsize=(9, 3.5))
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax_loss.plot(epochs, [h["test_loss"] for h in history], "o-", label="test")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [h["train_top1"] for h in history], "o-", label="train")
+    ax_acc.plot(epochs, [h["test_top1"] for h in history], "o-", label="test")
+    ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
+    ax_acc.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def _save_run(out: Path, model: nn.Module, eval_model: nn.Module, optimizer, ema, config: TrainConfig,
+              epoch: int, history: list[dict[str, Any]], classes: list[str]) -> None:
+    save_weights(unwrap(eval_model), out / "model.safetensors", {
+        "model_name": config.model, "classes": classes, "epoch": epoch, "metrics": history[-1],
+        "ema": ema is not None, "train_config": config.to_dict(),
+    })
+    state = {
+        "epoch": epoch, "config": config.to_dict(), "history": history,
+        "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+    }
+    atomic_write(out / "state.pt", lambda tmp: torch.save(state, tmp))
+    lines = "".join(json.dumps(h) + "\n" for h in history)
+    atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text(lines))
+    _plot_curves(history, out / "curves.png")
+
+
+def _load_resume_state(out: Path, config: TrainConfig) -> dict[str, Any]:
+    path = out / "state.pt"
+    if not path.exists():
+        raise CheckpointError(f"--resume: no state.pt in {out}; start a new run without --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a damaged pickle
+        raise CheckpointError(f"--resume: {path} is corrupt ({exc}); start a new run in a fresh folder") from exc
+    stored = dict(state.get("config", {}))
+    current = config.to_dict()
+    differs = sorted(k for k in current if k not in ("epochs", "num_workers", "explain_examples") and stored.get(k) != current[k])
+    if differs:
+        raise ConfigError(
+            f"--resume: the run in {out} was started with different settings for {differs} "
+            f"(stored: {[stored.get(k) for k in differs]}); resume with the same settings or use a new --out"
+        )
+    return state
+
+
+def train(
+    config: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True, stop_after: int | None = None
+) -> dict[str, Any]:
+    """Train ``config`` into the run folder ``out``; returns the last epoch's metrics.
+
+    ``stop_after``: end this invocation after that many epochs (the run stays resumable), e.g. to
+    fit a time-limited session; the schedule still follows ``config.epochs``.
+    """
+    config.validate()
+    recipe = config.resolved()
+    rt = setup_distributed()
+    out = Path(out)
+    if rt.is_main and not resume and (out / "state.pt").exists():
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if config.batch_size % rt.world_size:
+        raise ConfigError(f"batch_size {config.batch_size} must be divisible by the {rt.world_size} processes")
+    per_rank_batch = config.batch_size // rt.world_size
+
+    train_ds, spec = load_dataset(config.dataset, "train", config.data_dir, config.image_size, True, config.randaugment, config.flip)
+    test_ds, _ = load_dataset(config.dataset, "test" if config.dataset != "folder" else "val", config.data_dir, config.image_size)
+    train_ds, test_ds = _subset(train_ds, config.train_subset), _subset(test_ds, config.test_subset)
+    sampler = DistributedSampler(train_ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=config.seed, drop_last=True)
+    train_loader = DataLoader(train_ds, per_rank_batch, sampler=sampler, num_workers=config.num_workers, drop_last=True,
+                              persistent_workers=config.num_workers > 0)
+    test_loader = DataLoader(test_ds, 256, shuffle=False, num_workers=config.num_workers)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"batch_size {config.batch_size} is larger than the {len(train_ds)} training images")
+    total_steps = steps_per_epoch * config.epochs
+
+    torch.manual_seed(config.seed)
+    model = build_model(config, spec).to(rt.device)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n)]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = {
+        "adam": lambda: torch.optim.Adam(groups, lr=config.lr),
+        "adamw": lambda: torch.optim.AdamW(groups, lr=config.lr),
+        "sgd": lambda: torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True),
+    }[recipe.optimizer]()
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema else None
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 1
+    if resume:
+        state = _load_resume_state(out, config)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        history = list(state["history"])
+        start_epoch = int(state["epoch"]) + 1
+        if rt.is_main:
+            print(f"resuming {out} after epoch {state['epoch']} of {config.epochs}")
+
+    net: nn.Module = model
+    if rt.world_size > 1:
+        net = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if config.compile:
+        net = torch.compile(net)
+    loss_fn = loss_function(recipe)
+    mixup = v2.MixUp(alpha=config.mixup, num_classes=spec.num_classes) if config.mixup > 0 else None
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    if rt.is_main:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"training {config.model} ({n_params / 1e6:.2f}M parameters) on {config.dataset}: {len(train_ds)} train / "
+              f"{len(test_ds)} test images, {config.epochs} epochs of {steps_per_epoch} steps, batch {config.batch_size} "
+              f"on {rt.world_size} process(es), {torch.get_num_threads()} threads each; run folder {out}")
+    metrics: dict[str, Any] = history[-1] if history else {}
+    last_epoch = config.epochs if stop_after is None else min(config.epochs, start_epoch - 1 + stop_after)
+    for epoch in range(start_epoch, last_epoch + 1):
+        sampler.set_epoch(epoch)
+        torch.manual_seed(config.seed * 100_003 + epoch * 1009 + rt.rank)  # augmentation: same after --resume
+        net.train()
+        started = time.perf_counter()
+        loss_sum = correct = seen = 0.0
+        bar = tqdm(total=steps_per_epoch * config.batch_size, unit="img", unit_scale=True, leave=False,
+                   desc=f"epoch {epoch}/{config.epochs}", disable=not (progress and rt.is_main), dynamic_ncols=True)
+        for i, (images, labels) in enumerate(train_loader):
+            step = (epoch - 1) * steps_per_epoch + i
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * warmup_cosine(step, config.warmup_steps, total_steps, config.min_lr / config.lr)
+            images, labels = images.to(rt.device, non_blocking=True), labels.to(rt.device, non_blocking=True)
+            targets = F.one_hot(labels, spec.num_classes).float()
+            if mixup is not None:
+                images, targets = mixup(images, labels)
+            with _autocast(config, rt.device):
+                logits = net(images)
+            loss = loss_fn(logits.float(), targets)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch} step {i}; lower --lr or enable clipping")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if recipe.clip == "agc":
+                adaptive_clip_grad_(params, recipe.clip_value, config.agc_eps)
+            elif recipe.clip == "norm":
+                nn.utils.clip_grad_norm_(params, recipe.clip_value)
+            optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            loss_sum += loss.item() * len(labels)
+            correct += float((logits.argmax(1) == targets.argmax(1)).sum())
+            seen += len(labels)
+            bar.update(config.batch_size)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.1f}%")
+        bar.close()
+        elapsed = time.perf_counter() - started
+        eval_model = ema if ema is not None else model
+        metrics = {"epoch": epoch, "train_loss": loss_sum / seen, "train_top1": 100 * correct / seen,
+                   "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": elapsed,
+                   "train_images_per_s": steps_per_epoch * config.batch_size / elapsed}
+        if rt.is_main:
+            metrics.update(evaluate(eval_model, test_loader, config, rt.device))
+            history.append(metrics)
+            _save_run(out, model, eval_model, optimizer, ema, config, epoch, history, list(spec.classes))
+            print(f"epoch {epoch}/{config.epochs}: train loss {metrics['train_loss']:.4f} acc {metrics['train_top1']:.2f}% | "
+                  f"test top-1 {metrics['test_top1']:.2f}% top-5 {metrics['test_top5']:.2f}% | "
+                  f"{elapsed:.0f}s ({metrics['train_images_per_s']:.0f} img/s)", flush=True)
+        if rt.world_size > 1:
+            dist.barrier()
+    if rt.world_size > 1:
+        dist.destroy_process_group()
+    return metrics

@@ -1,0 +1,52 @@
+"""Pieces of the training recipe: losses, adaptive gradient clipping, the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def bce_uniform_off_labels(logits: Tensor, targets: Tensor) -> Tensor:
+    """Binary cross-entropy on one-hot or mixup-soft ``targets`` ``(N, C)`` whose off-labels are
+    clamped to at least ``1/C`` (the B-cos recipe, SPEC §2.5)."""
+    targets = targets.clamp(min=1.0 / logits.shape[1])
+    return F.binary_cross_entropy_with_logits(logits, targets)
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy with one-hot or soft ``targets`` ``(N, C)``."""
+    if label_smoothing:
+        targets = targets * (1 - label_smoothing) + label_smoothing / logits.shape[1]
+    return torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
+
+
+def _unitwise_norm(t: Tensor) -> Tensor:
+    """Norm of each output unit (row) of a weight; the whole tensor's norm for vectors."""
+    if t.ndim <= 1:
+        return t.norm()
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.ndim - 1)))
+
+
+@torch.no_grad()
+def adaptive_clip_grad_(parameters: Iterable[nn.Parameter], clip: float = 0.01, eps: float = 1e-3) -> None:
+    """Unit-wise adaptive gradient clipping (Brock et al. 2021): scale each unit's gradient down to
+    at most ``clip * max(||W_unit||, eps)``."""
+    for p in parameters:
+        if p.grad is None:
+            continue
+        max_norm = _unitwise_norm(p).clamp_min(eps) * clip
+        grad_norm = _unitwise_norm(p.grad)
+        scale = (max_norm / grad_norm.clamp_min(1e-6)).clamp(max=1.0)
+        p.grad.mul_(scale)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
