@@ -3,7 +3,7 @@
 from .errors import BcosVitError, CheckpointError, ConfigError, DataError, InputError
 from .explain import Explanation, explain, explain_unit, token_contributions
 from .layers import explanation_mode
-from .models import ViTConfig, VisionTransformer, create_model, list_models, list_pretrained
+from .models import VisionTransformer, ViTConfig, create_model, list_models, list_pretrained
 
 __version__ = "0.1.0"
 

@@ -51,7 +51,9 @@ def resolve_weights(path: str | Path) -> Path:
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
     if not path.exists():
-        raise CheckpointError(f"no weights at {path}; pass a run folder written by `bcosvit train` or a .safetensors file")
+        raise CheckpointError(
+            f"no weights at {path}; pass a run folder written by `bcosvit train` or a .safetensors file"
+        )
     return path
 
 
@@ -74,7 +76,10 @@ def load_state_dict(model: torch.nn.Module, path: str | Path) -> None:
             details.append(f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
         if wrong:
             details.append(
-                "shape mismatch " + ", ".join(f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:5])
+                "shape mismatch "
+                + ", ".join(
+                    f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:5]
+                )
             )
         raise CheckpointError(f"weights in {path} do not match the model: {'; '.join(details)}")
     model.load_state_dict(tensors)

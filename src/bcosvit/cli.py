@@ -27,16 +27,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not names:
         print(f"no registered model matches {args.pattern!r}")
         return 1
-    header = f"{'name':30s} {'family':8s} {'params':>9s} {'input':>9s} {'tokens':>8s} {'dim':>5s} {'depth':>5s} {'heads':>5s}  weights"
+    header = (
+        f"{'name':30s} {'family':8s} {'params':>9s} {'input':>9s} {'tokens':>8s} "
+        f"{'dim':>5s} {'depth':>5s} {'heads':>5s}  weights"
+    )
     print(header)
     print("-" * len(header))
     for name in names:
         count, cfg = _count(name)
         grid = cfg.image_size // cfg.patch_size
         tokeniser = "stem" if cfg.stem_channels else f"p{cfg.patch_size}"
-        print(f"{name:30s} {'B-cos' if cfg.bcos else 'standard':8s} {count / 1e6:8.2f}M "
-              f"{cfg.in_chans}x{cfg.image_size:<3d}   {grid}x{grid} {tokeniser:>4s} {cfg.embed_dim:5d} {cfg.depth:5d} "
-              f"{cfg.num_heads:5d}  {'shipped' if name in pretrained else ''}")
+        print(
+            f"{name:30s} {'B-cos' if cfg.bcos else 'standard':8s} {count / 1e6:8.2f}M "
+            f"{cfg.in_chans}x{cfg.image_size:<3d}   {grid}x{grid} {tokeniser:>4s} {cfg.embed_dim:5d} {cfg.depth:5d} "
+            f"{cfg.num_heads:5d}  {'shipped' if name in pretrained else ''}"
+        )
     print(f"\n{len(names)} models; B-cos models start with 'bcos_', their standard twins drop the prefix.")
     return 0
 
@@ -47,7 +52,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.list_presets:
         for name, preset in sorted(PRESETS.items()):
-            print(f"{name:40s} {preset.model:28s} {preset.dataset:14s} {preset.epochs:3d} epochs, batch {preset.batch_size}")
+            print(
+                f"{name:40s} {preset.model:28s} {preset.dataset:14s} "
+                f"{preset.epochs:3d} epochs, batch {preset.batch_size}"
+            )
         return 0
     config = config_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / (args.preset or config.model)
@@ -65,9 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'bcos_*_28'")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("train", help="train a model (one process, or many with torchrun)",
-                       description="Train from a named preset with optional overrides. Distributed: "
-                                   "torchrun --nproc_per_node=N -m bcosvit train ...")
+    p = sub.add_parser(
+        "train",
+        help="train a model (one process, or many with torchrun)",
+        description="Train from a named preset with optional overrides. Distributed: "
+        "torchrun --nproc_per_node=N -m bcosvit train ...",
+    )
     p.add_argument("--preset", help="named preset (see --list-presets)")
     p.add_argument("--out", help="run folder (default: runs/<preset or model>)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")

@@ -25,7 +25,16 @@ from .errors import DataError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -119,7 +128,11 @@ def load_image_folder(split: str, root: str | Path, transform=None) -> tv_datase
     if not folder.is_dir():
         raise DataError(f"image folder {folder} not found; expected {root}/{{train,val}}/<class>/<image files>")
     decode = v2.Compose([v2.ToImage(), v2.RGB()])
-    pipeline = v2.Compose([decode, transform]) if transform is not None else v2.Compose([decode, v2.ToDtype(torch.float32, scale=True)])
+    pipeline = (
+        v2.Compose([decode, transform])
+        if transform is not None
+        else v2.Compose([decode, v2.ToDtype(torch.float32, scale=True)])
+    )
     return tv_datasets.ImageFolder(str(folder), transform=pipeline)
 
 
@@ -135,22 +148,33 @@ class DataSpec:
     std: tuple[float, ...]
 
 
-def build_transforms(train: bool, image_size: int, native_size: int | None, randaugment: int = 0, flip: bool = True):
+def build_transforms(
+    train: bool,
+    image_size: int,
+    native_size: int | None,
+    randaugment: int = 0,
+    flip: bool = True,
+    crop_padding: int | None = None,
+):
     """torchvision v2 transforms from a uint8 image tensor to float ``(C, H, W)`` in [0, 1].
 
-    Small datasets with a native size (``native_size``) use pad-and-crop; folder datasets random
-    resized crops (train) and resize + centre crop (eval).
+    Small datasets with a native size (``native_size``) use pad-and-crop (``crop_padding`` pixels,
+    default ``image_size // 8``, 0 disables it); folder datasets random resized crops (train) and
+    resize + centre crop (eval).
     """
     ops: list = []
     if native_size is not None:
         if image_size != native_size:
             ops.append(v2.Resize(image_size, antialias=True))
-        if train:
-            ops.append(v2.RandomCrop(image_size, padding=image_size // 8))
+        padding = image_size // 8 if crop_padding is None else crop_padding
+        if train and padding > 0:
+            ops.append(v2.RandomCrop(image_size, padding=padding))
     else:
-        ops += [v2.RandomResizedCrop(image_size, antialias=True)] if train else [
-            v2.Resize(int(round(image_size / 0.875)), antialias=True), v2.CenterCrop(image_size)
-        ]
+        ops += (
+            [v2.RandomResizedCrop(image_size, antialias=True)]
+            if train
+            else [v2.Resize(int(round(image_size / 0.875)), antialias=True), v2.CenterCrop(image_size)]
+        )
     if train and flip:
         ops.append(v2.RandomHorizontalFlip())
     if train and randaugment > 0:
@@ -160,22 +184,30 @@ def build_transforms(train: bool, image_size: int, native_size: int | None, rand
 
 
 def load_dataset(
-    name: str, split: str, root: str | Path | None, image_size: int | None = None, train_transforms: bool = False,
-    randaugment: int = 0, flip: bool = True,
+    name: str,
+    split: str,
+    root: str | Path | None,
+    image_size: int | None = None,
+    train_transforms: bool = False,
+    randaugment: int = 0,
+    flip: bool = True,
+    crop_padding: int | None = None,
 ) -> tuple[Dataset, DataSpec]:
     """Load ``name`` ("fashion-mnist", "cifar10" or "folder") with the train or eval transforms."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {DATASETS}")
     if name == "fashion-mnist":
         size = image_size or 28
-        ds = load_fashion_mnist(split, root, build_transforms(train_transforms, size, 28, randaugment, flip))
+        ds = load_fashion_mnist(
+            split, root, build_transforms(train_transforms, size, 28, randaugment, flip, crop_padding)
+        )
         return ds, DataSpec(1, size, 10, ds.classes, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
     if root is None:
         raise DataError(f"dataset {name!r} needs --data-dir (nothing is downloaded)")
     if name == "cifar10":
         size = image_size or 32
-        ds = load_cifar10(split, root, build_transforms(train_transforms, size, 32, randaugment, flip))
+        ds = load_cifar10(split, root, build_transforms(train_transforms, size, 32, randaugment, flip, crop_padding))
         return ds, DataSpec(3, size, 10, ds.classes, CIFAR10_MEAN, CIFAR10_STD)
     size = image_size or 224
-    ds = load_image_folder(split, root, build_transforms(train_transforms, size, None, randaugment, flip))
+    ds = load_image_folder(split, root, build_transforms(train_transforms, size, None, randaugment, flip, crop_padding))
     return ds, DataSpec(3, size, len(ds.classes), list(ds.classes), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

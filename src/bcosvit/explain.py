@@ -38,7 +38,7 @@ class Explanation:
         contributions: ``(N, [T,] H, W)`` = ``(weights * inputs).sum`` over channels.
         positional: ``(N, [T])`` contribution of the additive positional embedding (0 when none).
         logit_bias: the constant added to every logit (0 for intermediate units).
-        completeness_error: ``(N, [T])`` ``|outputs - contributions.sum - positional - logit_bias|``.
+        completeness_error: ``(N, [T])`` ``|outputs - contributions.sum - positional - logit_bias|``, float64.
     """
 
     logits: Tensor
@@ -73,6 +73,9 @@ def _require_bcos(model: nn.Module) -> VisionTransformer:
     return model
 
 
+_PLURAL = {"class": "classes", "token": "tokens", "channel": "channels"}
+
+
 def normalize_target(target: TargetLike, default: Tensor, num_outputs: int, what: str = "class") -> Tensor:
     """Turn ``target`` into a long tensor ``(N,)`` or ``(N, T)``; ``default`` ``(N,)`` is used for None."""
     n = default.shape[0]
@@ -89,9 +92,11 @@ def normalize_target(target: TargetLike, default: Tensor, num_outputs: int, what
             t = t.expand(n)
         elif t.ndim > 2 or t.shape[0] != n:
             raise InputError(
-                f"target must be an int, a sequence of {n} {what}es (one per image) or a tensor of shape "
+                f"target must be an int, a sequence of {n} {_PLURAL[what]} (one per image) or a tensor of shape "
                 f"({n}, T); got shape {tuple(t.shape)}"
             )
+        elif t.ndim == 2 and t.shape[1] == 0:
+            raise InputError(f"target of shape {tuple(t.shape)} names no {_PLURAL[what]}; give at least one per image")
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_outputs):
         raise InputError(f"{what} targets must lie in [0, {num_outputs - 1}], got values {t.unique().tolist()[:10]}")
     return t.to(default.device)
@@ -192,14 +197,20 @@ def _backward(
 def _assemble(
     logits: Tensor, target: Tensor, outputs: Tensor, state: _Pass, weights: Tensor, positional: Tensor, bias: float
 ) -> Explanation:
-    contributions = (weights * state.inputs.unsqueeze(1)).sum(dim=2)
-    error = (outputs - contributions.flatten(2).sum(dim=2) - positional - bias).abs()
+    detach = not weights.requires_grad
+    inputs = state.inputs.detach() if detach else state.inputs
+    contributions = (weights * inputs.unsqueeze(1)).sum(dim=2)
+    # In float64, so that a float32 model's error is not rounded away against the logit bias.
+    error = (
+        outputs.detach().double()
+        - contributions.detach().double().flatten(2).sum(dim=2)
+        - positional.detach().double()
+        - bias
+    ).abs()
     if target.ndim == 1:
         outputs, weights, contributions, positional, error = (
             t.squeeze(1) for t in (outputs, weights, contributions, positional, error)
         )
-    detach = not weights.requires_grad
-    inputs = state.inputs.detach() if detach else state.inputs
     return Explanation(
         logits=logits.detach() if detach else logits,
         target=target,
@@ -209,7 +220,7 @@ def _assemble(
         contributions=contributions,
         positional=positional.detach() if detach else positional,
         logit_bias=bias,
-        completeness_error=error.detach(),
+        completeness_error=error,
     )
 
 
@@ -266,7 +277,9 @@ def explain_unit(
         state = _forward(model, images, layer)
         tokens = state.layer_tokens
         n, num_tokens, dim = tokens.shape
-        token_index = normalize_target(token, torch.zeros(n, dtype=torch.long, device=tokens.device), num_tokens, "token")
+        token_index = normalize_target(
+            token, torch.zeros(n, dtype=torch.long, device=tokens.device), num_tokens, "token"
+        )
         if token_index.ndim != 1:
             raise InputError(f"token must be an int or one index per image, got shape {tuple(token_index.shape)}")
         if channel is None:

@@ -60,7 +60,9 @@ class Attention(DetachableModule):
         q, k, v = self._qkv(x)
         if self.rotary is not None:
             q, k = self.rotary(q, grid), self.rotary(k, grid)
-        if return_attn:
+        if return_attn or self.detach:
+            # Explanation mode multiplies by the constant attention matrix explicitly: the fused
+            # kernel has no double backward, which explanation-regularised training needs.
             attn = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
             if self.detach:
                 attn = attn.detach()

@@ -29,7 +29,9 @@ class _SquareCosScale(torch.autograd.Function):
 
     Autograd's generic graph for this expression takes about a dozen element-wise passes over the
     ``(rows, out_features)`` tensor; this takes three forward and four backward, which is what
-    keeps a B-cos training step close to the cost of an ordinary ViT's on a CPU.
+    keeps a B-cos training step close to the cost of an ordinary ViT's on a CPU. When a graph of
+    the backward pass itself is requested (second derivatives), the backward is written with
+    differentiable, out-of-place operations instead.
     """
 
     @staticmethod
@@ -42,9 +44,13 @@ class _SquareCosScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
         lin, factor, norm = ctx.saved_tensors
-        grad_lin = (grad * factor).mul_(2)
-        # d out / d norm = -lin·|lin| / norm² = -(grad_lin · lin) / (2 norm) summed over outputs
-        grad_norm = (grad_lin * lin).sum(dim=ctx.dim, keepdim=True).div_(norm).mul_(-0.5)
+        # d out / d lin = 2 |lin| / norm;  d out / d norm = -lin·|lin| / norm² = -(grad_lin · lin) / (2 norm)
+        if torch.is_grad_enabled():  # create_graph=True: keep every step differentiable
+            grad_lin = 2 * grad * (lin.abs() / norm)
+            grad_norm = -(grad_lin * lin).sum(dim=ctx.dim, keepdim=True) / (2 * norm)
+        else:
+            grad_lin = (grad * factor).mul_(2)
+            grad_norm = (grad_lin * lin).sum(dim=ctx.dim, keepdim=True).div_(norm).mul_(-0.5)
         return grad_lin.to(lin.dtype), grad_norm.to(norm.dtype), None
 
 

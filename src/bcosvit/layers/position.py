@@ -18,7 +18,9 @@ def sincos_2d(grid: Grid, dim: int, temperature: float = 10000.0, dtype: torch.d
     """The fixed 2-D sin-cos embedding of a ``grid = (rows, cols)`` token grid: ``(rows*cols, dim)``."""
     if dim % 4 != 0:
         raise ValueError(f"the sin-cos embedding needs embed_dim divisible by 4, got {dim}")
-    y, x = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij")
+    y, x = torch.meshgrid(
+        torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij"
+    )
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / max(dim // 4 - 1, 1))
     y = y.flatten()[:, None] * omega[None, :]
     x = x.flatten()[:, None] * omega[None, :]
@@ -78,7 +80,9 @@ class Rotary2d(nn.Module):
         if key not in self._cache:
             quarter = self.head_dim // 4
             freqs = 1.0 / self.temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-            y, x = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij")
+            y, x = torch.meshgrid(
+                torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij"
+            )
             angles = torch.cat([y.flatten()[:, None] * freqs, x.flatten()[:, None] * freqs], dim=1)
             angles = torch.cat([angles, angles], dim=1)
             self._cache[key] = (angles.cos().to(device, dtype), angles.sin().to(device, dtype))

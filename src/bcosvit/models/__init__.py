@@ -1,7 +1,7 @@
 """Model definitions and the registry of named configurations."""
 
 from .registry import create_model, list_models, list_pretrained, model_config, register, twin_name
-from .vit import POS_EMBED_SCHEMES, ViTConfig, VisionTransformer
+from .vit import POS_EMBED_SCHEMES, VisionTransformer, ViTConfig
 
 __all__ = [
     "POS_EMBED_SCHEMES",

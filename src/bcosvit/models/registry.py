@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import ConfigError
-from .vit import ViTConfig, VisionTransformer
+from .vit import VisionTransformer, ViTConfig
 
 _CONFIGS: dict[str, dict] = {}
 BCOS_PREFIX = "bcos_"
@@ -62,7 +62,9 @@ def list_pretrained() -> list[str]:
     folder = weights_dir()
     if not folder.is_dir():
         return []
-    return sorted(p.name[: -len(".safetensors")] for p in folder.glob("*.safetensors") if (p.with_suffix(".json")).exists())
+    return sorted(
+        p.name[: -len(".safetensors")] for p in folder.glob("*.safetensors") if (p.with_suffix(".json")).exists()
+    )
 
 
 def create_model(name: str, pretrained: bool = False, num_classes: int | None = None, **overrides) -> VisionTransformer:
@@ -91,19 +93,46 @@ register("bcos_vit_small_patch16_224", embed_dim=384, depth=12, num_heads=6)
 register("bcos_vit_base_patch16_224", embed_dim=768, depth=12, num_heads=12)
 register("bcos_vit_large_patch16_224", embed_dim=1024, depth=14, num_heads=16)
 register("bcos_vitc_tiny_224", embed_dim=192, depth=11, num_heads=3, **_VITC_SMALL_STEM)
-register("bcos_vitc_small_224", embed_dim=384, depth=11, num_heads=6, stem_channels=[48, 96, 192, 384], stem_strides=[2, 2, 2, 2])
+register(
+    "bcos_vitc_small_224",
+    embed_dim=384,
+    depth=11,
+    num_heads=6,
+    stem_channels=[48, 96, 192, 384],
+    stem_strides=[2, 2, 2, 2],
+)
 register("bcos_vitc_base_224", embed_dim=768, depth=11, num_heads=12, **_VITC_LARGE_STEM)
 register("bcos_vitc_large_224", embed_dim=1024, depth=13, num_heads=16, **_VITC_LARGE_STEM)
 
 # --- Small configurations for 28-64 px inputs ---------------------------------------------
 _SMALL = dict(num_classes=10)
-register("bcos_vit_nano_patch4_28", image_size=28, patch_size=4, in_chans=1, embed_dim=64, depth=4, num_heads=2, **_SMALL)
-register("bcos_vit_micro_patch4_28", image_size=28, patch_size=4, in_chans=1, embed_dim=128, depth=6, num_heads=4, **_SMALL)
-register("bcos_vit_mini_patch4_28", image_size=28, patch_size=4, in_chans=1, embed_dim=192, depth=6, num_heads=3, **_SMALL)
 register(
-    "bcos_vitc_micro_28", image_size=28, patch_size=4, in_chans=1, embed_dim=128, depth=5, num_heads=4,
-    stem_channels=[32, 64], stem_strides=[2, 2], **_SMALL,
+    "bcos_vit_nano_patch4_28", image_size=28, patch_size=4, in_chans=1, embed_dim=64, depth=4, num_heads=2, **_SMALL
 )
-register("bcos_vit_micro_patch4_32", image_size=32, patch_size=4, in_chans=3, embed_dim=128, depth=6, num_heads=4, **_SMALL)
-register("bcos_vit_mini_patch4_32", image_size=32, patch_size=4, in_chans=3, embed_dim=192, depth=6, num_heads=3, **_SMALL)
-register("bcos_vit_mini_patch8_64", image_size=64, patch_size=8, in_chans=3, embed_dim=192, depth=6, num_heads=3, **_SMALL)
+register(
+    "bcos_vit_micro_patch4_28", image_size=28, patch_size=4, in_chans=1, embed_dim=128, depth=6, num_heads=4, **_SMALL
+)
+register(
+    "bcos_vit_mini_patch4_28", image_size=28, patch_size=4, in_chans=1, embed_dim=192, depth=6, num_heads=3, **_SMALL
+)
+register(
+    "bcos_vitc_micro_28",
+    image_size=28,
+    patch_size=4,
+    in_chans=1,
+    embed_dim=128,
+    depth=5,
+    num_heads=4,
+    stem_channels=[32, 64],
+    stem_strides=[2, 2],
+    **_SMALL,
+)
+register(
+    "bcos_vit_micro_patch4_32", image_size=32, patch_size=4, in_chans=3, embed_dim=128, depth=6, num_heads=4, **_SMALL
+)
+register(
+    "bcos_vit_mini_patch4_32", image_size=32, patch_size=4, in_chans=3, embed_dim=192, depth=6, num_heads=3, **_SMALL
+)
+register(
+    "bcos_vit_mini_patch8_64", image_size=64, patch_size=8, in_chans=3, embed_dim=192, depth=6, num_heads=3, **_SMALL
+)

@@ -255,19 +255,26 @@ class VisionTransformer(nn.Module):
         if h % self.patch_size or w % self.patch_size or h == 0 or w == 0:
             raise InputError(
                 f"image size {h}×{w} is not divisible by the patch size {self.patch_size}; "
-                f"resize or crop to a multiple of {self.patch_size} (the model was built for {self.image_size}×{self.image_size})"
+                f"resize or crop to a multiple of {self.patch_size} "
+                f"(the model was built for {self.image_size}×{self.image_size})"
             )
         if not x.is_floating_point():
-            raise InputError(f"expected floating-point images in [0, 1], got dtype {x.dtype}; divide uint8 images by 255")
+            raise InputError(
+                f"expected floating-point images in [0, 1], got dtype {x.dtype}; divide uint8 images by 255"
+            )
         param = self.norm.weight
         if x.device != param.device:
             raise InputError(f"images are on {x.device} but the model is on {param.device}; move one of them")
         if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise InputError(f"images have dtype {x.dtype} but the model has {param.dtype}; convert with images.to({param.dtype})")
+            raise InputError(
+                f"images have dtype {x.dtype} but the model has {param.dtype}; convert with images.to({param.dtype})"
+            )
         finite = torch.isfinite(x).flatten(1).all(dim=1)
         if not bool(finite.all()):
             bad = (~finite).nonzero().flatten().tolist()
-            raise InputError(f"images {bad[:10]} contain NaN or Inf values; clean or drop them before calling the model")
+            raise InputError(
+                f"images {bad[:10]} contain NaN or Inf values; clean or drop them before calling the model"
+            )
 
     def forward_tokens(self, x: Tensor) -> tuple[Tensor, Grid]:
         """Encode, tokenise and add position: images ``(N, C, H, W)`` -> tokens ``(N, L, D)``, grid."""

@@ -38,6 +38,7 @@ class TrainConfig:
     min_lr: float = 0.0
     randaugment: int = 0  # RandAugment magnitude; 0 disables it
     flip: bool = True
+    crop_padding: int | None = None  # pad-and-crop for small datasets; None: image_size // 8, 0: off
     mixup: float = 0.0  # mixup alpha; 0 disables it
     label_smoothing: float = 0.0  # standard models only
     ema: float = 0.0  # EMA decay per step; 0 disables it
@@ -56,18 +57,28 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.optimizer in ("auto", "adam", "adamw", "sgd"), f"optimizer must be auto, adam, adamw or sgd, got {self.optimizer!r}"),
+            (
+                self.optimizer in ("auto", "adam", "adamw", "sgd"),
+                f"optimizer must be auto, adam, adamw or sgd, got {self.optimizer!r}",
+            ),
             (self.loss in ("auto", "bce", "ce"), f"loss must be auto, bce or ce, got {self.loss!r}"),
             (self.clip in ("auto", "agc", "norm", "none"), f"clip must be auto, agc, norm or none, got {self.clip!r}"),
             (self.clip_value is None or self.clip_value > 0, f"clip_value must be positive, got {self.clip_value}"),
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (0 <= self.randaugment <= 30, f"randaugment magnitude must lie in [0, 30], got {self.randaugment}"),
+            (
+                self.crop_padding is None or self.crop_padding >= 0,
+                f"crop_padding must be >= 0, got {self.crop_padding}",
+            ),
             (self.mixup >= 0, f"mixup alpha must be >= 0, got {self.mixup}"),
             (0 <= self.ema < 1, f"ema decay must lie in [0, 1), got {self.ema}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {self.label_smoothing}"),
             (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}"),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
-            (self.train_subset is None or self.train_subset >= 1, f"train_subset must be >= 1, got {self.train_subset}"),
+            (
+                self.train_subset is None or self.train_subset >= 1,
+                f"train_subset must be >= 1, got {self.train_subset}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -85,7 +96,9 @@ class TrainConfig:
             optimizer=self.optimizer if self.optimizer != "auto" else ("adam" if bcos else "adamw"),
             loss=self.loss if self.loss != "auto" else ("bce" if bcos else "ce"),
             clip=self.clip if self.clip != "auto" else ("agc" if bcos else "norm"),
-            clip_value=self.clip_value if self.clip_value is not None else (0.01 if (self.clip if self.clip != "auto" else ("agc" if bcos else "norm")) == "agc" else 1.0),
+            clip_value=self.clip_value
+            if self.clip_value is not None
+            else (0.01 if (self.clip if self.clip != "auto" else ("agc" if bcos else "norm")) == "agc" else 1.0),
         )
 
     def to_dict(self) -> dict:
@@ -102,7 +115,9 @@ class TrainConfig:
 # --- Presets --------------------------------------------------------------------------------
 def _fmnist(model: str, **kw) -> TrainConfig:
     """Fashion-MNIST recipe shared by every small model (B-cos or standard: only 'auto' choices differ)."""
-    base = dict(model=model, dataset="fashion-mnist", epochs=30, batch_size=128, lr=1e-3, warmup_steps=1000, precision="bf16")
+    base = dict(
+        model=model, dataset="fashion-mnist", epochs=30, batch_size=128, lr=1e-3, warmup_steps=1000, precision="bf16"
+    )
     if not model.startswith("bcos_"):
         base["weight_decay"] = 0.05
     return TrainConfig(**{**base, **kw})
@@ -113,9 +128,18 @@ def _imagenet(model: str) -> TrainConfig:
     big = any(s in model for s in ("base", "large"))
     bcos = model.startswith("bcos_")
     return TrainConfig(
-        model=model, dataset="folder", image_size=224, epochs=90, batch_size=1024, lr=1e-3,
-        weight_decay=0.0 if bcos else 1e-4, warmup_steps=50_000 if big else 10_000, randaugment=10, mixup=0.2,
-        precision="bf16", num_workers=8,
+        model=model,
+        dataset="folder",
+        image_size=224,
+        epochs=90,
+        batch_size=1024,
+        lr=1e-3,
+        weight_decay=0.0 if bcos else 1e-4,
+        warmup_steps=50_000 if big else 10_000,
+        randaugment=10,
+        mixup=0.2,
+        precision="bf16",
+        num_workers=8,
     )
 
 
@@ -129,7 +153,9 @@ def build_presets() -> dict[str, TrainConfig]:
         if size == 28:
             presets[f"fmnist-{name}"] = _fmnist(name)
         elif size == 32:
-            presets[f"cifar10-{name}"] = dataclasses.replace(_fmnist(name), dataset="cifar10", epochs=100, randaugment=9)
+            presets[f"cifar10-{name}"] = dataclasses.replace(
+                _fmnist(name), dataset="cifar10", epochs=100, randaugment=9
+            )
         elif size == 224:
             presets[f"imagenet-{name}"] = _imagenet(name)
     return presets

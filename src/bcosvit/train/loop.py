@@ -62,6 +62,11 @@ def setup_distributed() -> Runtime:
     return Runtime(dist.get_rank(), dist.get_world_size(), device)
 
 
+def is_main_process() -> bool:
+    """True in a single process and on rank 0 of a ``torchrun`` job."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def unwrap(model: nn.Module) -> VisionTransformer:
     """The plain model inside DDP / torch.compile / EMA wrappers."""
     while True:
@@ -138,15 +143,35 @@ def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
-def _save_run(out: Path, model: nn.Module, eval_model: nn.Module, optimizer, ema, config: TrainConfig,
-              epoch: int, history: list[dict[str, Any]], classes: list[str]) -> None:
-    save_weights(unwrap(eval_model), out / "model.safetensors", {
-        "model_name": config.model, "classes": classes, "epoch": epoch, "metrics": history[-1],
-        "ema": ema is not None, "train_config": config.to_dict(),
-    })
+def _save_run(
+    out: Path,
+    model: nn.Module,
+    eval_model: nn.Module,
+    optimizer,
+    ema,
+    config: TrainConfig,
+    epoch: int,
+    history: list[dict[str, Any]],
+    classes: list[str],
+) -> None:
+    save_weights(
+        unwrap(eval_model),
+        out / "model.safetensors",
+        {
+            "model_name": config.model,
+            "classes": classes,
+            "epoch": epoch,
+            "metrics": history[-1],
+            "ema": ema is not None,
+            "train_config": config.to_dict(),
+        },
+    )
     state = {
-        "epoch": epoch, "config": config.to_dict(), "history": history,
-        "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "config": config.to_dict(),
+        "history": history,
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
     }
     atomic_write(out / "state.pt", lambda tmp: torch.save(state, tmp))
@@ -165,7 +190,9 @@ def _load_resume_state(out: Path, config: TrainConfig) -> dict[str, Any]:
         raise CheckpointError(f"--resume: {path} is corrupt ({exc}); start a new run in a fresh folder") from exc
     stored = dict(state.get("config", {}))
     current = config.to_dict()
-    differs = sorted(k for k in current if k not in ("epochs", "num_workers", "explain_examples") and stored.get(k) != current[k])
+    differs = sorted(
+        k for k in current if k not in ("epochs", "num_workers", "explain_examples") and stored.get(k) != current[k]
+    )
     if differs:
         raise ConfigError(
             f"--resume: the run in {out} was started with different settings for {differs} "
@@ -192,12 +219,31 @@ def train(
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by the {rt.world_size} processes")
     per_rank_batch = config.batch_size // rt.world_size
 
-    train_ds, spec = load_dataset(config.dataset, "train", config.data_dir, config.image_size, True, config.randaugment, config.flip)
-    test_ds, _ = load_dataset(config.dataset, "test" if config.dataset != "folder" else "val", config.data_dir, config.image_size)
+    train_ds, spec = load_dataset(
+        config.dataset,
+        "train",
+        config.data_dir,
+        config.image_size,
+        True,
+        config.randaugment,
+        config.flip,
+        config.crop_padding,
+    )
+    test_ds, _ = load_dataset(
+        config.dataset, "test" if config.dataset != "folder" else "val", config.data_dir, config.image_size
+    )
     train_ds, test_ds = _subset(train_ds, config.train_subset), _subset(test_ds, config.test_subset)
-    sampler = DistributedSampler(train_ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=config.seed, drop_last=True)
-    train_loader = DataLoader(train_ds, per_rank_batch, sampler=sampler, num_workers=config.num_workers, drop_last=True,
-                              persistent_workers=config.num_workers > 0)
+    sampler = DistributedSampler(
+        train_ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=config.seed, drop_last=True
+    )
+    train_loader = DataLoader(
+        train_ds,
+        per_rank_batch,
+        sampler=sampler,
+        num_workers=config.num_workers,
+        drop_last=True,
+        persistent_workers=config.num_workers > 0,
+    )
     test_loader = DataLoader(test_ds, 256, shuffle=False, num_workers=config.num_workers)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
@@ -240,9 +286,11 @@ def train(
 
     if rt.is_main:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"training {config.model} ({n_params / 1e6:.2f}M parameters) on {config.dataset}: {len(train_ds)} train / "
-              f"{len(test_ds)} test images, {config.epochs} epochs of {steps_per_epoch} steps, batch {config.batch_size} "
-              f"on {rt.world_size} process(es), {torch.get_num_threads()} threads each; run folder {out}")
+        print(
+            f"training {config.model} ({n_params / 1e6:.2f}M parameters) on {config.dataset}: {len(train_ds)} train / "
+            f"{len(test_ds)} test images, {config.epochs} epochs of {steps_per_epoch} steps, batch {config.batch_size} "
+            f"on {rt.world_size} process(es), {torch.get_num_threads()} threads each; run folder {out}"
+        )
     metrics: dict[str, Any] = history[-1] if history else {}
     last_epoch = config.epochs if stop_after is None else min(config.epochs, start_epoch - 1 + stop_after)
     for epoch in range(start_epoch, last_epoch + 1):
@@ -251,12 +299,21 @@ def train(
         net.train()
         started = time.perf_counter()
         loss_sum = correct = seen = 0.0
-        bar = tqdm(total=steps_per_epoch * config.batch_size, unit="img", unit_scale=True, leave=False,
-                   desc=f"epoch {epoch}/{config.epochs}", disable=not (progress and rt.is_main), dynamic_ncols=True)
+        bar = tqdm(
+            total=steps_per_epoch * config.batch_size,
+            unit="img",
+            unit_scale=True,
+            leave=False,
+            desc=f"epoch {epoch}/{config.epochs}",
+            disable=not (progress and rt.is_main),
+            dynamic_ncols=True,
+        )
         for i, (images, labels) in enumerate(train_loader):
             step = (epoch - 1) * steps_per_epoch + i
             for group in optimizer.param_groups:
-                group["lr"] = config.lr * warmup_cosine(step, config.warmup_steps, total_steps, config.min_lr / config.lr)
+                group["lr"] = config.lr * warmup_cosine(
+                    step, config.warmup_steps, total_steps, config.min_lr / config.lr
+                )
             images, labels = images.to(rt.device, non_blocking=True), labels.to(rt.device, non_blocking=True)
             targets = F.one_hot(labels, spec.num_classes).float()
             if mixup is not None:
@@ -265,7 +322,9 @@ def train(
                 logits = net(images)
             loss = loss_fn(logits.float(), targets)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch} step {i}; lower --lr or enable clipping")
+                raise FloatingPointError(
+                    f"loss became {float(loss)} at epoch {epoch} step {i}; lower --lr or enable clipping"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.clip == "agc":
@@ -283,16 +342,25 @@ def train(
         bar.close()
         elapsed = time.perf_counter() - started
         eval_model = ema if ema is not None else model
-        metrics = {"epoch": epoch, "train_loss": loss_sum / seen, "train_top1": 100 * correct / seen,
-                   "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": elapsed,
-                   "train_images_per_s": steps_per_epoch * config.batch_size / elapsed}
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / seen,
+            "train_top1": 100 * correct / seen,
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_seconds": elapsed,
+            "train_images_per_s": steps_per_epoch * config.batch_size / elapsed,
+        }
         if rt.is_main:
             metrics.update(evaluate(eval_model, test_loader, config, rt.device))
             history.append(metrics)
             _save_run(out, model, eval_model, optimizer, ema, config, epoch, history, list(spec.classes))
-            print(f"epoch {epoch}/{config.epochs}: train loss {metrics['train_loss']:.4f} acc {metrics['train_top1']:.2f}% | "
-                  f"test top-1 {metrics['test_top1']:.2f}% top-5 {metrics['test_top5']:.2f}% | "
-                  f"{elapsed:.0f}s ({metrics['train_images_per_s']:.0f} img/s)", flush=True)
+            print(
+                f"epoch {epoch}/{config.epochs}: train loss {metrics['train_loss']:.4f} "
+                f"acc {metrics['train_top1']:.2f}% | "
+                f"test top-1 {metrics['test_top1']:.2f}% top-5 {metrics['test_top5']:.2f}% | "
+                f"{elapsed:.0f}s ({metrics['train_images_per_s']:.0f} img/s)",
+                flush=True,
+            )
         if rt.world_size > 1:
             dist.barrier()
     if rt.world_size > 1:

@@ -1,0 +1,541 @@
+"""CPU throughput of B-cos Vision Transformers against their standard twins.
+
+Reproduce the full benchmark (from the repository root)::
+
+    .venv/bin/python benchmarks/throughput.py --settings a b --repeats 5 --warmup 2 \
+        --json benchmarks/results/throughput.json
+
+Smoke test (small batches; its numbers do not judge the targets)::
+
+    .venv/bin/python benchmarks/throughput.py --quick --repeats 2 --warmup 1 --json /tmp/throughput_quick.json
+
+Settings:
+    a: ``bcos_vit_mini_patch4_28`` vs ``vit_mini_patch4_28`` (embed 192, depth 6, 3 heads, patch 4),
+       28x28 RGB, 10 classes, batch 128.
+    b: ``bcos_vit_tiny_patch16_224`` vs ``vit_tiny_patch16_224``, 224x224 RGB, 1000 classes, batch 32.
+
+For every setting the B-cos model and its twin are timed interleaved (within each repeat every
+measured function runs once, in turn, so machine noise hits all of them alike), after ``--warmup``
+untimed rounds; the reported figure is the median over ``--repeats`` rounds. Measured: one full
+training step of each family's recipe (fp32 and bf16 autocast; optionally ``torch.compile``d),
+the eval-mode forward pass in ``torch.inference_mode()``, and for the B-cos model the exact
+explanation of the whole batch (``bcosvit.explain``: one forward and one backward pass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import bcosvit
+from bcosvit.fileio import atomic_write
+from bcosvit.models.registry import twin_name
+from bcosvit.train.recipe import adaptive_clip_grad_, bce_uniform_off_labels
+
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "throughput.json"
+SEED = 0
+
+# Targets (setting a unless a setting is named in the check).
+MAX_TRAIN_TIME_RATIO = 1.15  # B-cos train step time / standard train step time
+MAX_EXPLAIN_FORWARD_RATIO = 2.5  # B-cos explain time / B-cos forward time
+MIN_EXPLAIN_IMAGES_PER_S = 250.0  # B-cos explanations per second, setting a
+
+Step = Callable[[], object]
+VS_STANDARD = "B-cos time / standard time"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One model pair and its input batch."""
+
+    key: str
+    bcos_model: str
+    batch: int
+    quick_batch: int  # batch size under --quick
+    image_size: int
+    num_classes: int
+    in_chans: int = 3
+
+    @property
+    def standard_model(self) -> str:
+        return twin_name(self.bcos_model)
+
+    def describe(self, batch: int) -> str:
+        return (
+            f"{self.bcos_model} vs {self.standard_model}, {self.image_size}x{self.image_size}x{self.in_chans}, "
+            f"{self.num_classes} classes, batch {batch}"
+        )
+
+
+SETTINGS: dict[str, Setting] = {
+    "a": Setting("a", "bcos_vit_mini_patch4_28", batch=128, quick_batch=16, image_size=28, num_classes=10),
+    "b": Setting("b", "bcos_vit_tiny_patch16_224", batch=32, quick_batch=4, image_size=224, num_classes=1000),
+}
+
+
+@dataclass
+class Row:
+    """One line of the table: median seconds per batch of the B-cos model and of the standard twin.
+
+    ``ratio`` is B-cos time / standard time, except for the explanation row, where it is
+    explain time / B-cos forward time (``ratio_of`` says which).
+    """
+
+    setting: str
+    metric: str
+    batch: int
+    bcos_times: list[float] | None = None
+    standard_times: list[float] | None = None
+    ratio: float | None = None
+    ratio_of: str = VS_STANDARD
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def bcos_images_per_s(self) -> float | None:
+        return images_per_s(self.bcos_times, self.batch)
+
+    @property
+    def standard_images_per_s(self) -> float | None:
+        return images_per_s(self.standard_times, self.batch)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["bcos_median_s"] = median(self.bcos_times)
+        out["standard_median_s"] = median(self.standard_times)
+        out["bcos_images_per_s"] = self.bcos_images_per_s
+        out["standard_images_per_s"] = self.standard_images_per_s
+        return out
+
+
+# --- Timing ------------------------------------------------------------------------------------
+def median(times: Sequence[float] | None) -> float | None:
+    return statistics.median(times) if times else None
+
+
+def images_per_s(times: Sequence[float] | None, batch: int) -> float | None:
+    m = median(times)
+    return batch / m if m else None
+
+
+def time_ratio(numerator: Sequence[float] | None, denominator: Sequence[float] | None) -> float | None:
+    a, b = median(numerator), median(denominator)
+    return a / b if a is not None and b else None
+
+
+def time_interleaved(fns: Sequence[Step], repeats: int, warmup: int) -> list[list[float]]:
+    """Run every function once per round, in turn; ``warmup`` untimed rounds, then ``repeats`` timed
+    rounds. Returns, per function, its ``repeats`` wall-clock times in seconds."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, record in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            record.append(time.perf_counter() - start)
+    return times
+
+
+# --- What is timed -----------------------------------------------------------------------------
+def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """B-cos recipe: Adam lr 1e-3; standard recipe: AdamW lr 1e-3, weight decay 1e-4."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if model.is_bcos:
+        return torch.optim.Adam(params, lr=1e-3)
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+
+
+def recipe_loss(bcos: bool, logits: Tensor, labels: Tensor, one_hot: Tensor) -> Tensor:
+    """B-cos: BCE with off-labels clamped to 1/C; standard: cross-entropy."""
+    return bce_uniform_off_labels(logits, one_hot) if bcos else F.cross_entropy(logits, labels)
+
+
+def clip_gradients(bcos: bool, params: list[nn.Parameter]) -> None:
+    """B-cos: unit-wise adaptive clipping (0.01, eps 1e-3); standard: global grad-norm clipping at 1."""
+    if bcos:
+        adaptive_clip_grad_(params, 0.01, 1e-3)
+    else:
+        nn.utils.clip_grad_norm_(params, 1.0)
+
+
+def autocast(precision: str) -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def train_step_fn(
+    model: bcosvit.VisionTransformer, images: Tensor, labels: Tensor, precision: str = "fp32", compiled: bool = False
+) -> Step:
+    """One full training step of the model family's recipe: forward, loss, zero_grad, backward,
+    clipping, optimizer step. The model is trained in place (pass a copy)."""
+    bcos = model.is_bcos
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model)
+    one_hot = F.one_hot(labels, model.num_classes).float()
+    net = torch.compile(model) if compiled else model
+    model.train()
+
+    def step() -> None:
+        with autocast(precision):
+            logits = net(images)
+        loss = recipe_loss(bcos, logits.float(), labels, one_hot)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_gradients(bcos, params)
+        optimizer.step()
+
+    return step
+
+
+def forward_fn(model: nn.Module, images: Tensor) -> Step:
+    """Eval-mode forward pass in ``torch.inference_mode()``."""
+
+    def forward() -> None:
+        model.eval()
+        with torch.inference_mode():
+            model(images)
+
+    return forward
+
+
+def explain_fn(model: bcosvit.VisionTransformer, images: Tensor) -> Step:
+    """Exact explanation of the predicted class for the whole batch (one backward pass)."""
+    return lambda: bcosvit.explain(model, images)
+
+
+# --- One setting ---------------------------------------------------------------------------------
+def make_batch(setting: Setting, batch: int) -> tuple[Tensor, Tensor]:
+    """Random images in [0, 1] and random labels, from a fixed seed."""
+    generator = torch.Generator().manual_seed(SEED)
+    shape = (batch, setting.in_chans, setting.image_size, setting.image_size)
+    images = torch.rand(shape, generator=generator)
+    labels = torch.randint(setting.num_classes, (batch,), generator=generator)
+    return images, labels
+
+
+def build_models(setting: Setting) -> tuple[bcosvit.VisionTransformer, bcosvit.VisionTransformer]:
+    """The B-cos model and its standard twin, each initialised from the same fixed seed."""
+    models = []
+    for name in (setting.bcos_model, setting.standard_model):
+        torch.manual_seed(SEED)
+        model = bcosvit.create_model(name, in_chans=setting.in_chans, num_classes=setting.num_classes)
+        if model.config.image_size != setting.image_size:
+            raise ValueError(f"{name} takes {model.config.image_size}px images, the setting {setting.image_size}px")
+        models.append(model)
+    return models[0], models[1]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def train_rows(
+    setting: Setting, batch: int, models: Sequence[nn.Module], images: Tensor, labels: Tensor, repeats: int, warmup: int
+) -> list[Row]:
+    """Train step, fp32 and bf16 autocast, B-cos and standard interleaved (each on its own copy)."""
+    rows = []
+    for precision in ("fp32", "bf16"):
+        metric = f"train step {precision}" + (" autocast" if precision == "bf16" else "")
+        log(f"[{setting.key}] {metric} ...")
+        steps = [train_step_fn(copy.deepcopy(m), images, labels, precision) for m in models]
+        bcos_t, std_t = time_interleaved(steps, repeats, warmup)
+        rows.append(Row(setting.key, metric, batch, bcos_t, std_t, time_ratio(bcos_t, std_t)))
+    return rows
+
+
+def inference_rows(
+    setting: Setting, batch: int, models: Sequence[bcosvit.VisionTransformer], images: Tensor, repeats: int, warmup: int
+) -> list[Row]:
+    """Forward (both families) and B-cos explanation, all three interleaved."""
+    log(f"[{setting.key}] forward + explain ...")
+    bcos, standard = models
+    fns = [forward_fn(bcos, images), forward_fn(standard, images), explain_fn(bcos, images)]
+    bcos_fwd, std_fwd, explain_t = time_interleaved(fns, repeats, warmup)
+    return [
+        Row(setting.key, "forward (inference_mode)", batch, bcos_fwd, std_fwd, time_ratio(bcos_fwd, std_fwd)),
+        Row(
+            setting.key,
+            "explain (B-cos only)",
+            batch,
+            explain_t,
+            None,
+            time_ratio(explain_t, bcos_fwd),
+            ratio_of="explain time / B-cos forward time",
+        ),
+    ]
+
+
+def short_error(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def compiled_row(
+    setting: Setting, batch: int, models: Sequence[nn.Module], images: Tensor, labels: Tensor, repeats: int, warmup: int
+) -> Row:
+    """``torch.compile``d fp32 train step; a family whose compilation fails is reported, not raised."""
+    log(f"[{setting.key}] train step fp32 torch.compile (the first call compiles) ...")
+    row = Row(setting.key, "train step fp32 torch.compile", batch)
+    families = ("bcos", "standard")
+    working: dict[str, Step] = {}
+    for family, model in zip(families, models):
+        try:
+            step = train_step_fn(copy.deepcopy(model), images, labels, compiled=True)
+            step()  # compilation happens here, on top of the --warmup rounds
+            working[family] = step
+        except Exception as exc:  # dynamo/inductor raise many types; report them as a row
+            row.errors[family] = short_error(exc)
+    if working:
+        try:
+            times = time_interleaved(list(working.values()), repeats, warmup)
+        except Exception as exc:  # e.g. a recompilation that fails after the first call
+            row.errors.update({family: short_error(exc) for family in working})
+        else:
+            measured = dict(zip(working, times))
+            row.bcos_times, row.standard_times = measured.get("bcos"), measured.get("standard")
+            row.ratio = time_ratio(row.bcos_times, row.standard_times)
+    return row
+
+
+def benchmark_setting(setting: Setting, args: argparse.Namespace) -> tuple[int, list[Row]]:
+    """All rows of one setting; returns the batch size used and the rows."""
+    batch = setting.quick_batch if args.quick else setting.batch
+    log(f"[{setting.key}] {setting.describe(batch)}")
+    models = build_models(setting)
+    images, labels = make_batch(setting, batch)
+    rows = train_rows(setting, batch, models, images, labels, args.repeats, args.warmup)
+    rows[1:1] = inference_rows(setting, batch, models, images, args.repeats, args.warmup)
+    if args.compile:
+        rows.append(compiled_row(setting, batch, models, images, labels, args.repeats, args.warmup))
+    return batch, rows
+
+
+# --- Report --------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_num_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    with contextlib.suppress(OSError):
+        info["load_average_1_5_15min"] = [round(x, 2) for x in os.getloadavg()]
+    return info
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    load = info.get("load_average_1_5_15min")
+    load_text = f", load average {load[0]:.2f}" if load else ""
+    return (
+        f"machine: {info['cpu_model']}, {info['cpu_count']} cores (os.cpu_count), "
+        f"torch.get_num_threads() = {info['torch_num_threads']}, torch {info['torch_version']}, "
+        f"{info['date']}{load_text}"
+    )
+
+
+def find_row(rows: Sequence[Row], setting: str, metric: str) -> Row | None:
+    return next((r for r in rows if r.setting == setting and r.metric == metric), None)
+
+
+def evaluate_targets(rows: Sequence[Row], settings: Sequence[str]) -> list[dict[str, Any]]:
+    """The targets with their measured values; ``passed`` is None when the value was not measured."""
+
+    def check(name: str, value: float | None, limit: float, at_most: bool) -> dict[str, Any]:
+        passed = None if value is None else (value <= limit if at_most else value >= limit)
+        return {"target": name, "value": value, "limit": limit, "passed": passed}
+
+    train = find_row(rows, "a", "train step fp32")
+    targets = [
+        check(
+            f"(a) B-cos train step time <= {MAX_TRAIN_TIME_RATIO}x standard",
+            train.ratio if train else None,
+            MAX_TRAIN_TIME_RATIO,
+            at_most=True,
+        )
+    ]
+    for key in settings:
+        explain = find_row(rows, key, "explain (B-cos only)")
+        targets.append(
+            check(
+                f"({key}) explain time <= {MAX_EXPLAIN_FORWARD_RATIO}x forward time",
+                explain.ratio if explain else None,
+                MAX_EXPLAIN_FORWARD_RATIO,
+                at_most=True,
+            )
+        )
+    explain_a = find_row(rows, "a", "explain (B-cos only)")
+    targets.append(
+        check(
+            f"(a) explain >= {MIN_EXPLAIN_IMAGES_PER_S:g} images/s",
+            explain_a.bcos_images_per_s if explain_a else None,
+            MIN_EXPLAIN_IMAGES_PER_S,
+            at_most=False,
+        )
+    )
+    return targets
+
+
+def fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    header = ("setting", "metric", "batch", "B-cos img/s", "standard img/s", "ratio B-cos/std time")
+    lines: list[tuple[str, ...]] = [header]
+    notes: list[str] = []
+    for row in rows:
+        bcos, std = fmt(row.bcos_images_per_s), fmt(row.standard_images_per_s)
+        if "bcos" in row.errors:
+            bcos = "failed"
+        if "standard" in row.errors:
+            std = "failed"
+        ratio = fmt(row.ratio, ".3f")
+        if row.ratio is not None and row.ratio_of != VS_STANDARD:
+            ratio += " *"
+            notes.append(f"* ({row.setting}) {row.metric}: ratio is {row.ratio_of}")
+        notes += [f"! ({row.setting}) {row.metric}, {family} failed: {error}" for family, error in row.errors.items()]
+        lines.append((row.setting, row.metric, str(row.batch), bcos, std, ratio))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = [
+        "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+        for line in lines
+    ]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text + notes)
+
+
+def format_targets(targets: Sequence[dict[str, Any]], quick: bool) -> str:
+    lines = ["targets" + (" (--quick: smaller batches than the benchmark's, indicative only)" if quick else "") + ":"]
+    for t in targets:
+        verdict = {True: "PASS", False: "FAIL", None: "not measured"}[t["passed"]]
+        lines.append(f"  [{verdict}] {t['target']}: measured {fmt(t['value'], '.3f')}")
+    return "\n".join(lines)
+
+
+def write_results(path: Path, data: dict[str, Any]) -> None:
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+# --- Command line --------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        choices=sorted(SETTINGS),
+        default=sorted(SETTINGS),
+        help="which settings to run (a: mini ViT 28x28 batch 128; b: tiny ViT 224x224 batch 32)",
+    )
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds; the median is reported")
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed rounds before timing")
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch.set_num_threads(N); None keeps torch's own choice"
+    )
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd train steps")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write all numbers")
+    quick_batches = ", ".join(f"{key}: {s.quick_batch}" for key, s in SETTINGS.items())
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke test: small batches ({quick_batches}); targets are then indicative only",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = list(dict.fromkeys(args.settings))
+    machine = machine_info()
+    log(machine_line(machine))
+
+    rows: list[Row] = []
+    setting_info: dict[str, Any] = {}
+    for key in settings:
+        setting = SETTINGS[key]
+        batch, setting_rows = benchmark_setting(setting, args)
+        rows += setting_rows
+        setting_info[key] = {
+            **asdict(setting),
+            "standard_model": setting.standard_model,
+            "batch_used": batch,
+            "description": setting.describe(batch),
+        }
+    targets = evaluate_targets(rows, settings)
+
+    print(machine_line(machine))
+    for key in settings:
+        print(f"setting {key}: {setting_info[key]['description']}")
+    print(
+        f"median of {args.repeats} interleaved repeats after {args.warmup} warm-up rounds"
+        + (" (--quick)" if args.quick else "")
+    )
+    print()
+    print(format_table(rows))
+    print()
+    print(format_targets(targets, args.quick))
+
+    command = shlex.join([sys.executable, *(sys.argv if argv is None else [sys.argv[0], *argv])])
+    write_results(
+        args.json,
+        {
+            "command": command,
+            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "machine": machine,
+            "settings": setting_info,
+            "rows": [row.to_dict() for row in rows],
+            "targets": targets,
+        },
+    )
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Datasets are read from local files; missing or damaged files give errors that say what to do."""
+
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bcosvit.data import build_transforms, load_cifar10, load_dataset, load_fashion_mnist, load_image_folder, read_idx
+from bcosvit.errors import DataError
+
+SUBSET = Path(__file__).parent / "data" / "fashion-mnist"
+
+
+def test_fashion_mnist_subset_reads_real_images_and_labels():
+    ds = load_fashion_mnist("test", SUBSET)
+    assert len(ds) == 1000
+    image, label = ds[0]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0 and float(image.max()) > 0.5
+    assert label == 9  # the first Fashion-MNIST test image is an ankle boot
+    assert sorted(set(ds.labels.tolist())) == list(range(10))
+
+
+def test_missing_fashion_mnist_says_how_to_install_it(tmp_path):
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist("train", tmp_path)
+
+
+def test_truncated_idx_file_is_reported(tmp_path):
+    path = tmp_path / "bad-images-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + b"\x00" * 100)
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(path)
+
+
+def test_non_idx_file_is_reported(tmp_path):
+    path = tmp_path / "x.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(b"hello world")
+    with pytest.raises(DataError, match="not an unsigned-byte idx file"):
+        read_idx(path)
+
+
+def test_train_transforms_pad_and_crop_keep_size_and_range():
+    transform = build_transforms(True, 28, 28, randaugment=5, flip=True)
+    image = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)
+    out = transform(image)
+    assert out.shape == (1, 28, 28) and out.dtype == torch.float32
+    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+
+
+def test_transforms_without_augmentation_only_rescale():
+    transform = build_transforms(True, 28, 28, flip=False, crop_padding=0)
+    image = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)
+    torch.testing.assert_close(transform(image), image.float() / 255)
+
+
+def test_cifar10_batches_are_read(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}, f)
+    train = load_cifar10("train", tmp_path)
+    assert len(train) == 20 and train[0][0].shape == (3, 32, 32)
+    ds, spec = load_dataset("cifar10", "test", tmp_path)
+    assert len(ds) == 4 and spec.in_chans == 3 and spec.num_classes == 10
+
+
+def test_missing_cifar10_says_where_to_get_it(tmp_path):
+    with pytest.raises(DataError, match="cifar-10-python.tar.gz"):
+        load_cifar10("train", tmp_path)
+
+
+def test_image_folder_tree_is_read(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            pixels = np.random.default_rng(0).integers(0, 256, (40, 50), dtype=np.uint8)
+            Image.fromarray(pixels, mode="L").save(folder / "a.png")  # a greyscale file becomes RGB
+    ds, spec = load_dataset("folder", "val", tmp_path, image_size=32)
+    image, label = ds[0]
+    assert image.shape == (3, 32, 32) and spec.classes == ["cat", "dog"] and spec.num_classes == 2
+
+
+def test_missing_image_folder_is_reported(tmp_path):
+    with pytest.raises(DataError, match="expected .*train,val"):
+        load_image_folder("train", tmp_path)

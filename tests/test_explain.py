@@ -1,0 +1,420 @@
+"""Exact explanations: completeness, Jacobian equality, batching, holistic views (SPEC §2.3, §3, §6)."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import bcosvit
+from bcosvit.models import model_config
+
+BCOS_MODELS = bcosvit.list_models("bcos_*")
+
+
+def _encoded(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, 1 - x], dim=1)
+
+
+def _assert_complete(model, x, e, rel=1e-10):
+    """Completeness both as reported and recomputed from an ordinary forward pass."""
+    assert (e.completeness_error / e.outputs.abs()).max() < rel
+    logits = model(x)  # normal mode, independent of the explanation pass
+    target = e.target if e.target.ndim == 2 else e.target[:, None]
+    weights = e.weights if e.target.ndim == 2 else e.weights[:, None]
+    positional = e.positional if e.target.ndim == 2 else e.positional[:, None]
+    expected = logits.gather(1, target)
+    total = (weights * _encoded(x)[:, None]).flatten(2).sum(-1) + positional + e.logit_bias
+    assert ((expected - total).abs() / expected.abs()).max() < rel
+    torch.testing.assert_close(e.outputs if e.target.ndim == 2 else e.outputs[:, None], expected, rtol=1e-12, atol=0)
+
+
+# --- Completeness ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", BCOS_MODELS)
+def test_every_registered_bcos_model_is_complete_in_float64(build, images, name):
+    patch = model_config(name).patch_size
+    model = build(name, image_size=2 * patch)  # published depth and width, 2×2 tokens
+    x = images(2, model.in_chans, 2 * patch)
+    e = bcosvit.explain(model, x)
+    assert e.weights.shape == (2, 2 * model.in_chans, 2 * patch, 2 * patch)
+    _assert_complete(model, x, e)
+    assert (e.positional.abs() > 1e-6).all()  # published models add a sin-cos embedding
+    assert e.logit_bias == pytest.approx(model.logit_bias_value)
+    del model, e
+    gc.collect()
+
+
+@pytest.mark.parametrize("pos", ["sincos", "learned", "rope", "none"])
+def test_each_positional_scheme_is_complete_and_reports_its_positional_term(build, images, pos):
+    model = build("bcos_vit_nano_patch4_28", pos_embed=pos, image_size=12)
+    x = images(3, 1, 12)
+    e = bcosvit.explain(model, x)
+    _assert_complete(model, x, e)
+    if pos in ("rope", "none"):
+        assert (e.positional == 0).all()
+    else:
+        assert (e.positional.abs() > 1e-4).all()
+
+
+def test_conv_stem_model_is_complete(build, images):
+    model = build("bcos_vitc_micro_28", image_size=12)
+    x = images(3, 1, 12)
+    e = bcosvit.explain(model, x)
+    _assert_complete(model, x, e)
+    assert (e.positional != 0).all()
+
+
+def test_float32_completeness_error_is_small(build, images):
+    model = build("bcos_vit_mini_patch4_32", dtype=torch.float32)
+    x = images(4, 3, 32, dtype=torch.float32)
+    e = bcosvit.explain(model, x)
+    reported = e.relative_completeness_error
+    torch.testing.assert_close(reported, e.completeness_error / e.outputs.abs())
+    # The reported error is computed in float32 next to the large logit bias and rounds to ~0;
+    # recompute it in float64 from the float32 parts to see the real error.
+    residual = (
+        e.outputs.double()
+        - (e.weights.double() * e.inputs.double()).flatten(1).sum(1)
+        - e.positional.double()
+        - e.logit_bias
+    ).abs()
+    relative = residual / e.outputs.double().abs()
+    explained = residual / (e.outputs.double() - e.logit_bias).abs()
+    print(
+        f"\nfloat32 completeness, bcos_vit_mini_patch4_32: reported max {reported.max().item():.2e}, "
+        f"float64 recomputation max {relative.max().item():.2e} of |logit|, "
+        f"{explained.max().item():.2e} of |logit - logit_bias|"
+    )
+    assert reported.max() < 1e-4 and relative.max() < 1e-4
+    assert explained.max() < 1e-3
+
+
+@pytest.mark.parametrize("chans", [1, 3, 4])
+def test_explanations_for_any_channel_count(build, images, chans):
+    model = build("bcos_vit_nano_patch4_28", depth=2, in_chans=chans, image_size=8)
+    x = images(2, chans, 8, 12)
+    e = bcosvit.explain(model, x)
+    assert e.inputs.shape == e.weights.shape == (2, 2 * chans, 8, 12)
+    assert e.contributions.shape == (2, 8, 12)
+    torch.testing.assert_close(e.inputs, _encoded(x), rtol=0, atol=0)
+    torch.testing.assert_close(e.contributions, (e.weights * e.inputs).sum(1), rtol=1e-13, atol=1e-15)
+    _assert_complete(model, x, e)
+
+
+def test_resized_learned_embedding_is_complete_on_other_image_sizes(build, images):
+    model = build("bcos_vit_nano_patch4_28", depth=2, pos_embed="learned")
+    x = images(2, 1, 36, 20)
+    e = bcosvit.explain(model, x)
+    assert e.weights.shape == (2, 2, 36, 20)
+    _assert_complete(model, x, e)
+    assert (e.positional.abs() > 1e-6).all()
+
+
+# --- The explanation is the Jacobian of the explanation-mode function ------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("bcos_vit_nano_patch4_28", {"pos_embed": "sincos"}),
+        ("bcos_vit_nano_patch4_28", {"pos_embed": "learned"}),
+        ("bcos_vit_nano_patch4_28", {"pos_embed": "rope"}),
+        ("bcos_vitc_micro_28", {"stem_channels": [4, 8], "pos_embed": "sincos"}),
+    ],
+    ids=["sincos", "learned", "rope", "convstem"],
+)
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_explanation_equals_jacobian_row_of_explanation_mode_function(build, images, name, overrides):
+    model = build(name, image_size=8, depth=1, embed_dim=16, num_heads=2, **overrides)
+    x = images(2, 1, 8)
+    z = _encoded(x)
+    grid = model.tokenizer(z)[1]
+    if model.pos_embed is not None:
+        pos = model.pos_embed.embedding(grid).detach().clone()
+    else:
+        pos = torch.zeros(4, 16, dtype=torch.float64)
+
+    def logits_of(z, p):
+        tokens, grid = model.tokenizer(z)
+        if model.pos_embed is not None:
+            tokens = tokens + p
+        for block in model.blocks:
+            tokens = block(tokens, grid)
+        return model.forward_head(tokens)
+
+    with bcosvit.explanation_mode(model):
+        jac_z, jac_p = torch.func.jacrev(logits_of, argnums=(0, 1))(z, pos)  # (N, K, N, 2C, H, W), (N, K, L, D)
+        torch.testing.assert_close(logits_of(z, pos), model(x), rtol=1e-13, atol=1e-13)
+
+    target = torch.tensor([3, 7])
+    e = bcosvit.explain(model, x, target=target)
+    for n in range(2):
+        torch.testing.assert_close(e.weights[n], jac_z[n, target[n], n], rtol=1e-10, atol=1e-10)
+        other = 1 - n  # an image's logit does not depend on the other images of the batch
+        assert jac_z[n, :, other].abs().max() == 0
+        positional = (jac_p[n, target[n]] * pos).sum()
+        torch.testing.assert_close(e.positional[n], positional, rtol=1e-10, atol=1e-12)
+    if overrides["pos_embed"] == "rope":
+        assert jac_p.abs().max() == 0 and (e.positional == 0).all()
+
+
+# --- Batching and several targets ------------------------------------------------------------
+
+
+def test_batched_explanation_equals_one_image_at_a_time(build, images):
+    model = build("bcos_vit_nano_patch4_28", depth=2, image_size=12)
+    x = images(4, 1, 12)
+    batch = bcosvit.explain(model, x)
+    assert batch.target.shape == (4,)
+    torch.testing.assert_close(batch.target, model(x).argmax(1))
+    for n in range(4):
+        single = bcosvit.explain(model, x[n : n + 1])
+        assert single.target.item() == batch.target[n].item()
+        torch.testing.assert_close(batch.weights[n], single.weights[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(batch.positional[n], single.positional[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(batch.logits[n], single.logits[0], rtol=0, atol=1e-10)
+
+
+def test_multi_target_explanation_equals_separate_single_target_explanations(build, images):
+    model = build("bcos_vit_nano_patch4_28", depth=2, image_size=8)
+    x = images(2, 1, 8)
+    target = torch.tensor([[0, 3, 9], [5, 5, 1]])
+    multi = bcosvit.explain(model, x, target=target)
+    assert multi.weights.shape == (2, 3, 2, 8, 8)
+    assert multi.contributions.shape == (2, 3, 8, 8)
+    assert multi.positional.shape == multi.outputs.shape == multi.completeness_error.shape == (2, 3)
+    _assert_complete(model, x, multi)
+    for t in range(3):
+        single = bcosvit.explain(model, x, target=target[:, t].tolist())
+        torch.testing.assert_close(multi.weights[:, t], single.weights, rtol=0, atol=1e-12)
+        torch.testing.assert_close(multi.contributions[:, t], single.contributions, rtol=0, atol=1e-12)
+        torch.testing.assert_close(multi.positional[:, t], single.positional, rtol=0, atol=1e-12)
+        torch.testing.assert_close(multi.outputs[:, t], single.outputs, rtol=0, atol=0)
+    # Different classes of one image have different explanations.
+    assert (multi.weights[0, 0] - multi.weights[0, 1]).abs().max() > 1e-6
+
+
+def test_target_forms_int_list_nested_list_and_tensor_agree(tiny, images):
+    x = images(2, 1, 8)
+    as_int = bcosvit.explain(tiny, x, target=4)
+    as_list = bcosvit.explain(tiny, x, target=[4, 4])
+    as_nested = bcosvit.explain(tiny, x, target=[[4], [4]])
+    as_scalar = bcosvit.explain(tiny, x, target=torch.tensor(4))
+    assert as_int.target.tolist() == [4, 4] and as_nested.target.shape == (2, 1)
+    for other in (as_list, as_scalar):
+        torch.testing.assert_close(other.weights, as_int.weights, rtol=0, atol=0)
+    torch.testing.assert_close(as_nested.weights[:, 0], as_int.weights, rtol=0, atol=0)
+
+
+# --- Holistic views --------------------------------------------------------------------------
+
+
+def _tokens_at(model, x, layer):
+    tokens, grid = model.forward_tokens(x)
+    blocks = list(model.blocks)
+    for block in blocks[: layer % (len(blocks) + 1)]:
+        tokens = block(tokens, grid)
+    return tokens
+
+
+@pytest.mark.parametrize("pos", ["sincos", "none"])
+@pytest.mark.parametrize("layer", [0, 1, -1])
+def test_explain_unit_is_complete_for_intermediate_tokens(build, images, layer, pos):
+    model = build("bcos_vit_nano_patch4_28", depth=2, image_size=8, pos_embed=pos)
+    x = images(2, 1, 8)
+    token, channel = [1, 3], [5, 60]
+    e = bcosvit.explain_unit(model, x, layer, token, channel)
+    values = _tokens_at(model, x, layer)[torch.arange(2), torch.tensor(token), torch.tensor(channel)]
+    torch.testing.assert_close(e.outputs, values, rtol=1e-12, atol=1e-13)
+    assert e.logit_bias == 0 and e.weights.shape == (2, 2, 8, 8)
+    total = (e.weights * _encoded(x)).flatten(1).sum(1) + e.positional
+    assert ((total - values).abs() / values.abs()).max() < 1e-10
+    assert (e.completeness_error / values.abs()).max() < 1e-10
+    if layer == 0 and pos == "sincos":  # the embedded token carries the embedding unchanged
+        emb = model.pos_embed.embedding((2, 2))
+        torch.testing.assert_close(e.positional, emb[token, channel], rtol=1e-12, atol=1e-13)
+    if pos == "none":
+        assert (e.positional == 0).all()
+
+
+def test_explain_unit_with_several_channels_per_token(build, images):
+    model = build("bcos_vit_nano_patch4_28", depth=2, image_size=8)
+    x = images(2, 1, 8)
+    channels = torch.tensor([[0, 7], [8, 9]])
+    e = bcosvit.explain_unit(model, x, 1, 2, channels)
+    assert e.weights.shape == (2, 2, 2, 8, 8) and e.outputs.shape == (2, 2)
+    for t in range(2):
+        single = bcosvit.explain_unit(model, x, 1, 2, channels[:, t])
+        torch.testing.assert_close(e.weights[:, t], single.weights, rtol=0, atol=1e-12)
+    assert (e.completeness_error / e.outputs.abs()).max() < 1e-10
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2, -1])
+def test_token_contributions_sum_to_logit_minus_logit_bias(build, images, layer):
+    model = build("bcos_vit_nano_patch4_28", depth=2, image_size=8)
+    x = images(2, 1, 8, 12)  # a 2×3 token grid
+    logits = model(x)
+    single = bcosvit.token_contributions(model, x, target=None, layer=layer)
+    assert single.shape == (2, 2, 3)
+    expected = logits.gather(1, logits.argmax(1, keepdim=True))[:, 0] - model.logit_bias_value
+    torch.testing.assert_close(single.sum(dim=(1, 2)), expected, rtol=1e-10, atol=1e-12)
+    target = torch.tensor([[1, 2, 3], [4, 0, 9]])
+    multi = bcosvit.token_contributions(model, x, target=target, layer=layer)
+    assert multi.shape == (2, 3, 2, 3)
+    torch.testing.assert_close(
+        multi.sum(dim=(2, 3)), logits.gather(1, target) - model.logit_bias_value, rtol=1e-10, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("name", ["bcos_vit_nano_patch4_28", "bcos_vitc_micro_28"])
+def test_token_contributions_at_layer_zero_are_patch_sums_of_pixel_contributions(build, images, name):
+    # Without an additive embedding, a token's contribution is exactly its patch's pixel contributions.
+    model = build(name, depth=2, image_size=8, pos_embed="rope")
+    x = images(2, 1, 8, 12)
+    per_token = bcosvit.token_contributions(model, x, target=[2, 6], layer=0)
+    pixels = bcosvit.explain(model, x, target=[2, 6]).contributions
+    if name == "bcos_vit_nano_patch4_28":  # non-overlapping patches: exact patch sums in row-major order
+        patch_sums = pixels.unflatten(1, (2, 4)).unflatten(3, (3, 4)).sum(dim=(2, 4))
+        torch.testing.assert_close(per_token, patch_sums, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(per_token.sum(dim=(1, 2)), pixels.sum(dim=(1, 2)), rtol=1e-10, atol=1e-12)
+
+
+# --- explain() leaves the model as it found it -----------------------------------------------
+
+
+def test_explain_leaves_parameter_gradients_untouched(tiny, images):
+    x = images(2, 1, 8)
+    bcosvit.explain(tiny, x)
+    assert all(p.grad is None for p in tiny.parameters())
+    tiny(x).sum().backward()
+    before = {n: p.grad.clone() for n, p in tiny.named_parameters()}
+    bcosvit.explain(tiny, x, target=[[1, 2], [3, 4]])
+    bcosvit.token_contributions(tiny, x, layer=1)
+    bcosvit.explain_unit(tiny, x, 1, 0, 3)
+    for n, p in tiny.named_parameters():
+        assert torch.equal(p.grad, before[n]), n
+
+
+def test_explain_restores_training_mode_explanation_mode_and_checkpointing(tiny, images):
+    x = images(2, 1, 8)
+    tiny.train()
+    tiny.set_grad_checkpointing(True)
+    bcosvit.explain(tiny, x)
+    assert tiny.training and all(m.training for m in tiny.modules())
+    assert tiny.grad_checkpointing
+    assert not bcosvit.layers.is_explanation_mode(tiny)
+    tiny.eval()
+    tiny.set_grad_checkpointing(False)
+    bcosvit.explain(tiny, x)
+    assert not tiny.training and not tiny.grad_checkpointing
+
+
+def test_explain_restores_model_state_when_it_raises(tiny, images):
+    tiny.train()
+    tiny.set_grad_checkpointing(True)
+    with pytest.raises(bcosvit.InputError):
+        bcosvit.explain(tiny, images(2, 1, 8), target=10)
+    assert tiny.training and tiny.grad_checkpointing and not bcosvit.layers.is_explanation_mode(tiny)
+
+
+def test_explain_returns_tensors_detached_from_autograd(tiny, images):
+    e = bcosvit.explain(tiny, images(2, 1, 8), target=[[1, 2], [3, 4]])
+    fields = {
+        "weights": e.weights,
+        "logits": e.logits,
+        "outputs": e.outputs,
+        "inputs": e.inputs,
+        "contributions": e.contributions,
+        "positional": e.positional,
+        "error": e.completeness_error,
+    }
+    attached = [name for name, t in fields.items() if t.requires_grad or t.grad_fn is not None]
+    assert attached == []
+
+
+def test_explain_works_under_no_grad_and_returns_detached_tensors(tiny, images):
+    x = images(2, 1, 8)
+    with torch.no_grad():
+        e = bcosvit.explain(tiny, x)
+    reference = bcosvit.explain(tiny, x)
+    torch.testing.assert_close(e.weights, reference.weights, rtol=0, atol=0)
+    assert not any(t.requires_grad for t in (e.weights, e.logits, e.outputs, e.inputs, e.contributions, e.positional))
+
+
+def test_create_graph_lets_a_loss_on_the_weights_train_the_parameters(tiny, images):
+    x = images(2, 1, 8)
+    e = bcosvit.explain(tiny, x, target=[1, 2], create_graph=True)
+    assert e.weights.requires_grad
+    assert all(p.grad is None for p in tiny.parameters())
+    loss = e.weights.square().sum()
+    loss.backward()
+    grads = {n: p.grad for n, p in tiny.named_parameters()}
+    for n in ("tokenizer.proj.weight", "head.weight", "blocks.0.mlp.fc1.weight", "blocks.0.attn.proj.weight"):
+        assert grads[n] is not None and torch.isfinite(grads[n]).all() and grads[n].abs().sum() > 0, n
+    # The attention matrix is a constant in explanation mode: the query/key weights get no signal.
+    qk = grads["blocks.0.attn.qkv.weight"]
+    assert qk is not None and qk[:32].abs().max() == 0 and qk[32:].abs().sum() > 0
+
+
+# --- Errors ----------------------------------------------------------------------------------
+
+
+def test_explain_on_standard_model_is_a_clear_config_error(build, images):
+    model = build("vit_nano_patch4_28", depth=1)
+    for fn in (
+        lambda: bcosvit.explain(model, images(1, 1, 8)),
+        lambda: bcosvit.token_contributions(model, images(1, 1, 8)),
+        lambda: bcosvit.explain_unit(model, images(1, 1, 8), 1, 0, 0),
+    ):
+        with pytest.raises(bcosvit.ConfigError, match="B-cos models only"):
+            fn()
+    with pytest.raises(bcosvit.ConfigError, match="needs a bcosvit VisionTransformer"):
+        bcosvit.explain(torch.nn.Linear(2, 2), images(1, 1, 8))
+
+
+@pytest.mark.parametrize("target", [10, -1, [0, 10], [[0, 1], [2, 12]]])
+def test_target_out_of_range_is_a_clear_input_error(tiny, images, target):
+    with pytest.raises(bcosvit.InputError, match=r"class targets must lie in \[0, 9\]"):
+        bcosvit.explain(tiny, images(2, 1, 8), target=target)
+
+
+@pytest.mark.parametrize(
+    "target", [[1, 2, 3], torch.zeros(3, 2, dtype=torch.long), torch.zeros(2, 1, 1, dtype=torch.long)]
+)
+def test_wrong_target_shape_is_a_clear_input_error(tiny, images, target):
+    with pytest.raises(bcosvit.InputError, match=r"one per image.*got shape"):
+        bcosvit.explain(tiny, images(2, 1, 8), target=target)
+
+
+def test_float_target_is_a_clear_input_error(tiny, images):
+    with pytest.raises(bcosvit.InputError, match="must be integers"):
+        bcosvit.explain(tiny, images(2, 1, 8), target=torch.tensor([1.0, 2.0]))
+
+
+def test_explain_checks_images_like_the_model(tiny, images):
+    with pytest.raises(bcosvit.InputError, match="expected 1 input channels, got 3"):
+        bcosvit.explain(tiny, images(2, 3, 8))
+    with pytest.raises(bcosvit.InputError, match="contain NaN or Inf"):
+        bcosvit.explain(tiny, torch.full((1, 1, 8, 8), float("nan"), dtype=torch.float64))
+
+
+def test_holistic_views_reject_bad_layer_token_and_channel(tiny, images):
+    x = images(2, 1, 8)
+    with pytest.raises(bcosvit.ConfigError, match=r"layer must lie in \[0, 1\]"):
+        bcosvit.explain_unit(tiny, x, 2, 0, 0)
+    with pytest.raises(bcosvit.ConfigError, match=r"layer must lie in \[0, 1\]"):
+        bcosvit.token_contributions(tiny, x, layer=-3)
+    with pytest.raises(bcosvit.InputError, match=r"token targets must lie in \[0, 3\]"):
+        bcosvit.explain_unit(tiny, x, 1, 4, 0)
+    with pytest.raises(bcosvit.InputError, match=r"channel targets must lie in \[0, 15\]"):
+        bcosvit.explain_unit(tiny, x, 1, 0, 16)
+    with pytest.raises(bcosvit.InputError, match="channel is required"):
+        bcosvit.explain_unit(tiny, x, 1, 0, None)
+
+
+def test_wrong_token_shape_message_names_tokens_correctly(tiny, images):
+    with pytest.raises(bcosvit.InputError, match=r"a sequence of 2 tokens \(one per image\)"):
+        bcosvit.explain_unit(tiny, images(2, 1, 8), 1, [0, 1, 2], 0)

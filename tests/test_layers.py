@@ -1,0 +1,446 @@
+"""Layer-level behaviour: each dynamic-linear layer against a hand-written formula (SPEC §2.1, §2.2)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bcosvit.layers import (
+    AddInverse,
+    AdditivePositionalEmbedding,
+    Attention,
+    BcosConv2d,
+    BcosLayerNorm,
+    BcosLayerNorm2d,
+    BcosLinear,
+    LogitBias,
+    Normalize,
+    Rotary2d,
+    explanation_mode,
+    is_explanation_mode,
+    set_explanation_mode,
+    sincos_2d,
+)
+from bcosvit.layers.bcos import NORM_EPS, _SquareCosScale
+
+D64 = torch.float64
+
+
+def _norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return (x.square().sum(dim=dim, keepdim=True) + NORM_EPS).sqrt()
+
+
+def _unit_rows(weight: torch.Tensor) -> torch.Tensor:
+    return weight / weight.norm(dim=1, keepdim=True)
+
+
+# --- BcosLinear ------------------------------------------------------------------------------
+
+
+def test_bcos_linear_b1_is_unit_norm_linear_map_invariant_to_weight_scale():
+    layer = BcosLinear(5, 4, b=1).double()
+    x = torch.randn(3, 5, dtype=D64)
+    expected = x @ _unit_rows(layer.weight.detach()).T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-13, atol=1e-13)
+    with torch.no_grad():
+        layer.weight.mul_(7.5)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-13, atol=1e-13)
+
+
+def test_bcos_linear_b2_equals_abs_cos_times_projection():
+    layer = BcosLinear(6, 3, b=2).double()
+    x = torch.randn(2, 4, 6, dtype=D64)
+    w = layer.weight.detach()
+    out = layer(x)
+    for n in range(2):
+        for t in range(4):
+            for j in range(3):
+                w_hat = w[j] / w[j].norm()
+                lin = float(w_hat @ x[n, t])
+                cos = lin / math.sqrt(float(x[n, t] @ x[n, t]) + NORM_EPS)
+                assert out[n, t, j].item() == pytest.approx(abs(cos) * lin, rel=1e-12, abs=1e-14)
+
+
+@pytest.mark.parametrize("b", [1.5, 2.5, 3.0])
+def test_bcos_linear_non_integer_b_matches_formula_with_finite_gradients(b):
+    layer = BcosLinear(3, 2, b=b).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[2.0, 0.0, 0.0], [1.0, 1.0, -1.0]]))
+    # The first unit is exactly orthogonal to the first input: |cos|^(b-1) has an infinite
+    # derivative at 0 without the guard.
+    x = torch.tensor([[0.0, 1.0, 1.0], [0.3, -0.2, 0.9]], dtype=D64, requires_grad=True)
+    out = layer(x)
+    lin = x.detach() @ _unit_rows(layer.weight.detach()).T
+    expected = (lin.abs() / _norm(x.detach())).pow(b - 1) * lin
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-12)
+    out.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert torch.isfinite(layer.weight.grad).all()
+    assert x.grad[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("b", [1.0, 2.0])
+def test_bcos_linear_maxout_keeps_max_of_linear_units_before_cos_factor(b):
+    layer = BcosLinear(5, 3, b=b, max_out=2).double()
+    assert layer.weight.shape == (6, 5)
+    x = torch.randn(4, 5, dtype=D64)
+    lin = (x @ _unit_rows(layer.weight.detach()).T).view(4, 3, 2)
+    best = lin.max(dim=-1).values
+    expected = best if b == 1 else best * best.abs() / _norm(x)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("bad", [{"b": 0.5}, {"max_out": 0}])
+def test_bcos_layers_reject_invalid_b_and_max_out(bad):
+    with pytest.raises(ValueError, match="b must be >= 1|max_out must be >= 1"):
+        BcosLinear(3, 3, **bad)
+    with pytest.raises(ValueError, match="b must be >= 1|max_out must be >= 1"):
+        BcosConv2d(3, 3, 3, **bad)
+
+
+# --- The hand-written B = 2 backward ---------------------------------------------------------
+
+
+def _away_from_zero(*shape: int) -> torch.Tensor:
+    sign = torch.where(torch.rand(*shape) < 0.5, -1.0, 1.0)
+    return (sign * (0.2 + torch.rand(*shape))).to(D64)
+
+
+@pytest.mark.parametrize(
+    ("lin_shape", "norm_shape", "dim"),
+    [((2, 3, 5), (2, 3, 1), -1), ((2, 4, 3, 3), (2, 1, 3, 3), 1)],
+    ids=["tokens_NLD", "feature_map_NCHW"],
+)
+def test_square_cos_scale_backward_matches_gradcheck_and_plain_autograd(lin_shape, norm_shape, dim):
+    lin = _away_from_zero(*lin_shape).requires_grad_()
+    norm = (1.0 + torch.rand(*norm_shape, dtype=D64)).requires_grad_()
+    custom = lambda a, n: _SquareCosScale.apply(a, n, dim)  # noqa: E731
+    assert torch.autograd.gradcheck(custom, (lin, norm))
+
+    grad_out = torch.randn(lin_shape, dtype=D64)
+    got = torch.autograd.grad(custom(lin, norm), (lin, norm), grad_out)
+    reference = torch.autograd.grad(lin * lin.abs() / norm, (lin, norm), grad_out)
+    for g, r in zip(got, reference):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-14)
+
+
+def test_bcos_linear_b2_second_derivatives_match_plain_autograd():
+    """A gradient penalty in training mode (double backward) must not be silently wrong."""
+    layer = BcosLinear(5, 3, b=2).double()
+    x = torch.randn(4, 5, dtype=D64, requires_grad=True)
+
+    def reference(inp):
+        lin = F.linear(inp, F.normalize(layer.weight, dim=1))
+        return lin * lin.abs() / _norm(inp)
+
+    def penalty_gradients(forward):
+        (gx,) = torch.autograd.grad(forward(x).sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), (x, layer.weight))
+
+    torch.testing.assert_close(layer(x), reference(x), rtol=1e-13, atol=1e-14)
+    for got, expected in zip(penalty_gradients(layer), penalty_gradients(reference)):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
+
+
+def test_bcos_linear_and_conv_b2_pass_gradcheck_for_input_and_weight():
+    linear = BcosLinear(4, 3, b=2).double()
+    x = torch.randn(2, 5, 4, dtype=D64, requires_grad=True)
+    w = linear.weight.detach().clone().requires_grad_()
+    fn = lambda a, b: torch.func.functional_call(linear, {"weight": b}, (a,))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w), fast_mode=True)
+    conv = BcosConv2d(2, 3, 3, stride=2, padding=1, b=2).double()
+    img = torch.randn(1, 2, 5, 5, dtype=D64, requires_grad=True)
+    w = conv.weight.detach().clone().requires_grad_()
+    fn = lambda a, b: torch.func.functional_call(conv, {"weight": b}, (a,))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (img, w), fast_mode=True)
+
+
+# --- BcosConv2d ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "b", "max_out"),
+    [(3, 2, 1, 2.0, 1), (3, 1, 1, 2.5, 1), (1, 1, 0, 2.0, 1), (3, 2, 1, 2.0, 2)],
+)
+def test_bcos_conv2d_equals_bcos_transform_of_each_unfolded_window(kernel, stride, padding, b, max_out):
+    conv = BcosConv2d(3, 4, kernel, stride=stride, padding=padding, b=b, max_out=max_out).double()
+    x = torch.randn(2, 3, 7, 6, dtype=D64)
+    out = conv(x)
+    patches = F.unfold(x, kernel, padding=padding, stride=stride)  # (N, C*k*k, L)
+    w_hat = _unit_rows(conv.weight.detach().flatten(1))
+    lin = torch.einsum("ok,nkl->nol", w_hat, patches)
+    if max_out > 1:
+        lin = lin.unflatten(1, (4, max_out)).max(dim=2).values
+    norm = (patches.square().sum(dim=1, keepdim=True) + NORM_EPS).sqrt()
+    expected = (lin.abs() / norm).pow(b - 1) * lin
+    assert out.shape == (2, 4, *out.shape[2:])
+    torch.testing.assert_close(out.flatten(2), expected, rtol=1e-11, atol=1e-13)
+
+
+def test_bcos_linear_explanation_gradient_is_abs_cos_times_unit_weight():
+    layer = BcosLinear(6, 5, b=2).double()
+    x = torch.randn(3, 6, dtype=D64, requires_grad=True)
+    normal = layer(x)
+    with explanation_mode(layer):
+        detached = layer(x)
+    torch.testing.assert_close(detached, normal, rtol=1e-14, atol=1e-15)
+    w_hat = _unit_rows(layer.weight.detach())
+    cos = (x.detach() @ w_hat.T).abs() / _norm(x.detach())
+    for j in range(5):
+        (g,) = torch.autograd.grad(detached[:, j].sum(), x, retain_graph=True)
+        torch.testing.assert_close(g, cos[:, j : j + 1] * w_hat[j], rtol=1e-12, atol=1e-14)
+        (g_normal,) = torch.autograd.grad(normal[:, j].sum(), x, retain_graph=True)
+        assert (g_normal - g).abs().max() > 1e-3  # the full gradient also differentiates |cos|
+
+
+def test_bcos_conv2d_explanation_mode_is_dynamic_linear_in_each_output():
+    conv = BcosConv2d(3, 5, 3, stride=2, padding=1, b=2).double()
+    x = torch.randn(1, 3, 5, 5, dtype=D64, requires_grad=True)
+    normal = conv(x)
+    with explanation_mode(conv):
+        detached = conv(x)
+    torch.testing.assert_close(detached, normal, rtol=1e-14, atol=1e-15)
+    flat = detached.flatten()
+    for i in range(0, flat.numel(), 4):
+        (g,) = torch.autograd.grad(flat[i], x, retain_graph=True)
+        # output = (d output / d x) · x exactly (the eps-guarded norm is inside the constant factor)
+        assert (g * x).sum().item() == pytest.approx(flat[i].item(), rel=1e-12, abs=1e-14)
+        (g_normal,) = torch.autograd.grad(normal.flatten()[i], x, retain_graph=True)
+        assert (g_normal - g).abs().max() > 1e-4
+
+
+# --- LayerNorms ------------------------------------------------------------------------------
+
+
+def _ln_manual(x: torch.Tensor, dims: tuple[int, ...], gamma: torch.Tensor, eps: float, const_std: bool):
+    centred = x - x.mean(dim=dims, keepdim=True)
+    std = (centred.square().mean(dim=dims, keepdim=True) + eps).sqrt()
+    return centred / (std.detach() if const_std else std) * gamma
+
+
+@pytest.mark.parametrize("kind", ["1d", "2d"])
+def test_bcos_layernorm_matches_formula_and_explanation_gradient_treats_std_as_constant(kind):
+    if kind == "1d":
+        norm = BcosLayerNorm(6).double()
+        x = (3 * torch.randn(2, 3, 6, dtype=D64) + 1).requires_grad_()
+        dims, gamma_view = (-1,), lambda g: g
+    else:
+        norm = BcosLayerNorm2d(4).double()
+        x = (3 * torch.randn(2, 4, 3, 2, dtype=D64) + 1).requires_grad_()
+        dims, gamma_view = (1, 2, 3), lambda g: g[:, None, None]
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand_like(norm.weight) + 0.5)
+    gamma = gamma_view(norm.weight.detach())
+    g = torch.randn_like(x)
+
+    for detach in (False, True):
+        set_explanation_mode(norm, detach)
+        out = norm(x)
+        torch.testing.assert_close(out, _ln_manual(x, dims, gamma, norm.eps, False), rtol=1e-12, atol=1e-13)
+        (grad,) = torch.autograd.grad((out * g).sum(), x)
+        (expected,) = torch.autograd.grad((_ln_manual(x, dims, gamma, norm.eps, detach) * g).sum(), x)
+        torch.testing.assert_close(grad, expected, rtol=1e-11, atol=1e-12)
+    # The two modes really differ in their gradients (the std is input dependent).
+    (full,) = torch.autograd.grad((_ln_manual(x, dims, gamma, norm.eps, False) * g).sum(), x)
+    assert (full - expected).abs().max() > 1e-3
+    # No additive bias: a constant input maps to exactly 0.
+    assert not any("bias" in name for name, _ in norm.named_parameters())
+    assert norm(torch.full_like(x, 3.0)).abs().max() == 0
+
+
+# --- Attention -------------------------------------------------------------------------------
+
+
+def _attention(rotary: bool) -> Attention:
+    return Attention(8, 2, proj=BcosLinear(8, 8), rotary=Rotary2d(4) if rotary else None).double()
+
+
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rope"])
+@pytest.mark.parametrize("detach", [False, True], ids=["normal", "explanation"])
+def test_attention_sdpa_path_equals_explicit_softmax_path(rotary, detach):
+    attn = _attention(rotary)
+    set_explanation_mode(attn, detach)
+    x = torch.randn(2, 6, 8, dtype=D64)
+    fast = attn(x, (2, 3))
+    slow, maps = attn(x, (2, 3), return_attn=True)
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-13)
+    assert maps.shape == (2, 2, 6, 6)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 2, 6, dtype=D64), rtol=1e-13, atol=1e-13)
+    # Manual attention from the weights.
+    q, k, v = F.linear(x, attn.qkv.weight.detach()).chunk(3, dim=-1)
+    q, k, v = (t.unflatten(-1, (2, 4)).transpose(1, 2) for t in (q, k, v))
+    if rotary:
+        q, k = attn.rotary(q, (2, 3)), attn.rotary(k, (2, 3))
+    manual = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)
+    torch.testing.assert_close(maps.detach(), manual, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("return_attn", [False, True])
+def test_attention_matrix_gets_no_gradient_in_explanation_mode(return_attn):
+    attn = _attention(rotary=True)
+    x = torch.randn(2, 6, 8, dtype=D64, requires_grad=True)
+    g = torch.randn(2, 6, 8, dtype=D64)
+
+    def run():
+        out = attn(x, (2, 3), return_attn=return_attn)
+        return out if not return_attn else out[0]
+
+    (run() * g).sum().backward()
+    assert attn.qkv.weight.grad[:16].abs().sum() > 0  # normal mode: q and k are trained
+    attn.zero_grad(set_to_none=True)
+    x.grad = None
+
+    with explanation_mode(attn):
+        out = run()
+        if return_attn:
+            assert not attn(x, (2, 3), return_attn=True)[1].requires_grad
+        (out * g).sum().backward()
+        # Reference: the attention matrix computed as a constant, values live.
+        with torch.no_grad():
+            q, k, _ = F.linear(x, attn.qkv.weight).chunk(3, dim=-1)
+            q, k = (t.unflatten(-1, (2, 4)).transpose(1, 2) for t in (q, k))
+            a = torch.softmax(attn.rotary(q, (2, 3)) @ attn.rotary(k, (2, 3)).transpose(-1, -2) / 2.0, dim=-1)
+        x_ref = x.detach().clone().requires_grad_()
+        v = F.linear(x_ref, attn.qkv.weight.detach()[16:]).unflatten(-1, (2, 4)).transpose(1, 2)
+        ref = attn.proj((a @ v).transpose(1, 2).flatten(2))
+        (x_grad_ref,) = torch.autograd.grad((ref * g).sum(), x_ref)
+    assert attn.qkv.weight.grad[:16].abs().max() == 0
+    assert attn.qkv.weight.grad[16:].abs().sum() > 0
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(x.grad, x_grad_ref, rtol=1e-11, atol=1e-12)
+
+
+# --- explanation_mode ------------------------------------------------------------------------
+
+
+def _stack() -> nn.Sequential:
+    return nn.Sequential(BcosLinear(4, 4), BcosLayerNorm(4), nn.Linear(4, 4), BcosLinear(4, 2))
+
+
+def test_explanation_mode_switches_all_layers_and_restores_each_previous_state():
+    model = _stack()
+    model[3].detach = True  # a mixed prior state must come back as it was
+    with explanation_mode(model) as same:
+        assert same is model
+        assert all(m.detach for m in (model[0], model[1], model[3]))
+    assert [model[0].detach, model[1].detach, model[3].detach] == [False, False, True]
+    with explanation_mode(model, enabled=False):
+        assert not is_explanation_mode(model)
+    assert model[3].detach and is_explanation_mode(model)
+
+
+def test_explanation_mode_restores_state_when_an_exception_is_raised():
+    model = _stack()
+    with pytest.raises(RuntimeError, match="boom"), explanation_mode(model):
+        assert is_explanation_mode(model)
+        raise RuntimeError("boom")
+    assert not is_explanation_mode(model)
+
+
+def test_explanation_mode_works_as_a_decorator_repeatedly():
+    model = _stack()
+    seen = []
+
+    @explanation_mode(model)
+    def inside() -> None:
+        seen.append(is_explanation_mode(model) and all(m.detach for m in (model[0], model[1], model[3])))
+
+    inside()
+    assert not is_explanation_mode(model)
+    inside()
+    assert seen == [True, True]
+    assert not is_explanation_mode(model)
+
+
+# --- Encodings, logit bias, positions --------------------------------------------------------
+
+
+def test_add_inverse_concatenates_image_and_its_inverse():
+    x = torch.rand(2, 3, 4, 5)
+    z = AddInverse()(x)
+    assert z.shape == (2, 6, 4, 5)
+    torch.testing.assert_close(z[:, :3], x)
+    torch.testing.assert_close(z[:, 3:], 1 - x)
+
+
+def test_normalize_uses_per_channel_mean_and_std():
+    norm = Normalize([0.1, 0.2], [0.5, 2.0])
+    x = torch.rand(1, 2, 3, 3)
+    torch.testing.assert_close(norm(x)[0, 0], (x[0, 0] - 0.1) / 0.5)
+    torch.testing.assert_close(norm(x)[0, 1], (x[0, 1] - 0.2) / 2.0)
+    with pytest.raises(ValueError, match="positive"):
+        Normalize([0.0], [0.0])
+
+
+@pytest.mark.parametrize("classes", [2, 10, 1000])
+def test_logit_bias_is_log_one_over_classes_minus_one(classes):
+    bias = LogitBias(classes)
+    assert bias.value == pytest.approx(math.log(1 / (classes - 1)), abs=1e-15)
+    logits = torch.randn(2, classes, dtype=D64)
+    torch.testing.assert_close(bias(logits), logits + math.log(1 / (classes - 1)))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        LogitBias(1)
+
+
+def test_sincos_embedding_matches_formula_on_small_grid():
+    rows, cols, dim, temperature = 2, 3, 8, 10000.0
+    emb = sincos_2d((rows, cols), dim, dtype=D64)
+    assert emb.shape == (rows * cols, dim)
+    quarter = dim // 4
+    for r in range(rows):
+        for c in range(cols):
+            expected = []
+            omegas = [1.0 / temperature ** (i / (quarter - 1)) for i in range(quarter)]
+            expected += [math.sin(c * o) for o in omegas] + [math.cos(c * o) for o in omegas]
+            expected += [math.sin(r * o) for o in omegas] + [math.cos(r * o) for o in omegas]
+            torch.testing.assert_close(emb[r * cols + c], torch.tensor(expected, dtype=D64), rtol=1e-14, atol=1e-14)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d((2, 2), 6)
+
+
+def test_learned_positional_embedding_is_resized_in_row_major_order():
+    pos = AdditivePositionalEmbedding(4, (2, 3), learned=True).double()
+    with torch.no_grad():  # depends on the row only
+        pos.weight.copy_(torch.arange(2, dtype=D64).repeat_interleave(3)[:, None] * torch.tensor([1.0, 2, 3, 4]))
+    assert pos.embedding((2, 3)) is pos.weight
+    resized = pos.embedding((2, 5))
+    assert resized.shape == (10, 4)
+    torch.testing.assert_close(resized.view(2, 5, 4), pos.weight.detach().view(2, 3, 4)[:, :1].expand(2, 5, 4))
+    tokens = torch.zeros(1, 10, 4, dtype=D64)
+    torch.testing.assert_close(pos(tokens, (2, 5))[0], resized)
+
+
+def test_sincos_positional_embedding_gives_the_formula_for_other_grids():
+    pos = AdditivePositionalEmbedding(8, (2, 2))
+    torch.testing.assert_close(pos.embedding((3, 4)), sincos_2d((3, 4), 8))
+    assert not any(True for _ in pos.parameters())
+
+
+def test_rotary_preserves_norms():
+    rot = Rotary2d(8)
+    x = torch.randn(2, 3, 12, 8, dtype=D64)
+    y = rot(x, (3, 4))
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-13, atol=1e-13)
+    assert (y - x).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("axis", ["rows", "cols"])
+def test_rotary_scores_depend_only_on_position_difference_along_one_axis(axis):
+    rot = Rotary2d(8)
+    length = 5
+    grid = (length, 1) if axis == "rows" else (1, length)
+    q = torch.randn(8, dtype=D64).expand(1, 1, length, 8)
+    k = torch.randn(8, dtype=D64).expand(1, 1, length, 8)
+    scores = (rot(q, grid) @ rot(k, grid).transpose(-1, -2))[0, 0]
+    for shift in range(-length + 1, length):
+        diagonal = torch.diagonal(scores, offset=shift)
+        torch.testing.assert_close(diagonal, diagonal[:1].expand_as(diagonal), rtol=1e-12, atol=1e-12)
+    assert (scores[0, 1] - scores[0, 3]).abs() > 1e-3  # but it does depend on the difference
+    # Axial layout: moving along one axis leaves the pairs of the other axis untouched.
+    rotated = rot(q, grid)[0, 0]
+    untouched = [2, 3, 6, 7] if axis == "rows" else [0, 1, 4, 5]
+    torch.testing.assert_close(rotated[:, untouched], q[0, 0][:, untouched])

@@ -1,0 +1,321 @@
+"""Models and registry: published shapes, training steps, input handling and clear errors (SPEC §2.4-§2.6, §6)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bcosvit
+from bcosvit.layers import BcosConv2d, BcosLayerNorm, BcosLayerNorm2d, BcosLinear, LayerNorm2d
+from bcosvit.models import twin_name
+
+BCOS_MODELS = bcosvit.list_models("bcos_*")
+SMALL_MODELS = [n for n in bcosvit.list_models() if n.endswith(("_28", "_32", "_64"))]
+
+# SPEC §6: parameter counts of the published code, millions (B-cos, standard).
+PUBLISHED_PARAMS = {
+    "vit_tiny_patch16_224": (5.80, 5.67),
+    "vit_small_patch16_224": (22.22, 21.96),
+    "vit_base_patch16_224": (86.90, 86.38),
+    "vit_large_patch16_224": (178.79, 178.10),
+    "vitc_tiny_224": (5.32, 5.33),
+    "vitc_small_224": (20.88, 20.91),
+    "vitc_base_224": (81.33, 81.39),
+    "vitc_large_224": (167.44, 167.54),
+}
+# SPEC §2.6: dim, depth, heads, MLP width, conv-stem widths (None: 16×16 patches).
+PUBLISHED_ARCH = {
+    "vit_tiny_patch16_224": (192, 12, 3, 768, None),
+    "vit_small_patch16_224": (384, 12, 6, 1536, None),
+    "vit_base_patch16_224": (768, 12, 12, 3072, None),
+    "vit_large_patch16_224": (1024, 14, 16, 4096, None),
+    "vitc_tiny_224": (192, 11, 3, 768, [24, 48, 96, 192]),
+    "vitc_small_224": (384, 11, 6, 1536, [48, 96, 192, 384]),
+    "vitc_base_224": (768, 11, 12, 3072, [64, 128, 128, 256, 256, 512]),
+    "vitc_large_224": (1024, 13, 16, 4096, [64, 128, 128, 256, 256, 512]),
+}
+
+
+def _meta_model(name: str) -> bcosvit.VisionTransformer:
+    with torch.device("meta"):
+        return bcosvit.create_model(name)
+
+
+# --- Registry --------------------------------------------------------------------------------
+
+
+def test_registry_has_required_names_each_with_its_standard_twin():
+    names = set(bcosvit.list_models())
+    for base in PUBLISHED_PARAMS:
+        assert {base, "bcos_" + base} <= names
+    for name in BCOS_MODELS:
+        assert twin_name(name) in names and twin_name(twin_name(name)) == name
+    assert all(n.startswith("bcos_") for n in BCOS_MODELS) and len(BCOS_MODELS) * 2 == len(names)
+    assert bcosvit.list_models("*_28") == sorted(bcosvit.list_models("*_28"), key=lambda n: not n.startswith("bcos_"))
+    assert any(n.endswith(("_28", "_32", "_64")) for n in BCOS_MODELS)
+
+
+@pytest.mark.parametrize("base", sorted(PUBLISHED_PARAMS))
+def test_published_parameter_counts_within_half_a_percent(base):
+    for name, published in ((f"bcos_{base}", PUBLISHED_PARAMS[base][0]), (base, PUBLISHED_PARAMS[base][1])):
+        count = sum(p.numel() for p in _meta_model(name).parameters()) / 1e6
+        assert abs(count - published) / published < 0.005, f"{name}: {count:.3f}M vs published {published}M"
+
+
+@pytest.mark.parametrize("base", sorted(PUBLISHED_ARCH))
+def test_published_architectures_have_the_published_shapes_and_layers(base):
+    dim, depth, heads, mlp, stem = PUBLISHED_ARCH[base]
+    for name in (f"bcos_{base}", base):
+        model = _meta_model(name)
+        bcos = name.startswith("bcos_")
+        assert (model.num_features, len(model.blocks), model.image_size, model.patch_size) == (dim, depth, 224, 16)
+        assert (model.num_classes, model.in_chans, model.is_bcos) == (1000, 3, bcos)
+        block = model.blocks[0]
+        assert block.attn.num_heads == heads and block.mlp.fc1.out_features == mlp
+        assert type(block.attn.qkv) is nn.Linear and (block.attn.qkv.bias is None) == bcos
+        linear, norm = (BcosLinear, BcosLayerNorm) if bcos else (nn.Linear, nn.LayerNorm)
+        assert all(isinstance(m, linear) for m in (block.attn.proj, block.mlp.fc1, block.mlp.fc2, model.head))
+        assert all(type(m) is norm for m in (block.norm1, block.norm2, model.norm))
+        assert isinstance(block.mlp.act, nn.Identity if bcos else nn.GELU)
+        assert (model.pos_embed is not None) and not model.pos_embed.learned  # sin-cos, added
+        channels = 6 if bcos else 3
+        tokens, grid = model.tokenizer(torch.empty(1, channels, 224, 224, device="meta"))
+        assert grid == (14, 14) and tokens.shape == (1, 196, dim)
+        if stem is None:
+            assert isinstance(model.tokenizer.proj, linear)
+            assert model.tokenizer.proj.in_features == channels * 256
+        else:
+            convs = [m for m in model.tokenizer.stages if isinstance(m, BcosConv2d | nn.Conv2d)]
+            norms = [m for m in model.tokenizer.stages if isinstance(m, BcosLayerNorm2d | LayerNorm2d)]
+            assert [c.out_channels for c in convs] == [*stem, dim]
+            assert [c.kernel_size if bcos else c.kernel_size[0] for c in convs] == [3] * len(stem) + [1]
+            assert len(norms) == len(stem)
+            assert all(isinstance(n, BcosLayerNorm2d if bcos else LayerNorm2d) for n in norms)
+            stages = list(model.tokenizer.stages)
+            for i, conv in enumerate(convs[:-1]):  # every stem conv is followed by its LayerNorm
+                assert stages[stages.index(conv) + 1] is norms[i]
+        if bcos:
+            assert not any(n.endswith("bias") for n, _ in model.named_parameters())
+            assert model.logit_bias_value == pytest.approx(-6.9067547786, abs=1e-9)  # log(1/999)
+
+
+# --- Forward passes --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("bcos_vit_nano_patch4_28", {}),
+        ("bcos_vit_nano_patch4_28", {"pos_embed": "learned"}),
+        ("bcos_vit_nano_patch4_28", {"pos_embed": "rope"}),
+        ("bcos_vit_nano_patch4_28", {"pos_embed": "none"}),
+        ("bcos_vitc_micro_28", {}),
+    ],
+    ids=["patch-sincos", "patch-learned", "patch-rope", "patch-none", "convstem-sincos"],
+)
+def test_explanation_mode_forward_equals_normal_forward(build, images, name, overrides):
+    model = build(name, depth=2, **overrides)
+    x = images(3, 1, 28)
+    normal = model(x)
+    with bcosvit.explanation_mode(model):
+        detached = model(x)
+    assert not bcosvit.layers.is_explanation_mode(model)
+    torch.testing.assert_close(detached, normal, rtol=1e-12, atol=1e-12)
+    assert normal.shape == (3, 10)
+
+
+def _training_step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.train()
+    logits = model(x)
+    targets = F.one_hot(torch.arange(x.shape[0]) % model.num_classes, model.num_classes).to(logits.dtype)
+    F.binary_cross_entropy_with_logits(logits, targets).backward()
+    return logits
+
+
+def _assert_every_parameter_trained(model: nn.Module, logits: torch.Tensor) -> None:
+    assert torch.isfinite(logits).all()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(param.grad).all(), f"{name} has a non-finite gradient"
+        assert param.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
+
+
+@pytest.mark.parametrize("name", SMALL_MODELS)
+def test_training_step_gives_every_parameter_a_finite_nonzero_gradient(build, images, name):
+    model = build(name, dtype=torch.float32)
+    x = images(2, model.in_chans, model.image_size, dtype=torch.float32)
+    _assert_every_parameter_trained(model, _training_step(model, x))
+
+
+@pytest.mark.parametrize(
+    "name", ["bcos_vit_tiny_patch16_224", "vit_tiny_patch16_224", "bcos_vitc_tiny_224", "vitc_tiny_224"]
+)
+def test_training_step_of_published_config_at_small_image_size(build, images, name):
+    model = build(name, dtype=torch.float32, image_size=32, num_classes=5)
+    x = images(2, 3, 32, dtype=torch.float32)
+    logits = _training_step(model, x)
+    assert logits.shape == (2, 5)
+    _assert_every_parameter_trained(model, logits)
+
+
+def test_learned_positional_embedding_is_trained(build, images):
+    model = build("bcos_vit_nano_patch4_28", dtype=torch.float32, depth=1, pos_embed="learned")
+    assert isinstance(model.pos_embed.weight, nn.Parameter)
+    _assert_every_parameter_trained(model, _training_step(model, images(2, 1, 28, dtype=torch.float32)))
+
+
+@pytest.mark.parametrize("name", ["bcos_vit_nano_patch4_28", "vitc_micro_28"])
+def test_gradient_checkpointing_gives_same_outputs_and_gradients(build, images, name, monkeypatch):
+    import bcosvit.models.vit as vit
+
+    model = build(name, depth=2)
+    x = images(2, 1, 16)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logits = _training_step(model, x)
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain_logits, plain_grads = run()
+    calls = []
+    original = vit.checkpoint
+    monkeypatch.setattr(vit, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model.set_grad_checkpointing(True)
+    ckpt_logits, ckpt_grads = run()
+    assert len(calls) == 2  # one per block: the flag is really used
+    torch.testing.assert_close(ckpt_logits, plain_logits, rtol=1e-13, atol=1e-13)
+    assert ckpt_grads.keys() == plain_grads.keys()
+    for n in plain_grads:
+        torch.testing.assert_close(ckpt_grads[n], plain_grads[n], rtol=1e-11, atol=1e-13, msg=n)
+    with torch.no_grad():  # no checkpointing without autograd
+        calls.clear()
+        torch.testing.assert_close(model(x), plain_logits, rtol=1e-13, atol=1e-13)
+        assert not calls
+
+
+def test_bcos_model_encodes_inverse_and_standard_model_normalises(build, images):
+    bcos = build("bcos_vit_nano_patch4_28", depth=1)
+    std = build("vit_mini_patch4_32", depth=1)
+    x = images(1, 3, 8)
+    torch.testing.assert_close(bcos.encode(x[:, :1]), torch.cat([x[:, :1], 1 - x[:, :1]], dim=1))
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
+    sd = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
+    torch.testing.assert_close(std.encode(x), (x - mean) / sd, rtol=1e-6, atol=1e-6)
+    grey = build("vit_nano_patch4_28", depth=1)
+    torch.testing.assert_close(grey.encode(x[:, :1]), (x[:, :1] - 0.5) / 0.5)
+
+
+@pytest.mark.parametrize("family", ["bcos_", ""])
+@pytest.mark.parametrize("chans", [1, 3, 4])
+def test_any_channel_count_works(build, images, family, chans):
+    model = build(f"{family}vit_nano_patch4_28", depth=1, in_chans=chans)
+    assert model.in_chans == chans
+    logits = model(images(2, chans, 12))
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    first = model.tokenizer.proj
+    assert first.in_features == (2 if family else 1) * chans * 16
+
+
+@pytest.mark.parametrize(
+    ("name", "pos"),
+    [
+        ("bcos_vit_nano_patch4_28", "learned"),
+        ("vit_nano_patch4_28", "learned"),
+        ("bcos_vit_nano_patch4_28", "sincos"),
+        ("bcos_vitc_micro_28", "sincos"),
+        ("vitc_micro_28", "rope"),
+    ],
+)
+def test_any_image_size_divisible_by_patch_size_works(build, images, name, pos):
+    model = build(name, depth=1, pos_embed=pos)
+    assert model.image_size == 28
+    x = images(2, 1, 36, 20)
+    tokens, grid = model.forward_tokens(x)
+    assert grid == (9, 5) and tokens.shape == (2, 45, model.num_features)
+    if pos == "learned":
+        assert model.pos_embed.weight.shape == (49, model.num_features)
+        assert model.pos_embed.embedding(grid).shape == (45, model.num_features)
+    logits = model(x)
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+
+
+def test_reset_classifier_replaces_head_and_logit_bias(build, images):
+    model = build("bcos_vit_nano_patch4_28", depth=1)
+    model.reset_classifier(4)
+    assert model.num_classes == 4 and model.logit_bias_value == pytest.approx(-1.0986122886681098)
+    assert model(images(1, 1, 8)).shape == (1, 4)
+    assert model.head.weight.dtype == torch.float64
+
+
+# --- Errors ----------------------------------------------------------------------------------
+
+
+def test_error_classes_are_value_errors():
+    assert issubclass(bcosvit.InputError, ValueError) and issubclass(bcosvit.ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("family", ["bcos_", ""])
+def test_wrong_channel_count_is_a_clear_input_error(build, images, family):
+    model = build(f"{family}vit_nano_patch4_28", depth=1)
+    with pytest.raises(bcosvit.InputError, match="expected 1 input channels, got 3") as info:
+        model(images(2, 3, 8))
+    assert "in_chans=3" in str(info.value)
+
+
+def test_image_size_not_divisible_by_patch_size_is_a_clear_input_error(build, images):
+    model = build("bcos_vit_nano_patch4_28", depth=1)
+    with pytest.raises(bcosvit.InputError, match=r"image size 10×8 is not divisible by the patch size 4"):
+        model(images(1, 1, 10, 8))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_images_are_a_clear_input_error_naming_the_image(build, images, bad):
+    model = build("bcos_vit_nano_patch4_28", depth=1)
+    x = images(3, 1, 8)
+    x[1, 0, 2, 3] = bad
+    with pytest.raises(bcosvit.InputError, match=r"images \[1\] contain NaN or Inf"):
+        model(x)
+
+
+def test_other_bad_inputs_are_input_errors(build, images):
+    model = build("bcos_vit_nano_patch4_28", depth=1)
+    with pytest.raises(bcosvit.InputError, match="shape"):
+        model(images(1, 1, 8)[0])
+    with pytest.raises(bcosvit.InputError, match="dtype"):
+        model(images(1, 1, 8, dtype=torch.float32))
+    with pytest.raises(bcosvit.InputError, match="floating-point"):
+        model(torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
+
+
+def test_unknown_model_name_suggests_close_names():
+    with pytest.raises(
+        bcosvit.ConfigError, match="unknown model name 'bcos_vit_tiny_patch16'.*did you mean.*bcos_vit_tiny_patch16_224"
+    ):
+        bcosvit.create_model("bcos_vit_tiny_patch16")
+
+
+def test_unknown_option_is_a_config_error_listing_valid_options():
+    with pytest.raises(bcosvit.ConfigError, match=r"unknown model option\(s\) \['embed_dims'\].*embed_dim"):
+        bcosvit.create_model("bcos_vit_nano_patch4_28", embed_dims=32)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"embed_dim": 30, "num_heads": 4}, "embed_dim 30 must be divisible by num_heads 4"),
+        ({"pos_embed": "alibi"}, "pos_embed must be one of"),
+        ({"b": 0.5}, "b must be >= 1, got 0.5"),
+        ({"depth": 0}, "depth must be a positive integer, got 0"),
+        ({"num_classes": 1}, "num_classes must be at least 2"),
+        ({"image_size": 30}, "image_size 30 must be divisible by patch_size 4"),
+        ({"embed_dim": 24, "num_heads": 4, "pos_embed": "rope"}, "head dimension divisible by 4, got 6"),
+        ({"in_chans": 3, "input_mean": [0.5]}, "input_mean needs 3 values"),
+        ({"patch_size": 8}, "conv stem reduces the image by 4, but patch_size is 8"),
+    ],
+)
+def test_invalid_config_values_are_clear_config_errors(overrides, message):
+    name = "bcos_vitc_micro_28" if "patch_size" in overrides else "bcos_vit_nano_patch4_28"
+    with pytest.raises(bcosvit.ConfigError, match=message.replace("(", r"\(")):
+        bcosvit.create_model(name, **overrides)

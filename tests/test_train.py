@@ -1,0 +1,208 @@
+"""Training runs: run folder contents, exact resume, DDP equivalence, recipe pieces, clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bcosvit import ConfigError, create_model
+from bcosvit.checkpoint import load_model
+from bcosvit.train import TrainConfig, get_preset, train
+from bcosvit.train.recipe import adaptive_clip_grad_, bce_uniform_off_labels, warmup_cosine
+
+SUBSET = str(Path(__file__).parent / "data" / "fashion-mnist")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    """A few steps of the nano B-cos model on the committed Fashion-MNIST subset."""
+    base = dict(
+        model="bcos_vit_nano_patch4_28",
+        data_dir=SUBSET,
+        train_subset=256,
+        test_subset=128,
+        epochs=2,
+        batch_size=64,
+        warmup_steps=2,
+        explain_examples=False,
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_run_folder_holds_weights_metadata_metrics_and_plot(tmp_path):
+    metrics = train(tiny_config(), tmp_path, progress=False)
+    assert {"model.safetensors", "model.json", "state.pt", "metrics.jsonl", "curves.png"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["model_name"] == "bcos_vit_nano_patch4_28" and meta["epoch"] == 2
+    assert meta["classes"][9] == "Ankle boot" and meta["train_config"]["batch_size"] == 64
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert 0 <= metrics["test_top1"] <= 100 and metrics["test_top5"] >= metrics["test_top1"]
+    model = load_model(tmp_path)
+    assert model.is_bcos and model.config.class_names[0] == "T-shirt/top"
+
+
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
+    config = tiny_config(epochs=3, randaugment=3)
+    train(config, tmp_path / "straight", progress=False)
+    train(config, tmp_path / "resumed", progress=False, stop_after=1)
+    assert json.loads((tmp_path / "resumed" / "model.json").read_text())["epoch"] == 1
+    train(config, tmp_path / "resumed", progress=False, resume=True)
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-7, msg=key)
+
+
+def test_resume_refuses_different_settings_and_new_runs_refuse_existing_folders(tmp_path):
+    train(tiny_config(epochs=1), tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="different settings for \\['lr'\\]"):
+        train(tiny_config(epochs=2, lr=0.5), tmp_path, resume=True, progress=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        train(tiny_config(epochs=1), tmp_path, progress=False)
+
+
+def test_standard_twin_trains_with_ema_mixup_and_bf16(tmp_path):
+    metrics = train(
+        tiny_config(model="vit_nano_patch4_28", epochs=1, ema=0.9, mixup=0.2, precision="bf16"),
+        tmp_path,
+        progress=False,
+    )
+    assert metrics["epoch"] == 1 and json.loads((tmp_path / "model.json").read_text())["ema"] is True
+    model = load_model(tmp_path)
+    assert not model.is_bcos
+    assert model.config.input_mean == pytest.approx([0.286])  # the dataset's statistics
+
+
+def test_bcos_training_learns_well_above_chance(tmp_path):
+    metrics = train(
+        tiny_config(epochs=5, train_subset=1000, test_subset=500, warmup_steps=20), tmp_path, progress=False
+    )
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert metrics["test_top1"] > 30  # chance is 10%; about 45% after these 75 steps
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    common = [
+        "--model",
+        "bcos_vit_nano_patch4_28",
+        "--data-dir",
+        SUBSET,
+        "--train-subset",
+        "256",
+        "--test-subset",
+        "64",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--warmup-steps",
+        "2",
+        "--flip",
+        "false",
+        "--crop-padding",
+        "0",
+        "--explain-examples",
+        "false",
+        "--no-progress",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    single = subprocess.run(
+        [sys.executable, "-m", "bcosvit", "train", *common, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "bcosvit",
+            "train",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "on 2 process(es)" in ddp.stdout
+    a = load_file(str(tmp_path / "one" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model.safetensors"))
+    initial = create_model("bcos_vit_nano_patch4_28").state_dict()
+    moved = max(float((a[k] - initial[k]).abs().max()) for k in a if k in initial and a[k].shape == initial[k].shape)
+    assert moved > 1e-4  # the weights did change during the 4 steps
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_bce_clamps_off_labels_to_one_over_c():
+    logits = torch.zeros(1, 4)
+    targets = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([[1.0, 0.25, 0.25, 0.25]]))
+    torch.testing.assert_close(bce_uniform_off_labels(logits, targets), expected)
+
+
+def test_adaptive_clipping_bounds_each_unit_relative_to_its_weight():
+    p = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))  # unit norms 5 and 0 (-> eps)
+    p.grad = torch.tensor([[30.0, 40.0], [1.0, 0.0]])
+    adaptive_clip_grad_([p], clip=0.01, eps=1e-3)
+    torch.testing.assert_close(p.grad[0].norm(), torch.tensor(0.05))
+    torch.testing.assert_close(p.grad[1].norm(), torch.tensor(1e-5))
+    small = torch.nn.Parameter(torch.ones(2, 2))
+    small.grad = torch.full((2, 2), 1e-4)
+    adaptive_clip_grad_([small])
+    torch.testing.assert_close(small.grad, torch.full((2, 2), 1e-4))  # under the bound: untouched
+
+
+def test_schedule_warms_up_linearly_then_decays_to_the_minimum():
+    assert warmup_cosine(0, 10, 100) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine(55, 10, 100) == pytest.approx(0.5)
+    assert warmup_cosine(100, 10, 100, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_presets_cover_every_small_and_published_model_and_resolve_the_published_recipe():
+    bcos = get_preset("imagenet-bcos_vit_tiny_patch16_224").resolved()
+    assert (bcos.optimizer, bcos.loss, bcos.clip, bcos.clip_value) == ("adam", "bce", "agc", 0.01)
+    assert (bcos.batch_size, bcos.epochs, bcos.randaugment, bcos.mixup) == (1024, 90, 10, 0.2)
+    standard = get_preset("imagenet-vit_base_patch16_224").resolved()
+    assert (standard.optimizer, standard.loss, standard.clip, standard.clip_value) == ("adamw", "ce", "norm", 1.0)
+    assert standard.weight_decay == 1e-4 and standard.warmup_steps == 50_000
+    for name in ("fmnist-bcos_vitc_micro_28", "fmnist-vitc_micro_28", "fmnist-bcos_vit_micro_patch4_28"):
+        get_preset(name).validate()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"optimizer": "rmsprop"}, "optimizer must be"),
+        ({"precision": "fp8"}, "precision must be fp32 or bf16"),
+        ({"model": "bcos_vit_huge"}, "unknown model name"),
+        ({"model_options": {"pos_embed": "spiral"}}, "pos_embed must be one of"),
+    ],
+)
+def test_bad_training_values_are_rejected_with_the_reason(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(**overrides).validate()
