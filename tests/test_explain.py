@@ -418,3 +418,13 @@ def test_holistic_views_reject_bad_layer_token_and_channel(tiny, images):
 def test_wrong_token_shape_message_names_tokens_correctly(tiny, images):
     with pytest.raises(bcosvit.InputError, match=r"a sequence of 2 tokens \(one per image\)"):
         bcosvit.explain_unit(tiny, images(2, 1, 8), 1, [0, 1, 2], 0)
+
+
+def test_indexing_an_explanation_selects_images_and_keeps_the_batch_axis(tiny, images):
+    x = images(3, 1, 8)
+    e = bcosvit.explain(tiny, x, target=torch.tensor([[0, 1], [2, 3], [4, 5]]))
+    one = e[1]
+    assert len(one) == 1 and one.weights.shape == (1, 2, 2, 8, 8)
+    torch.testing.assert_close(one.weights[0], e.weights[1])
+    assert one.target.tolist() == [[2, 3]] and one.logit_bias == e.logit_bias
+    assert len(e[torch.tensor([0, 2])]) == 2 and len(e[-1]) == 1

@@ -123,3 +123,16 @@ def load_pretrained(name: str, num_classes: int | None = None, **overrides) -> V
         model.reset_classifier(num_classes)
         return model
     return load_model(path, **overrides)
+
+
+def ship_weights(run: str | Path, name: str | None = None, dest: str | Path | None = None) -> Path:
+    """Copy a finished run's weights into the package (``bcosvit/weights/<name>.safetensors`` + ``.json``)
+    so ``create_model(name, pretrained=True)`` loads them offline. Returns the weights path."""
+    source = resolve_weights(run)
+    meta = read_metadata(source)
+    name = name or meta.get("model_name")
+    model_config(name)  # must be a registered name
+    model = load_model(source)  # proves the files load before they are shipped
+    folder = Path(dest) if dest is not None else weights_dir()
+    keep = {k: meta[k] for k in ("model_name", "classes", "epoch", "metrics", "ema", "train_config") if k in meta}
+    return save_weights(model, folder / f"{name}.safetensors", {**keep, "model_name": name, "shipped_from": str(run)})

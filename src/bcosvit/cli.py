@@ -63,6 +63,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_cli_model(args: argparse.Namespace, bcos_only: bool = False):
+    """The model named by ``--checkpoint`` (a run folder or weights file) or ``--model`` (shipped
+    weights); by default the shipped B-cos model."""
+    from .checkpoint import load_model
+    from .errors import ConfigError
+    from .models import create_model, list_pretrained
+
+    if getattr(args, "checkpoint", None):
+        return load_model(args.checkpoint)
+    name = getattr(args, "model", None)
+    if name is None:
+        shipped = [n for n in list_pretrained() if n.startswith("bcos_")]
+        if not shipped:
+            raise ConfigError(
+                "no shipped B-cos weights in this install; pass --checkpoint RUN_FOLDER from `bcosvit train`"
+            )
+        name = shipped[0]
+    model = create_model(name, pretrained=True)
+    if bcos_only and not model.is_bcos:
+        raise ConfigError(f"{name} is a standard model; pass a B-cos model (names starting with 'bcos_')")
+    return model
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .explain_files import explain_files
+
+    model = load_cli_model(args, bcos_only=True)
+    source = args.checkpoint or args.model or "shipped model"
+    print(
+        f"explaining {len(args.images)} file(s) with {source} "
+        f"({model.in_chans}x{model.image_size}x{model.image_size} inputs, {model.num_classes} classes)"
+    )
+    results, failed = explain_files(model, args.images, args.out, target=args.target, topk=args.topk)
+    print(f"\nwrote {len(results)} figure(s) to {args.out}/" + (f"; {len(failed)} file(s) skipped" if failed else ""))
+    return 0 if results and not failed else (1 if results else 2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train.config import add_override_arguments
 
@@ -87,6 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     add_override_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "explain",
+        help="explain image files with a B-cos model (one figure per image)",
+        description="Reads PNG/JPEG/... in any colour mode and size, converts them to the model's "
+        "input and writes input, colour explanation and contribution map per class.",
+    )
+    p.add_argument("images", nargs="+", help="image files")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", help="name of a model with shipped weights (default: the shipped B-cos model)")
+    source.add_argument("--checkpoint", help="run folder of `bcosvit train` or a .safetensors file")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--target", help="class index or name to explain (default: the top classes)")
+    which.add_argument("--topk", type=int, default=2, help="explain the K most likely classes (default 2)")
+    p.add_argument("--out", default="explanations", help="output folder (default: explanations/)")
+    p.set_defaults(func=cmd_explain)
     return parser
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +55,16 @@ class Explanation:
     def probabilities(self) -> Tensor:
         """``(N, K)`` class probabilities ``sigmoid(logits)`` (the B-cos training objective is BCE)."""
         return torch.sigmoid(self.logits)
+
+    def __len__(self) -> int:
+        return self.logits.shape[0]
+
+    def __getitem__(self, index: int | slice | Tensor) -> Explanation:
+        """The explanation of a subset of the batch (an int keeps a batch axis of one)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        batched = {f.name: getattr(self, f.name)[index] for f in fields(self) if f.name != "logit_bias"}
+        return replace(self, **batched)
 
     @property
     def relative_completeness_error(self) -> Tensor:

@@ -1,0 +1,338 @@
+"""Post-hoc attribution baselines for any ``VisionTransformer`` (SPEC §3), B-cos or standard twin.
+
+One call, in the spirit of Captum's ``attribute(inputs, target=...)``::
+
+    maps = bcosvit.attribution.attribute("integrated_gradients", model, images, target)
+
+``images`` are ``(N, C, H, W)`` in [0, 1] and ``maps`` are ``(N, H, W)`` float32 attribution maps at
+input resolution, detached, on the images' device. Every method explains the whole batch at once.
+
+Methods (``METHODS``):
+
+- ``"input_x_gradient"``: ``x · ∂logit/∂x`` (Captum ``InputXGradient``), summed over channels.
+- ``"integrated_gradients"``: Captum ``IntegratedGradients`` from a black image (all zeros, i.e.
+  the baseline is the image ``x = 0``, *before* the model's own encoding; for a B-cos model the
+  encoded baseline is ``[0, 1]``, for a standard twin it is ``(0 - mean) / std``), Gauss-Legendre
+  quadrature with ``n_steps`` points (default 20), summed over channels. The sum of the map
+  approximates ``logit(x) - logit(0)`` (completeness).
+- ``"gradient"``: plain saliency (Captum ``Saliency``): by default the *absolute* input gradient
+  ``|∂logit/∂x|`` (Simonyan et al. 2014; Captum's default), summed over channels. The signed
+  gradient is available with ``abs=False``; signed, input-weighted maps are ``input_x_gradient``.
+- ``"gradcam"``: Grad-CAM on the tokens after the last block ``h = forward_features(x)`` ``(N, L, D)``:
+  channel weights ``α_d = mean_tokens ∂logit/∂h_d``, map ``ReLU(Σ_d α_d h_d)`` on the token grid,
+  bilinearly upsampled to ``(H, W)``.
+- ``"rollout"``: attention rollout (Abnar & Zuidema 2020): per block the head-averaged attention
+  plus identity, rows re-normalised, ``R = Â_L ··· Â_1``. Class-agnostic: ``target`` is ignored.
+- ``"transformer_attribution"``: the gradient-weighted rollout of Chefer, Gur & Wolf, "Generic
+  Attention-model Explainability for Interpreting Bi-Modal and Encoder-Decoder Transformers"
+  (ICCV 2021), for self-attention: ``Ā_l = mean_heads (∇A_l ⊙ A_l)^+``, ``R = I``,
+  ``R ← R + Ā_l R`` for blocks ``l = 1 .. L``. (Not the LRP-based method of their CVPR 2021 paper.)
+- ``"bcos"``: the exact explanation of a B-cos model, ``bcosvit.explain(...).contributions``.
+
+Token relevance without a class token: these models pool by averaging the tokens, so the logit
+sees every output token equally. For ``rollout`` and ``transformer_attribution`` the relevance of
+input token ``j`` is therefore the mean over output tokens ``i`` of ``R[i, j]`` (where a class-token
+model would read the class-token row). Token maps are laid out on the token grid
+``(H // patch_size, W // patch_size)`` and bilinearly upsampled (``align_corners=False``) to ``(H, W)``.
+
+All methods run in eval mode with gradient checkpointing and explanation mode switched off (the
+post-hoc methods need the model's ordinary gradients), restore those states afterwards, and compute
+gradients with ``torch.autograd.grad`` only, so parameter ``.grad`` fields are never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from captum.attr import InputXGradient, IntegratedGradients, Saliency
+from torch import Tensor, nn
+
+from .errors import ConfigError, InputError
+from .explain import TargetLike, explain, normalize_target
+from .layers import explanation_mode
+from .models.vit import VisionTransformer
+
+AttributionFn = Callable[..., Tensor]
+
+__all__ = [
+    "ATTRIBUTION_METHODS",
+    "METHODS",
+    "attention_rollout",
+    "attribute",
+    "bcos",
+    "gradcam",
+    "gradient",
+    "input_x_gradient",
+    "integrated_gradients",
+    "rollout",
+    "transformer_attribution",
+    "transformer_attribution_matrix",
+]
+
+
+# --- Shared plumbing ---------------------------------------------------------------------------
+
+
+def _require_vit(model: nn.Module) -> VisionTransformer:
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(f"attribution methods need a bcosvit VisionTransformer, got {type(model).__name__}")
+    return model
+
+
+@contextlib.contextmanager
+def _attributing(model: VisionTransformer) -> Iterator[None]:
+    """Eval mode, no gradient checkpointing, explanation mode off, grad enabled; restored on exit."""
+    was_training, checkpointing = model.training, model.grad_checkpointing
+    model.eval()
+    model.grad_checkpointing = False
+    try:
+        with explanation_mode(model, enabled=False), torch.enable_grad():
+            yield
+    finally:
+        model.train(was_training)
+        model.grad_checkpointing = checkpointing
+
+
+def _targets(model: VisionTransformer, images: Tensor, target: TargetLike) -> Tensor:
+    """``(N,)`` long targets on the images' device; None: the predicted classes."""
+    model.check_input(images)
+    n = images.shape[0]
+    if target is None:
+        with torch.no_grad():
+            default = model(images).argmax(dim=1)
+    else:
+        default = torch.zeros(n, dtype=torch.long, device=images.device)
+    t = normalize_target(target, default, model.num_classes)
+    if t.ndim != 1:
+        raise InputError(
+            f"attribution explains one class per image: target must have shape ({n},), got {tuple(t.shape)}"
+        )
+    return t
+
+
+def _finish(maps: Tensor) -> Tensor:
+    """Detached float32 copy of ``maps`` ``(N, H, W)``."""
+    return maps.detach().to(torch.float32)
+
+
+def _to_pixels(token_maps: Tensor, images: Tensor, patch_size: int) -> Tensor:
+    """Token relevance ``(N, L)`` -> ``(N, H, W)`` via the grid ``(H // p, W // p)`` and bilinear upsampling."""
+    h, w = images.shape[-2:]
+    grid = token_maps.unflatten(1, (h // patch_size, w // patch_size))
+    return F.interpolate(grid[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+
+
+def _target_logits(model: VisionTransformer, tokens: Tensor, target: Tensor) -> Tensor:
+    """``(N,)`` target logits from tokens after the last block ``(N, L, D)``."""
+    return model.forward_head(tokens).gather(1, target[:, None])[:, 0]
+
+
+# --- Captum methods on the input pixels ----------------------------------------------------------
+
+
+def input_x_gradient(model: nn.Module, images: Tensor, target: TargetLike = None) -> Tensor:
+    """``(x · ∂logit_target/∂x)`` summed over channels: images ``(N, C, H, W)`` -> ``(N, H, W)``."""
+    model = _require_vit(model)
+    with _attributing(model):
+        target = _targets(model, images, target)
+        attr = InputXGradient(model).attribute(images.detach().requires_grad_(True), target=target)
+    return _finish(attr.sum(dim=1))
+
+
+def integrated_gradients(
+    model: nn.Module,
+    images: Tensor,
+    target: TargetLike = None,
+    *,
+    n_steps: int = 20,
+    internal_batch_size: int | None = 128,
+    baseline: float = 0.0,
+) -> Tensor:
+    """Integrated gradients from a constant image (default: black, all zeros), summed over channels.
+
+    Args:
+        images: ``(N, C, H, W)`` in [0, 1].
+        n_steps: quadrature points of Captum's Gauss-Legendre rule along the straight path.
+        internal_batch_size: at most this many scaled images per forward/backward pass (bounds
+            memory; raised to ``N`` when smaller); None: all ``N · n_steps`` at once.
+        baseline: the constant pixel value of the baseline image, in the model's input space [0, 1].
+
+    Returns:
+        ``(N, H, W)``; its sum approximates ``logit(x) - logit(baseline)``.
+    """
+    model = _require_vit(model)
+    if n_steps < 1:
+        raise ConfigError(f"n_steps must be a positive integer, got {n_steps}")
+    with _attributing(model):
+        target = _targets(model, images, target)
+        batch = None if internal_batch_size is None else max(int(internal_batch_size), images.shape[0])
+        attr = IntegratedGradients(model).attribute(
+            images.detach().requires_grad_(True),
+            baselines=torch.full_like(images, baseline),
+            target=target,
+            n_steps=n_steps,
+            internal_batch_size=batch,
+        )
+    return _finish(attr.sum(dim=1))
+
+
+def gradient(model: nn.Module, images: Tensor, target: TargetLike = None, *, abs: bool = True) -> Tensor:
+    """Saliency: ``|∂logit_target/∂x|`` (signed with ``abs=False``) summed over channels -> ``(N, H, W)``."""
+    model = _require_vit(model)
+    with _attributing(model):
+        target = _targets(model, images, target)
+        attr = Saliency(model).attribute(images.detach().requires_grad_(True), target=target, abs=abs)
+    return _finish(attr.sum(dim=1))
+
+
+# --- Token-based methods -------------------------------------------------------------------------
+
+
+def gradcam(model: nn.Module, images: Tensor, target: TargetLike = None) -> Tensor:
+    """Grad-CAM on the last block's tokens: images ``(N, C, H, W)`` -> non-negative ``(N, H, W)``."""
+    model = _require_vit(model)
+    with _attributing(model):
+        target = _targets(model, images, target)
+        tokens = model.forward_features(images.detach().requires_grad_(True))  # (N, L, D)
+        (grads,) = torch.autograd.grad(_target_logits(model, tokens, target).sum(), tokens)
+        weights = grads.mean(dim=1, keepdim=True)  # (N, 1, D): mean gradient over tokens
+        cam = torch.relu((weights * tokens).sum(dim=-1)).detach()  # (N, L)
+    return _finish(_to_pixels(cam, images, model.patch_size))
+
+
+def attention_rollout(attentions: list[Tensor]) -> Tensor:
+    """Rollout matrix ``Â_L ··· Â_1`` ``(N, L, L)`` from per-block attention maps ``(N, heads, L, L)``.
+
+    ``Â_l`` is the head-averaged attention plus the identity (the residual path), rows re-normalised
+    to sum to 1; every row of the result therefore sums to 1.
+    """
+    if not attentions:
+        raise ConfigError("attention rollout needs at least one block")
+    first = attentions[0]
+    eye = torch.eye(first.shape[-1], dtype=first.dtype, device=first.device)
+    rollout = eye.expand(first.shape[0], -1, -1)
+    for attn in attentions:
+        a = attn.mean(dim=1) + eye
+        a = a / a.sum(dim=-1, keepdim=True)
+        rollout = a @ rollout
+    return rollout
+
+
+def rollout(model: nn.Module, images: Tensor, target: TargetLike = None) -> Tensor:
+    """Attention rollout, class-agnostic (``target`` is ignored): ``(N, C, H, W)`` -> ``(N, H, W)``.
+
+    Token relevance is the mean over output tokens (rows) of the rollout matrix (no class token);
+    it sums to 1 over the tokens.
+    """
+    model = _require_vit(model)
+    with _attributing(model), torch.no_grad():
+        model.check_input(images)
+        _, attentions = model.forward_features_with_attn(images)
+        relevance = attention_rollout(attentions).mean(dim=1)  # (N, L)
+    return _finish(_to_pixels(relevance, images, model.patch_size))
+
+
+def transformer_attribution_matrix(attentions: list[Tensor], gradients: list[Tensor]) -> Tensor:
+    """Chefer et al. (ICCV 2021) relevance ``R`` ``(N, L, L)`` from attention maps and their gradients.
+
+    Args:
+        attentions: per block ``A_l`` ``(N, heads, L, L)``, first block first.
+        gradients: per block ``∂logit/∂A_l``, same shapes.
+
+    Returns:
+        ``R`` after ``R = I``; ``R ← R + mean_heads((∇A_l ⊙ A_l)^+) · R`` over the blocks in order.
+    """
+    if not attentions or len(attentions) != len(gradients):
+        raise ConfigError(
+            f"need one gradient per attention map and at least one block, got {len(attentions)} maps "
+            f"and {len(gradients)} gradients"
+        )
+    first = attentions[0]
+    eye = torch.eye(first.shape[-1], dtype=first.dtype, device=first.device)
+    relevance = eye.expand(first.shape[0], -1, -1)
+    for attn, grad in zip(attentions, gradients, strict=True):
+        a_bar = (grad * attn).clamp_min(0).mean(dim=1)
+        relevance = relevance + a_bar @ relevance
+    return relevance
+
+
+def transformer_attribution(model: nn.Module, images: Tensor, target: TargetLike = None) -> Tensor:
+    """Gradient-weighted attention rollout (Chefer et al., ICCV 2021): ``(N, C, H, W)`` -> ``(N, H, W)``.
+
+    One backward pass gives ``∂logit_target/∂A_l`` for every block; token relevance is the mean over
+    output tokens (rows) of ``R`` (no class token).
+    """
+    model = _require_vit(model)
+    with _attributing(model):
+        target = _targets(model, images, target)
+        tokens, attentions = model.forward_features_with_attn(images.detach().requires_grad_(True))
+        grads = torch.autograd.grad(_target_logits(model, tokens, target).sum(), attentions)
+        with torch.no_grad():
+            relevance = transformer_attribution_matrix([a.detach() for a in attentions], list(grads)).mean(dim=1)
+    return _finish(_to_pixels(relevance, images, model.patch_size))
+
+
+# --- Exact B-cos explanation ---------------------------------------------------------------------
+
+
+def bcos(model: nn.Module, images: Tensor, target: TargetLike = None) -> Tensor:
+    """Exact B-cos contributions ``(w(x) · [x, 1 - x])`` summed over channels -> ``(N, H, W)``.
+
+    B-cos models only; a standard model raises ``ConfigError``.
+    """
+    model = _require_vit(model)
+    if not model.is_bcos:
+        raise ConfigError(
+            "the 'bcos' attribution method is the exact explanation of B-cos models; this is a standard model "
+            f"(use one of the post-hoc methods: {', '.join(m for m in METHODS if m != 'bcos')})"
+        )
+    with _attributing(model):
+        target = _targets(model, images, target)  # the predicted class (when None) in eval mode
+    return _finish(explain(model, images, target).contributions)  # explain() restores the model's state
+
+
+# --- Registry and the uniform entry point --------------------------------------------------------
+
+ATTRIBUTION_METHODS: dict[str, AttributionFn] = {
+    "input_x_gradient": input_x_gradient,
+    "integrated_gradients": integrated_gradients,
+    "gradient": gradient,
+    "gradcam": gradcam,
+    "rollout": rollout,
+    "transformer_attribution": transformer_attribution,
+    "bcos": bcos,
+}
+METHODS: tuple[str, ...] = tuple(ATTRIBUTION_METHODS)
+
+
+def attribute(method: str, model: nn.Module, images: Tensor, target: TargetLike = None, **options) -> Tensor:
+    """Attribution maps of ``model`` for ``images`` by the named method.
+
+    Args:
+        method: one of ``METHODS``.
+        model: any ``bcosvit.VisionTransformer`` (B-cos or standard; ``"bcos"`` needs a B-cos model).
+        images: ``(N, C, H, W)`` in [0, 1], on the model's device and dtype.
+        target: ``(N,)`` classes to explain (also an int or a list); None: the predicted classes.
+        **options: method-specific keywords (``n_steps``, ``internal_batch_size``, ``baseline`` for
+            integrated gradients; ``abs`` for gradient).
+
+    Returns:
+        ``(N, H, W)`` float32, detached, on the images' device.
+    """
+    fn = ATTRIBUTION_METHODS.get(method)
+    if fn is None:
+        raise ConfigError(f"unknown attribution method {method!r}; available: {', '.join(METHODS)}")
+    accepted = [
+        name for name, p in inspect.signature(fn).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"attribution method {method!r} got unknown option(s) {unknown}; "
+            f"it accepts {accepted if accepted else 'no options'}"
+        )
+    return fn(model, images, target, **options)
