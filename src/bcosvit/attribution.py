@@ -42,9 +42,8 @@ gradients with ``torch.autograd.grad`` only, so parameter ``.grad`` fields are n
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +51,7 @@ from captum.attr import InputXGradient, IntegratedGradients, Saliency
 from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
-from .explain import TargetLike, explain, normalize_target
-from .layers import explanation_mode
+from .explain import TargetLike, attribution_state, explain, normalize_target
 from .models.vit import VisionTransformer
 
 AttributionFn = Callable[..., Tensor]
@@ -81,20 +79,6 @@ def _require_vit(model: nn.Module) -> VisionTransformer:
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"attribution methods need a bcosvit VisionTransformer, got {type(model).__name__}")
     return model
-
-
-@contextlib.contextmanager
-def _attributing(model: VisionTransformer) -> Iterator[None]:
-    """Eval mode, no gradient checkpointing, explanation mode off, grad enabled; restored on exit."""
-    was_training, checkpointing = model.training, model.grad_checkpointing
-    model.eval()
-    model.grad_checkpointing = False
-    try:
-        with explanation_mode(model, enabled=False), torch.enable_grad():
-            yield
-    finally:
-        model.train(was_training)
-        model.grad_checkpointing = checkpointing
 
 
 def _targets(model: VisionTransformer, images: Tensor, target: TargetLike) -> Tensor:
@@ -137,7 +121,7 @@ def _target_logits(model: VisionTransformer, tokens: Tensor, target: Tensor) -> 
 def input_x_gradient(model: nn.Module, images: Tensor, target: TargetLike = None) -> Tensor:
     """``(x · ∂logit_target/∂x)`` summed over channels: images ``(N, C, H, W)`` -> ``(N, H, W)``."""
     model = _require_vit(model)
-    with _attributing(model):
+    with attribution_state(model, explanation=False):
         target = _targets(model, images, target)
         attr = InputXGradient(model).attribute(images.detach().requires_grad_(True), target=target)
     return _finish(attr.sum(dim=1))
@@ -167,7 +151,7 @@ def integrated_gradients(
     model = _require_vit(model)
     if n_steps < 1:
         raise ConfigError(f"n_steps must be a positive integer, got {n_steps}")
-    with _attributing(model):
+    with attribution_state(model, explanation=False):
         target = _targets(model, images, target)
         batch = None if internal_batch_size is None else max(int(internal_batch_size), images.shape[0])
         attr = IntegratedGradients(model).attribute(
@@ -183,7 +167,7 @@ def integrated_gradients(
 def gradient(model: nn.Module, images: Tensor, target: TargetLike = None, *, abs: bool = True) -> Tensor:
     """Saliency: ``|∂logit_target/∂x|`` (signed with ``abs=False``) summed over channels -> ``(N, H, W)``."""
     model = _require_vit(model)
-    with _attributing(model):
+    with attribution_state(model, explanation=False):
         target = _targets(model, images, target)
         attr = Saliency(model).attribute(images.detach().requires_grad_(True), target=target, abs=abs)
     return _finish(attr.sum(dim=1))
@@ -195,7 +179,7 @@ def gradient(model: nn.Module, images: Tensor, target: TargetLike = None, *, abs
 def gradcam(model: nn.Module, images: Tensor, target: TargetLike = None) -> Tensor:
     """Grad-CAM on the last block's tokens: images ``(N, C, H, W)`` -> non-negative ``(N, H, W)``."""
     model = _require_vit(model)
-    with _attributing(model):
+    with attribution_state(model, explanation=False):
         target = _targets(model, images, target)
         tokens = model.forward_features(images.detach().requires_grad_(True))  # (N, L, D)
         (grads,) = torch.autograd.grad(_target_logits(model, tokens, target).sum(), tokens)
@@ -229,7 +213,7 @@ def rollout(model: nn.Module, images: Tensor, target: TargetLike = None) -> Tens
     it sums to 1 over the tokens.
     """
     model = _require_vit(model)
-    with _attributing(model), torch.no_grad():
+    with attribution_state(model, explanation=False), torch.no_grad():
         model.check_input(images)
         _, attentions = model.forward_features_with_attn(images)
         relevance = attention_rollout(attentions).mean(dim=1)  # (N, L)
@@ -267,7 +251,7 @@ def transformer_attribution(model: nn.Module, images: Tensor, target: TargetLike
     output tokens (rows) of ``R`` (no class token).
     """
     model = _require_vit(model)
-    with _attributing(model):
+    with attribution_state(model, explanation=False):
         target = _targets(model, images, target)
         tokens, attentions = model.forward_features_with_attn(images.detach().requires_grad_(True))
         grads = torch.autograd.grad(_target_logits(model, tokens, target).sum(), attentions)
@@ -290,7 +274,7 @@ def bcos(model: nn.Module, images: Tensor, target: TargetLike = None) -> Tensor:
             "the 'bcos' attribution method is the exact explanation of B-cos models; this is a standard model "
             f"(use one of the post-hoc methods: {', '.join(m for m in METHODS if m != 'bcos')})"
         )
-    with _attributing(model):
+    with attribution_state(model, explanation=False):
         target = _targets(model, images, target)  # the predicted class (when None) in eval mode
     return _finish(explain(model, images, target).contributions)  # explain() restores the model's state
 

@@ -113,13 +113,14 @@ def normalize_target(target: TargetLike, default: Tensor, num_outputs: int, what
 
 
 @contextlib.contextmanager
-def _explaining(model: VisionTransformer) -> Iterator[None]:
-    """Explanation mode, eval mode and no gradient checkpointing; all restored on exit."""
+def attribution_state(model: VisionTransformer, explanation: bool = True) -> Iterator[None]:
+    """Eval mode, gradients on, no gradient checkpointing, explanation mode on (exact explanations)
+    or off (post-hoc gradients); the model's previous states are restored on exit."""
     was_training, checkpointing = model.training, model.grad_checkpointing
     model.eval()
     model.grad_checkpointing = False
     try:
-        with explanation_mode(model), torch.enable_grad():
+        with explanation_mode(model, enabled=explanation), torch.enable_grad():
             yield
     finally:
         model.train(was_training)
@@ -250,7 +251,7 @@ def explain(model: nn.Module, images: Tensor, target: TargetLike = None, *, crea
         an ``Explanation``; its ``completeness_error`` checks ``logit = w·z + positional + bias``.
     """
     model = _require_bcos(model)
-    with _explaining(model):
+    with attribution_state(model):
         state = _forward(model, images, layer=None)
         logits = state.logits
         target = normalize_target(target, logits.argmax(dim=1).detach(), logits.shape[1])
@@ -283,7 +284,7 @@ def explain_unit(
     """
     model = _require_bcos(model)
     layer = _check_layer(model, layer)
-    with _explaining(model):
+    with attribution_state(model):
         state = _forward(model, images, layer)
         tokens = state.layer_tokens
         n, num_tokens, dim = tokens.shape
@@ -319,7 +320,7 @@ def token_contributions(model: nn.Module, images: Tensor, target: TargetLike = N
     """
     model = _require_bcos(model)
     layer = _check_layer(model, layer)
-    with _explaining(model):
+    with attribution_state(model):
         state = _forward(model, images, layer)
         logits = state.logits
         target = normalize_target(target, logits.argmax(dim=1).detach(), logits.shape[1])

@@ -262,7 +262,7 @@ def confident_images_by_class(
     if num_classes is None:
         return [], []
     predicted_t, confidence_t = torch.cat(predicted), torch.cat(confidence)
-    keep = confidence_t > threshold
+    keep = (predicted_t == labels) & (confidence_t > threshold)
     indices, confidences = [], []
     for k in range(num_classes):
         members = torch.nonzero(keep & (labels == k)).flatten()
