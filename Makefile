@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install data test lint bench demo ship
+.PHONY: install data browser test lint bench demo ship
 
 install: $(STAMP)
 
@@ -25,7 +25,16 @@ data:
 		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; \
 	fi
 
-test: install
+# Debian's Chromium for the report's browser test (Playwright drives it; no browser download).
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)); \
+	else \
+		echo "Chromium is missing: run 'sudo apt-get install chromium'"; exit 1; \
+	fi
+
+test: install browser
 	$(PY) -m pytest
 
 lint: install

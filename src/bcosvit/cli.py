@@ -100,6 +100,43 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0 if results and not failed else (1 if results else 2)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .data import load_dataset
+    from .evaluate import EvalConfig, evaluate_models
+    from .models import create_model, list_pretrained
+
+    models = {}
+    for path in args.checkpoint or []:
+        models[Path(path).name] = load_model(path)
+    for name in args.model or []:
+        models[name] = create_model(name, pretrained=True)
+    if not models:
+        models = {name: create_model(name, pretrained=True) for name in list_pretrained()}
+        if not models:
+            from .errors import ConfigError
+
+            raise ConfigError("no shipped weights in this install; pass --checkpoint RUN_FOLDER [RUN_FOLDER ...]")
+    first = next(iter(models.values()))
+    dataset, _ = load_dataset(
+        args.dataset, "test" if args.dataset != "folder" else "val", args.data_dir, first.image_size
+    )
+    count = min(len(dataset), args.test_subset or len(dataset))
+    images = torch.stack([dataset[i][0] for i in range(count)])
+    labels = torch.tensor([int(dataset[i][1]) for i in range(count)])
+    config = EvalConfig(
+        grids=tuple(args.grid_sizes),
+        num_grids=args.grids,
+        faithfulness_images=args.faithfulness_images,
+        ig_steps=args.ig_steps,
+        methods=tuple(args.methods),
+        seed=args.seed,
+    )
+    print(f"evaluating {', '.join(models)} on {count} {args.dataset} test images")
+    evaluate_models(models, images, labels, args.out, config, dataset=args.dataset)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train.config import add_override_arguments
 
@@ -140,6 +177,29 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--topk", type=int, default=2, help="explain the K most likely classes (default 2)")
     p.add_argument("--out", default="explanations", help="output folder (default: explanations/)")
     p.set_defaults(func=cmd_explain)
+
+    from .attribution import METHODS
+    from .data import DATASETS
+
+    p = sub.add_parser(
+        "evaluate",
+        help="accuracy, localisation, faithfulness and completeness, with post-hoc baselines",
+        description="Evaluates trained models (default: the shipped ones) and writes metrics.json, "
+        "figures and a self-contained report.html.",
+    )
+    p.add_argument("--checkpoint", nargs="+", help="run folders or .safetensors files")
+    p.add_argument("--model", nargs="+", help="names of models with shipped weights")
+    p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
+    p.add_argument("--data-dir", help="dataset location (default for Fashion-MNIST: the Debian package's)")
+    p.add_argument("--test-subset", type=int, help="use only the first N test images")
+    p.add_argument("--grids", type=int, default=100, help="number of grids per grid size (default 100)")
+    p.add_argument("--grid-sizes", type=int, nargs="+", default=[2, 3], help="grid sizes (default 2 3)")
+    p.add_argument("--faithfulness-images", type=int, default=256, help="images for deletion/insertion (default 256)")
+    p.add_argument("--ig-steps", type=int, default=10, help="integrated-gradients steps (default 10)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="attribution methods")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="evaluation", help="output folder (default: evaluation/)")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -1,0 +1,333 @@
+"""``bcosvit evaluate``: accuracy, localisation, faithfulness and completeness of trained models,
+with the post-hoc baselines run through the same code, written as JSON, PNG figures and HTML.
+
+Protocols (all seeded):
+- accuracy: top-1 / top-5 on the whole test set;
+- localisation: the grid pointing game (SPEC §2.8) on 2×2 and 3×3 grids of test images;
+- faithfulness: deletion and insertion curves (``bcosvit.metrics.deletion_insertion``, baseline 0 =
+  black) on the first ``faithfulness_images`` test images, explaining the predicted class;
+- completeness: distribution of ``|logit - w·x - positional - bias|`` for B-cos models.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from .attribution import METHODS, attribute
+from .errors import ConfigError
+from .explain import explain
+from .fileio import write_json
+from .metrics import completeness_stats, compute_attributions, deletion_insertion, grid_pointing_game, make_grids
+from .models.vit import VisionTransformer
+from .report import Section, Table, write_report
+from .visualize import contribution_map, save_figure, to_display_image
+
+POST_HOC = tuple(m for m in METHODS if m != "bcos")
+
+
+@dataclass
+class EvalConfig:
+    """What ``evaluate_models`` measures and how much of it."""
+
+    grids: tuple[int, ...] = (2, 3)
+    num_grids: int = 100
+    faithfulness_images: int = 256
+    steps: int = 20
+    ig_steps: int = 10
+    methods: tuple[str, ...] = METHODS
+    batch_size: int = 64
+    seed: int = 0
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ConfigError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
+        if any(g < 2 for g in self.grids):
+            raise ConfigError(f"grid sizes must be >= 2, got {list(self.grids)}")
+        for name in ("num_grids", "faithfulness_images", "steps", "ig_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ModelResult:
+    name: str
+    is_bcos: bool
+    accuracy: dict[str, float]
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    completeness: dict[str, float] | None = None
+    seconds: float = 0.0
+
+
+def method_fn(name: str, config: EvalConfig):
+    """``(model, images, target) -> (N, H, W)`` for the named attribution method."""
+    options = {"n_steps": config.ig_steps} if name == "integrated_gradients" else {}
+    return partial(_attribute, name, options)
+
+
+def _attribute(name: str, options: dict, model, images: Tensor, target: Tensor) -> Tensor:
+    return attribute(name, model, images, target, **options)
+
+
+@torch.no_grad()
+def topk_accuracy(model: VisionTransformer, images: Tensor, labels: Tensor, batch_size: int = 500) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (%) and the predicted classes."""
+    model.eval()
+    predictions = []
+    for start in range(0, len(images), batch_size):
+        predictions.append(model(images[start : start + batch_size]).topk(5, dim=1).indices)
+    top5 = torch.cat(predictions)
+    return {
+        "top1": 100.0 * float((top5[:, 0] == labels).double().mean()),
+        "top5": 100.0 * float((top5 == labels[:, None]).any(dim=1).double().mean()),
+    }
+
+
+def evaluate_model(
+    name: str, model: VisionTransformer, images: Tensor, labels: Tensor, config: EvalConfig, log=print
+) -> ModelResult:
+    """Every measurement for one model; post-hoc methods for any model, ``bcos`` for B-cos models."""
+    started = time.perf_counter()
+    model.eval()
+    result = ModelResult(name, model.is_bcos, topk_accuracy(model, images, labels, config.batch_size * 8))
+    log(f"{name}: top-1 {result.accuracy['top1']:.2f}%, top-5 {result.accuracy['top5']:.2f}%")
+    subset = images[: config.faithfulness_images]
+    with torch.no_grad():
+        predicted = model(subset).argmax(dim=1)
+    methods = [m for m in config.methods if m != "bcos" or model.is_bcos]
+    for method in methods:
+        t0 = time.perf_counter()
+        fn = method_fn(method, config)
+        entry: dict[str, Any] = {}
+        for grid in config.grids:
+            game = grid_pointing_game(
+                model,
+                images,
+                labels,
+                fn,
+                grid=grid,
+                num_grids=config.num_grids,
+                seed=config.seed,
+                batch_size=config.batch_size,
+            )
+            entry[f"grid{grid}"] = game.to_dict(include_scores=False)
+        maps = compute_attributions(model, subset, predicted, fn, config.batch_size)
+        for mode in ("deletion", "insertion"):
+            curve = deletion_insertion(
+                model, subset, predicted, maps, steps=config.steps, mode=mode, batch_size=config.batch_size * 4
+            )
+            entry[mode] = curve.to_dict()
+        entry["seconds"] = time.perf_counter() - t0
+        result.methods[method] = entry
+        games = ", ".join(f"{g}x{g} {entry[f'grid{g}']['mean']:.3f}" for g in config.grids)
+        log(
+            f"  {method:24s} pointing game {games} | deletion AUC {entry['deletion']['mean_auc']:.3f} "
+            f"| insertion AUC {entry['insertion']['mean_auc']:.3f} | {entry['seconds']:.0f}s"
+        )
+    if model.is_bcos:
+        expl = explain(model, subset, target=predicted)
+        result.completeness = completeness_stats(expl.completeness_error, expl.outputs)
+        log(
+            f"  completeness error: max {result.completeness['abs_max']:.2e}, "
+            f"median {result.completeness['abs_median']:.2e} (logit units)"
+        )
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# --- figures ---------------------------------------------------------------------------------
+
+
+def _map_panel(ax, values: Tensor, title: str) -> None:
+    ax.imshow(contribution_map(values))
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def examples_figure(models: dict[str, VisionTransformer], images: Tensor, config: EvalConfig, n: int = 4) -> Figure:
+    """Rows: test images × models; columns: the input and every method's map (predicted class)."""
+    rows = [(name, model, i) for i in range(n) for name, model in models.items()]
+    columns = list(config.methods)
+    fig = Figure(figsize=(1.5 * (len(columns) + 1), 1.6 * len(rows)))
+    axes = fig.subplots(len(rows), len(columns) + 1, squeeze=False)
+    for r, (name, model, i) in enumerate(rows):
+        x = images[i : i + 1]
+        with torch.no_grad():
+            target = model(x).argmax(dim=1)
+        axes[r, 0].imshow(to_display_image(x[0]))
+        axes[r, 0].set_title(f"{name}\nclass {int(target)}", fontsize=7)
+        axes[r, 0].axis("off")
+        for c, method in enumerate(columns, start=1):
+            if method == "bcos" and not model.is_bcos:
+                axes[r, c].axis("off")
+                continue
+            _map_panel(axes[r, c], method_fn(method, config)(model, x, target)[0], method)
+    fig.tight_layout()
+    return fig
+
+
+def grid_figure(models: dict[str, VisionTransformer], images: Tensor, labels: Tensor, config: EvalConfig) -> Figure:
+    """The first 2×2 grid and each method's map for its first cell's class, per model."""
+    columns = list(config.methods)
+    fig = Figure(figsize=(1.7 * (len(columns) + 1), 1.9 * len(models)))
+    axes = fig.subplots(len(models), len(columns) + 1, squeeze=False)
+    for r, (name, model) in enumerate(models.items()):
+        grids = make_grids(model, images, labels, grid=2, num_grids=1, seed=config.seed, batch_size=config.batch_size)
+        x, target = grids.images[:1], grids.classes[:1, 0]
+        axes[r, 0].imshow(to_display_image(x[0]))
+        axes[r, 0].set_title(f"{name}\ntarget: top-left class {int(target)}", fontsize=7)
+        axes[r, 0].axis("off")
+        for c, method in enumerate(columns, start=1):
+            if method == "bcos" and not model.is_bcos:
+                axes[r, c].axis("off")
+                continue
+            _map_panel(axes[r, c], method_fn(method, config)(model, x, target)[0], method)
+    fig.tight_layout()
+    return fig
+
+
+def localisation_figure(results: list[ModelResult], config: EvalConfig) -> Figure:
+    fig = Figure(figsize=(5 * len(config.grids), 3.6))
+    axes = fig.subplots(1, len(config.grids), squeeze=False)[0]
+    for ax, grid in zip(axes, config.grids):
+        labels, means, errors = [], [], []
+        for res in results:
+            for method, entry in res.methods.items():
+                game = entry[f"grid{grid}"]
+                labels.append(f"{res.name}\n{method}")
+                means.append(game["mean"])
+                errors.append([game["mean"] - game["ci95"][0], game["ci95"][1] - game["mean"]])
+        y = np.arange(len(labels))
+        ax.barh(
+            y,
+            means,
+            xerr=np.array(errors).T,
+            color=["tab:orange" if "bcos" in lbl.split("\n")[1] else "tab:blue" for lbl in labels],
+        )
+        ax.set_yticks(y, labels, fontsize=6)
+        ax.axvline(1 / grid**2, color="grey", linestyle="--", linewidth=1)
+        ax.set(xlim=(0, 1), xlabel="pointing game score (mean, 95% CI)", title=f"{grid}x{grid} grids")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(results: list[ModelResult], mode: str) -> Figure:
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for res in results:
+        for method, entry in res.methods.items():
+            curve = entry[mode]
+            style = "-" if res.is_bcos else "--"
+            ax.plot(
+                curve["fractions"], curve["mean_curve"], style, label=f"{res.name} {method} ({curve['mean_auc']:.3f})"
+            )
+    ax.set(
+        xlabel=f"fraction of pixels {'removed' if mode == 'deletion' else 'inserted'} (most relevant first)",
+        ylabel="probability of the class",
+        title=f"{mode} curves (AUC in brackets)",
+    )
+    ax.legend(fontsize=5)
+    fig.tight_layout()
+    return fig
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def evaluate_models(
+    models: dict[str, VisionTransformer],
+    images: Tensor,
+    labels: Tensor,
+    out: str | Path,
+    config: EvalConfig,
+    dataset: str = "",
+    log=print,
+) -> dict[str, Any]:
+    """Evaluate every model, write ``metrics.json``, figures and ``report.html`` to ``out``."""
+    config.validate()
+    out = Path(out)
+    started = time.perf_counter()
+    results = [evaluate_model(name, model, images, labels, config, log) for name, model in models.items()]
+    figures = {
+        "examples.png": examples_figure(models, images, config),
+        "grid_examples.png": grid_figure(models, images, labels, config),
+        "localisation.png": localisation_figure(results, config),
+        "deletion.png": curves_figure(results, "deletion"),
+        "insertion.png": curves_figure(results, "insertion"),
+    }
+    paths = {name: save_figure(fig, out / name) for name, fig in figures.items()}
+    summary = {
+        "dataset": dataset,
+        "num_test_images": len(images),
+        "config": asdict(config),
+        "models": [asdict(r) for r in results],
+        "seconds": time.perf_counter() - started,
+    }
+    write_json(out / "metrics.json", summary)
+    write_report(
+        out / "report.html",
+        "bcosvit evaluation",
+        _sections(results, config, paths),
+        meta=f"{dataset}: {len(images)} test images; {config.num_grids} grids per size (seed {config.seed}); "
+        f"faithfulness on {min(config.faithfulness_images, len(images))} images; "
+        f"{summary['seconds']:.0f}s",
+    )
+    log(f"\nwrote {out}/metrics.json, report.html and {len(paths)} figures in {summary['seconds']:.0f}s")
+    return summary
+
+
+def _sections(results: list[ModelResult], config: EvalConfig, paths: dict[str, Path]) -> list[Section]:
+    accuracy = Table(
+        ["model", "family", "top-1 (%)", "top-5 (%)"],
+        [[r.name, "B-cos" if r.is_bcos else "standard", r.accuracy["top1"], r.accuracy["top5"]] for r in results],
+        precision=2,
+    )
+    headers = (
+        ["model", "method"]
+        + [f"pointing {g}x{g} (95% CI)" for g in config.grids]
+        + ["deletion AUC ↓", "insertion AUC ↑"]
+    )
+    rows = []
+    for r in results:
+        for method, e in r.methods.items():
+            games = [
+                f"{e[f'grid{g}']['mean']:.3f} [{e[f'grid{g}']['ci95'][0]:.3f}, {e[f'grid{g}']['ci95'][1]:.3f}]"
+                for g in config.grids
+            ]
+            rows.append([r.name, method, *games, e["deletion"]["mean_auc"], e["insertion"]["mean_auc"]])
+    completeness = [
+        [r.name, r.completeness["abs_median"], r.completeness["abs_p99"], r.completeness["abs_max"]]
+        for r in results
+        if r.completeness
+    ]
+    return [
+        Section("Accuracy", tables=[accuracy]),
+        Section(
+            "Localisation and faithfulness",
+            "Grid pointing game: share of positive attribution inside the cell of the explained class (chance: "
+            "1/cells). Deletion/insertion: probability of the predicted class as the most relevant pixels are "
+            "removed (set to 0) or inserted into a black image; area under the curve.",
+            tables=[Table(headers, rows)],
+            figures=[paths["localisation.png"], paths["deletion.png"], paths["insertion.png"]],
+        ),
+        Section(
+            "Completeness of B-cos explanations",
+            "|logit - sum(w·x) - positional - logit bias| in logit units.",
+            tables=[Table(["model", "median", "99th percentile", "max"], completeness, precision=10)],
+        ),
+        Section(
+            "Examples",
+            "Test images explained by every method (red: positive, blue: negative).",
+            figures=[paths["examples.png"], paths["grid_examples.png"]],
+        ),
+    ]

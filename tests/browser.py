@@ -1,0 +1,54 @@
+"""Open a local HTML file in headless Chromium (Debian's ``chromium``) through Playwright."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]
+
+
+@dataclass
+class PageCheck:
+    screenshot: Path
+    console_errors: list[str] = field(default_factory=list)
+    failed_requests: list[str] = field(default_factory=list)
+    broken_images: list[str] = field(default_factory=list)
+    images: int = 0
+    images_ok_marker: str | None = None
+
+
+def chromium_path() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        raise RuntimeError("headless Chromium is needed: install Debian's 'chromium' package (make test does, as root)")
+    return path
+
+
+def check_page(html: Path, screenshot: Path) -> PageCheck:
+    """Load ``html``, wait for it, screenshot the full page and collect every problem seen."""
+    from playwright.sync_api import sync_playwright
+
+    result = PageCheck(screenshot)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("console", lambda m: result.console_errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: result.console_errors.append(f"uncaught: {e}"))
+            page.on("requestfailed", lambda r: result.failed_requests.append(r.url))
+            page.goto(Path(html).resolve().as_uri())
+            page.wait_for_load_state("load")
+            result.images = page.evaluate("document.images.length")
+            result.broken_images = page.evaluate(
+                "Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt || i.src)"
+            )
+            result.images_ok_marker = page.evaluate("document.body.getAttribute('data-images-ok')")
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    return result
