@@ -401,6 +401,7 @@ def explanation_figure(
     explanation: Explanation,
     class_names: Sequence[str] | None = None,
     max_images: int = 16,
+    row_labels: Sequence[str] | None = None,
 ) -> Figure:
     """A grid figure: one row per image, the input then, per explained target, its colour
     explanation (over black, so transparency shows as dark) and its contribution map.
@@ -414,6 +415,7 @@ def explanation_figure(
         explanation: from ``bcosvit.explain`` (one or several targets per image).
         class_names: optional names indexed by class.
         max_images: at most this many rows (the first images).
+        row_labels: one label per image for the rows (default ``image i``), e.g. the true class.
 
     Returns:
         a ``matplotlib.figure.Figure`` on an Agg canvas (save it with ``save_figure``).
@@ -460,7 +462,7 @@ def explanation_figure(
         ax = axes[i, 0]
         ax.imshow(to_display_image(torch.from_numpy(np.ascontiguousarray(pictures[i]))))
         ax.set_title("input", fontsize=9)
-        ax.set_ylabel(f"image {i}", fontsize=9)
+        ax.set_ylabel(row_labels[i] if row_labels is not None else f"image {i}", fontsize=9)
         for t in range(num_targets):
             index = int(target[i, t])
             if class_names is not None and 0 <= index < len(class_names):

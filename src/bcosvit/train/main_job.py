@@ -42,8 +42,9 @@ def write_explanation_figure(run: Path, config: TrainConfig) -> Path | None:
     with torch.no_grad():
         top2 = model(images).topk(2, dim=1).indices
     expl = explain(model, images, target=top2)
-    fig = explanation_figure(images, expl, class_names=spec.classes)
-    fig.suptitle("One test image per class (rows, in class order): top-2 classes, colour explanation and contributions")
+    true = [f"true: {spec.classes[int(y)]}" for y in labels]
+    fig = explanation_figure(images, expl, class_names=spec.classes, row_labels=true)
+    fig.suptitle("One test image per class: the two most likely classes, colour explanation and contributions")
     print(
         f"explained {len(images)} test images: max completeness error "
         f"{float(expl.completeness_error.max()):.2e} (logit units)"
