@@ -18,13 +18,14 @@ def figures(tmp_path):
 def test_report_embeds_figures_and_tables_without_external_resources(tmp_path, figures):
     page = render_html("T", [Section("S", "text <b>", [Table(["a", "b"], [[1, 0.12345], ["x&y", 2.0]])], figures)])
     assert page.count("data:image/png;base64,") == 2
-    assert "src=\"http" not in page and "href=" not in page
+    assert 'src="http' not in page and "href=" not in page
     assert "0.123" in page and "x&amp;y" in page and "text &lt;b&gt;" in page
 
 
 def test_report_renders_in_headless_chromium_with_all_images_and_no_console_errors(tmp_path, figures):
-    path = write_report(tmp_path / "report.html", "Report", [Section("Figures", tables=[Table(["k"], [[1]])],
-                                                                      figures=figures)])
+    path = write_report(
+        tmp_path / "report.html", "Report", [Section("Figures", tables=[Table(["k"], [[1]])], figures=figures)]
+    )
     check = check_page(path, tmp_path / "screenshot.png")
     assert check.console_errors == [] and check.failed_requests == [] and check.broken_images == []
     assert check.images == 2 and check.images_ok_marker == "true"

@@ -248,7 +248,9 @@ def transformer_attribution(model: nn.Module, images: Tensor, target: TargetLike
     """Gradient-weighted attention rollout (Chefer et al., ICCV 2021): ``(N, C, H, W)`` -> ``(N, H, W)``.
 
     One backward pass gives ``∂logit_target/∂A_l`` for every block; token relevance is the mean over
-    output tokens (rows) of ``R`` (no class token).
+    output tokens (rows) of ``R - I`` (no class token). The identity, with which ``R`` starts, gives
+    every token the same share 1/L whatever the class; a class-token model's map leaves it out too
+    (it reads ``R[cls, patches]``), so it is left out here.
     """
     model = _require_vit(model)
     with attribution_state(model, explanation=False):
@@ -256,7 +258,8 @@ def transformer_attribution(model: nn.Module, images: Tensor, target: TargetLike
         tokens, attentions = model.forward_features_with_attn(images.detach().requires_grad_(True))
         grads = torch.autograd.grad(_target_logits(model, tokens, target).sum(), attentions)
         with torch.no_grad():
-            relevance = transformer_attribution_matrix([a.detach() for a in attentions], list(grads)).mean(dim=1)
+            matrix = transformer_attribution_matrix([a.detach() for a in attentions], list(grads))
+            relevance = (matrix - torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)).mean(dim=1)
     return _finish(_to_pixels(relevance, images, model.patch_size))
 
 
