@@ -116,7 +116,7 @@ class TrainConfig:
 def _fmnist(model: str, **kw) -> TrainConfig:
     """Fashion-MNIST recipe shared by every small model (B-cos or standard: only 'auto' choices differ)."""
     base = dict(
-        model=model, dataset="fashion-mnist", epochs=30, batch_size=128, lr=1e-3, warmup_steps=1000, precision="bf16"
+        model=model, dataset="fashion-mnist", epochs=20, batch_size=128, lr=1e-3, warmup_steps=1000, precision="bf16"
     )
     if not model.startswith("bcos_"):
         base["weight_decay"] = 0.05
