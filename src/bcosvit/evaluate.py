@@ -147,50 +147,41 @@ def evaluate_model(
 # --- figures ---------------------------------------------------------------------------------
 
 
-def _map_panel(ax, values: Tensor, title: str) -> None:
-    ax.imshow(contribution_map(values))
-    ax.set_title(title, fontsize=8)
-    ax.axis("off")
+def _method_row(axes, model: VisionTransformer, x: Tensor, target: Tensor, title: str, config: EvalConfig) -> None:
+    """One figure row: the input ``x`` ``(1, C, H, W)``, then every method's map for ``target``."""
+    axes[0].imshow(to_display_image(x[0]))
+    axes[0].set_title(title, fontsize=7)
+    axes[0].axis("off")
+    for ax, method in zip(axes[1:], config.methods):
+        ax.axis("off")
+        if method == "bcos" and not model.is_bcos:
+            continue
+        ax.imshow(contribution_map(method_fn(method, config)(model, x, target)[0]))
+        ax.set_title(method, fontsize=8)
 
 
 def examples_figure(models: dict[str, VisionTransformer], images: Tensor, config: EvalConfig, n: int = 4) -> Figure:
     """Rows: test images × models; columns: the input and every method's map (predicted class)."""
     rows = [(name, model, i) for i in range(n) for name, model in models.items()]
-    columns = list(config.methods)
-    fig = Figure(figsize=(1.5 * (len(columns) + 1), 1.6 * len(rows)))
-    axes = fig.subplots(len(rows), len(columns) + 1, squeeze=False)
+    fig = Figure(figsize=(1.5 * (len(config.methods) + 1), 1.6 * len(rows)))
+    axes = fig.subplots(len(rows), len(config.methods) + 1, squeeze=False)
     for r, (name, model, i) in enumerate(rows):
         x = images[i : i + 1]
         with torch.no_grad():
             target = model(x).argmax(dim=1)
-        axes[r, 0].imshow(to_display_image(x[0]))
-        axes[r, 0].set_title(f"{name}\nclass {int(target)}", fontsize=7)
-        axes[r, 0].axis("off")
-        for c, method in enumerate(columns, start=1):
-            if method == "bcos" and not model.is_bcos:
-                axes[r, c].axis("off")
-                continue
-            _map_panel(axes[r, c], method_fn(method, config)(model, x, target)[0], method)
+        _method_row(axes[r], model, x, target, f"{name}\nclass {int(target)}", config)
     fig.tight_layout()
     return fig
 
 
 def grid_figure(models: dict[str, VisionTransformer], images: Tensor, labels: Tensor, config: EvalConfig) -> Figure:
     """The first 2×2 grid and each method's map for its first cell's class, per model."""
-    columns = list(config.methods)
-    fig = Figure(figsize=(1.7 * (len(columns) + 1), 1.9 * len(models)))
-    axes = fig.subplots(len(models), len(columns) + 1, squeeze=False)
+    fig = Figure(figsize=(1.7 * (len(config.methods) + 1), 1.9 * len(models)))
+    axes = fig.subplots(len(models), len(config.methods) + 1, squeeze=False)
     for r, (name, model) in enumerate(models.items()):
         grids = make_grids(model, images, labels, grid=2, num_grids=1, seed=config.seed, batch_size=config.batch_size)
         x, target = grids.images[:1], grids.classes[:1, 0]
-        axes[r, 0].imshow(to_display_image(x[0]))
-        axes[r, 0].set_title(f"{name}\ntarget: top-left class {int(target)}", fontsize=7)
-        axes[r, 0].axis("off")
-        for c, method in enumerate(columns, start=1):
-            if method == "bcos" and not model.is_bcos:
-                axes[r, c].axis("off")
-                continue
-            _map_panel(axes[r, c], method_fn(method, config)(model, x, target)[0], method)
+        _method_row(axes[r], model, x, target, f"{name}\ntarget: top-left class {int(target)}", config)
     fig.tight_layout()
     return fig
 
