@@ -26,7 +26,14 @@ from .attribution import METHODS, attribute
 from .errors import ConfigError
 from .explain import explain
 from .fileio import write_json
-from .metrics import completeness_stats, compute_attributions, deletion_insertion, grid_pointing_game, make_grids
+from .metrics import (
+    completeness_stats,
+    compute_attributions,
+    confident_images_by_class,
+    deletion_insertion,
+    grid_pointing_game,
+    make_grids,
+)
 from .models.vit import VisionTransformer
 from .report import Section, Table, write_report
 from .visualize import contribution_map, save_figure, to_display_image
@@ -104,6 +111,7 @@ def evaluate_model(
     with torch.no_grad():
         predicted = model(subset).argmax(dim=1)
     methods = [m for m in config.methods if m != "bcos" or model.is_bcos]
+    confident = confident_images_by_class(model, images, labels, config.batch_size * 8)
     for method in methods:
         t0 = time.perf_counter()
         fn = method_fn(method, config)
@@ -118,6 +126,7 @@ def evaluate_model(
                 num_grids=config.num_grids,
                 seed=config.seed,
                 batch_size=config.batch_size,
+                confident=confident,
             )
             entry[f"grid{grid}"] = game.to_dict(include_scores=False)
         maps = compute_attributions(model, subset, predicted, fn, config.batch_size)

@@ -379,8 +379,11 @@ def _grid_cells(
     batch_size: int,
     is_bcos: bool | None,
     cycle: bool,
+    confident: tuple[list[Tensor], list[Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    indices, confidences = confident_images_by_class(model, images, labels, batch_size, is_bcos=is_bcos)
+    if confident is None:
+        confident = confident_images_by_class(model, images, labels, batch_size, is_bcos=is_bcos)
+    indices, confidences = confident
     classes, image_indices = sample_grids(indices, grid, num_grids, seed, cycle)
     confidence_of = torch.zeros(images.shape[0], dtype=torch.float64)
     for idx, conf in zip(indices, confidences):
@@ -504,6 +507,7 @@ def grid_pointing_game(
     smooth: int = 0,
     is_bcos: bool | None = None,
     cycle: bool = True,
+    confident: tuple[list[Tensor], list[Tensor]] | None = None,
 ) -> GridResult:
     """The grid pointing game (SPEC §2.8) of ``method`` on ``model``.
 
@@ -521,13 +525,17 @@ def grid_pointing_game(
         images: ``(N, C, H, W)`` in [0, 1] (the model must accept ``grid``-times larger inputs;
             bcosvit models accept any size divisible by the patch size); labels: ``(N,)``.
         method: ``method(model, grid_images (B, C, grid·H, grid·W), target (B,)) -> (B, grid·H, grid·W)``.
+        confident: ``confident_images_by_class(model, images, labels)`` computed once beforehand, to
+            reuse it across methods and grid sizes (it runs the model over every image).
 
     Returns:
         a ``GridResult``.
     """
     _check_images(images)
     _check_batch_size(batch_size)
-    classes, image_indices, _ = _grid_cells(model, images, labels, grid, num_grids, seed, batch_size, is_bcos, cycle)
+    classes, image_indices, _ = _grid_cells(
+        model, images, labels, grid, num_grids, seed, batch_size, is_bcos, cycle, confident
+    )
     g, cells = classes.shape
     grid_of = torch.arange(g).repeat_interleave(cells)
     cell_of = torch.arange(cells).repeat(g)
