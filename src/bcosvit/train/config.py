@@ -91,14 +91,18 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with every "auto" choice replaced by the published recipe's (SPEC §2.5)."""
         bcos = self.is_bcos
+
+        def pick(value: str, for_bcos: str, for_standard: str) -> str:
+            return value if value != "auto" else (for_bcos if bcos else for_standard)
+
+        clip = pick(self.clip, "agc", "norm")
+        default_clip_value = 0.01 if clip == "agc" else 1.0
         return dataclasses.replace(
             self,
-            optimizer=self.optimizer if self.optimizer != "auto" else ("adam" if bcos else "adamw"),
-            loss=self.loss if self.loss != "auto" else ("bce" if bcos else "ce"),
-            clip=self.clip if self.clip != "auto" else ("agc" if bcos else "norm"),
-            clip_value=self.clip_value
-            if self.clip_value is not None
-            else (0.01 if (self.clip if self.clip != "auto" else ("agc" if bcos else "norm")) == "agc" else 1.0),
+            optimizer=pick(self.optimizer, "adam", "adamw"),
+            loss=pick(self.loss, "bce", "ce"),
+            clip=clip,
+            clip_value=self.clip_value if self.clip_value is not None else default_clip_value,
         )
 
     def to_dict(self) -> dict:
