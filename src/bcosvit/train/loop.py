@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
@@ -201,6 +201,109 @@ def _load_resume_state(out: Path, config: TrainConfig) -> dict[str, Any]:
     return state
 
 
+@dataclasses.dataclass
+class _Data:
+    train_loader: DataLoader
+    test_loader: DataLoader
+    sampler: DistributedSampler
+    spec: Any
+    num_train: int
+    num_test: int
+
+
+def _build_data(config: TrainConfig, rt: Runtime) -> _Data:
+    """Loaders over local files; the sampler shards the data over processes and reshuffles per epoch."""
+    train_ds, spec = load_dataset(
+        config.dataset,
+        "train",
+        config.data_dir,
+        config.image_size,
+        True,
+        config.randaugment,
+        config.flip,
+        config.crop_padding,
+    )
+    test_split = "test" if config.dataset != "folder" else "val"
+    test_ds, _ = load_dataset(config.dataset, test_split, config.data_dir, config.image_size)
+    train_ds, test_ds = _subset(train_ds, config.train_subset), _subset(test_ds, config.test_subset)
+    sampler = DistributedSampler(
+        train_ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=config.seed, drop_last=True
+    )
+    train_loader = DataLoader(
+        train_ds,
+        config.batch_size // rt.world_size,
+        sampler=sampler,
+        num_workers=config.num_workers,
+        drop_last=True,
+        persistent_workers=config.num_workers > 0,
+    )
+    if len(train_loader) == 0:
+        raise ConfigError(f"batch_size {config.batch_size} is larger than the {len(train_ds)} training images")
+    test_loader = DataLoader(test_ds, 256, shuffle=False, num_workers=config.num_workers)
+    return _Data(train_loader, test_loader, sampler, spec, len(train_ds), len(test_ds))
+
+
+def _build_optimizer(model: nn.Module, config: TrainConfig, recipe: TrainConfig) -> torch.optim.Optimizer:
+    """The recipe's optimizer; no weight decay on norms, biases and positional embeddings."""
+    decayed = lambda name, p: p.ndim > 1 and "pos_embed" not in name  # noqa: E731
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if decayed(n, p)], "weight_decay": config.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if not decayed(n, p)], "weight_decay": 0.0},
+    ]
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr)
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
+
+
+@dataclasses.dataclass
+class _Trainer:
+    """Everything one optimisation step needs."""
+
+    net: nn.Module  # what the batch goes through (DDP / compiled wrapper)
+    model: VisionTransformer
+    optimizer: torch.optim.Optimizer
+    ema: AveragedModel | None
+    config: TrainConfig
+    recipe: TrainConfig
+    rt: Runtime
+    num_classes: int
+    total_steps: int
+
+    def __post_init__(self) -> None:
+        self.loss_fn = loss_function(self.recipe)
+        self.mixup = v2.MixUp(alpha=self.config.mixup, num_classes=self.num_classes) if self.config.mixup else None
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def step(self, images: Tensor, labels: Tensor, step: int) -> tuple[float, int]:
+        """One step; returns the batch's summed loss and number of correct predictions."""
+        config, recipe = self.config, self.recipe
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.lr * warmup_cosine(
+                step, config.warmup_steps, self.total_steps, config.min_lr / config.lr
+            )
+        images, labels = images.to(self.rt.device, non_blocking=True), labels.to(self.rt.device, non_blocking=True)
+        targets = F.one_hot(labels, self.num_classes).float()
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)
+        with _autocast(config, self.rt.device):
+            logits = self.net(images)
+        loss = self.loss_fn(logits.float(), targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {float(loss)} at step {step}; lower --lr or enable clipping")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if recipe.clip == "agc":
+            adaptive_clip_grad_(self.params, recipe.clip_value, config.agc_eps)
+        elif recipe.clip == "norm":
+            nn.utils.clip_grad_norm_(self.params, recipe.clip_value)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return loss.item() * len(labels), int((logits.argmax(1) == targets.argmax(1)).sum())
+
+
 def train(
     config: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True, stop_after: int | None = None
 ) -> dict[str, Any]:
@@ -217,49 +320,12 @@ def train(
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if config.batch_size % rt.world_size:
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by the {rt.world_size} processes")
-    per_rank_batch = config.batch_size // rt.world_size
-
-    train_ds, spec = load_dataset(
-        config.dataset,
-        "train",
-        config.data_dir,
-        config.image_size,
-        True,
-        config.randaugment,
-        config.flip,
-        config.crop_padding,
-    )
-    test_ds, _ = load_dataset(
-        config.dataset, "test" if config.dataset != "folder" else "val", config.data_dir, config.image_size
-    )
-    train_ds, test_ds = _subset(train_ds, config.train_subset), _subset(test_ds, config.test_subset)
-    sampler = DistributedSampler(
-        train_ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=config.seed, drop_last=True
-    )
-    train_loader = DataLoader(
-        train_ds,
-        per_rank_batch,
-        sampler=sampler,
-        num_workers=config.num_workers,
-        drop_last=True,
-        persistent_workers=config.num_workers > 0,
-    )
-    test_loader = DataLoader(test_ds, 256, shuffle=False, num_workers=config.num_workers)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"batch_size {config.batch_size} is larger than the {len(train_ds)} training images")
-    total_steps = steps_per_epoch * config.epochs
+    data = _build_data(config, rt)
+    steps_per_epoch = len(data.train_loader)
 
     torch.manual_seed(config.seed)
-    model = build_model(config, spec).to(rt.device)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n)]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = {
-        "adam": lambda: torch.optim.Adam(groups, lr=config.lr),
-        "adamw": lambda: torch.optim.AdamW(groups, lr=config.lr),
-        "sgd": lambda: torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True),
-    }[recipe.optimizer]()
+    model = build_model(config, data.spec).to(rt.device)
+    optimizer = _build_optimizer(model, config, recipe)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema else None
 
     history: list[dict[str, Any]] = []
@@ -280,25 +346,25 @@ def train(
         net = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     if config.compile:
         net = torch.compile(net)
-    loss_fn = loss_function(recipe)
-    mixup = v2.MixUp(alpha=config.mixup, num_classes=spec.num_classes) if config.mixup > 0 else None
-    params = [p for p in model.parameters() if p.requires_grad]
-
+    trainer = _Trainer(
+        net, model, optimizer, ema, config, recipe, rt, data.spec.num_classes, steps_per_epoch * config.epochs
+    )
     if rt.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         print(
-            f"training {config.model} ({n_params / 1e6:.2f}M parameters) on {config.dataset}: {len(train_ds)} train / "
-            f"{len(test_ds)} test images, {config.epochs} epochs of {steps_per_epoch} steps, batch {config.batch_size} "
-            f"on {rt.world_size} process(es), {torch.get_num_threads()} threads each; run folder {out}"
+            f"training {config.model} ({n_params / 1e6:.2f}M parameters) on {config.dataset}: {data.num_train} train / "
+            f"{data.num_test} test images, {config.epochs} epochs of {steps_per_epoch} steps, "
+            f"batch {config.batch_size} on {rt.world_size} process(es), {torch.get_num_threads()} threads each; "
+            f"run folder {out}"
         )
     metrics: dict[str, Any] = history[-1] if history else {}
     last_epoch = config.epochs if stop_after is None else min(config.epochs, start_epoch - 1 + stop_after)
     for epoch in range(start_epoch, last_epoch + 1):
-        sampler.set_epoch(epoch)
+        data.sampler.set_epoch(epoch)
         torch.manual_seed(config.seed * 100_003 + epoch * 1009 + rt.rank)  # augmentation: same after --resume
         net.train()
         started = time.perf_counter()
-        loss_sum = correct = seen = 0.0
+        loss_sum, correct, seen = 0.0, 0, 0
         bar = tqdm(
             total=steps_per_epoch * config.batch_size,
             unit="img",
@@ -308,35 +374,9 @@ def train(
             disable=not (progress and rt.is_main),
             dynamic_ncols=True,
         )
-        for i, (images, labels) in enumerate(train_loader):
-            step = (epoch - 1) * steps_per_epoch + i
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * warmup_cosine(
-                    step, config.warmup_steps, total_steps, config.min_lr / config.lr
-                )
-            images, labels = images.to(rt.device, non_blocking=True), labels.to(rt.device, non_blocking=True)
-            targets = F.one_hot(labels, spec.num_classes).float()
-            if mixup is not None:
-                images, targets = mixup(images, labels)
-            with _autocast(config, rt.device):
-                logits = net(images)
-            loss = loss_fn(logits.float(), targets)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss became {float(loss)} at epoch {epoch} step {i}; lower --lr or enable clipping"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if recipe.clip == "agc":
-                adaptive_clip_grad_(params, recipe.clip_value, config.agc_eps)
-            elif recipe.clip == "norm":
-                nn.utils.clip_grad_norm_(params, recipe.clip_value)
-            optimizer.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            loss_sum += loss.item() * len(labels)
-            correct += float((logits.argmax(1) == targets.argmax(1)).sum())
-            seen += len(labels)
+        for i, (images, labels) in enumerate(data.train_loader):
+            batch_loss, batch_correct = trainer.step(images, labels, (epoch - 1) * steps_per_epoch + i)
+            loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(labels)
             bar.update(config.batch_size)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.1f}%")
         bar.close()
@@ -351,9 +391,9 @@ def train(
             "train_images_per_s": steps_per_epoch * config.batch_size / elapsed,
         }
         if rt.is_main:
-            metrics.update(evaluate(eval_model, test_loader, config, rt.device))
+            metrics.update(evaluate(eval_model, data.test_loader, recipe, rt.device))
             history.append(metrics)
-            _save_run(out, model, eval_model, optimizer, ema, config, epoch, history, list(spec.classes))
+            _save_run(out, model, eval_model, optimizer, ema, config, epoch, history, list(data.spec.classes))
             print(
                 f"epoch {epoch}/{config.epochs}: train loss {metrics['train_loss']:.4f} "
                 f"acc {metrics['train_top1']:.2f}% | "
