@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
     p.add_argument("--data-dir", help="dataset location (default for Fashion-MNIST: the Debian package's)")
     p.add_argument("--test-subset", type=int, help="use only the first N test images")
-    p.add_argument("--grids", type=int, default=100, help="number of grids per grid size (default 100)")
+    p.add_argument("--grids", type=int, default=30, help="number of grids per grid size (default 30)")
     p.add_argument("--grid-sizes", type=int, nargs="+", default=[2, 3], help="grid sizes (default 2 3)")
     p.add_argument("--faithfulness-images", type=int, default=256, help="images for deletion/insertion (default 256)")
     p.add_argument("--ig-steps", type=int, default=10, help="integrated-gradients steps (default 10)")

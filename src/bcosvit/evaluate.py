@@ -46,7 +46,7 @@ class EvalConfig:
     """What ``evaluate_models`` measures and how much of it."""
 
     grids: tuple[int, ...] = (2, 3)
-    num_grids: int = 100
+    num_grids: int = 30
     faithfulness_images: int = 256
     steps: int = 20
     ig_steps: int = 10
