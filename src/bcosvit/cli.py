@@ -63,33 +63,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_cli_model(args: argparse.Namespace, bcos_only: bool = False):
-    """The model named by ``--checkpoint`` (a run folder or weights file) or ``--model`` (shipped
-    weights); by default the shipped B-cos model."""
+def load_cli_models(checkpoints: list[str], names: list[str], shipped_prefix: str = "") -> dict:
+    """Models from ``--checkpoint`` paths (run folders or weights files) and ``--model`` names
+    (shipped weights), keyed by a display name; with neither, every shipped model whose name
+    starts with ``shipped_prefix``."""
     from .checkpoint import load_model
     from .errors import ConfigError
     from .models import create_model, list_pretrained
 
-    if getattr(args, "checkpoint", None):
-        return load_model(args.checkpoint)
-    name = getattr(args, "model", None)
-    if name is None:
-        shipped = [n for n in list_pretrained() if n.startswith("bcos_")]
+    models = {Path(path).name: load_model(path) for path in checkpoints}
+    models.update({name: create_model(name, pretrained=True) for name in names})
+    if not models:
+        shipped = [n for n in list_pretrained() if n.startswith(shipped_prefix)]
         if not shipped:
-            raise ConfigError(
-                "no shipped B-cos weights in this install; pass --checkpoint RUN_FOLDER from `bcosvit train`"
-            )
-        name = shipped[0]
-    model = create_model(name, pretrained=True)
-    if bcos_only and not model.is_bcos:
-        raise ConfigError(f"{name} is a standard model; pass a B-cos model (names starting with 'bcos_')")
-    return model
+            raise ConfigError("no shipped weights in this install; pass --checkpoint RUN_FOLDER from `bcosvit train`")
+        models = {name: create_model(name, pretrained=True) for name in shipped}
+    return models
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from .explain_files import explain_files
 
-    model = load_cli_model(args, bcos_only=True)
+    checkpoints, names = [args.checkpoint] if args.checkpoint else [], [args.model] if args.model else []
+    model = next(iter(load_cli_models(checkpoints, names, shipped_prefix="bcos_").values()))
     source = args.checkpoint or args.model or "shipped model"
     print(
         f"explaining {len(args.images)} file(s) with {source} "
@@ -101,22 +97,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
     from .data import load_dataset
     from .evaluate import EvalConfig, evaluate_models
-    from .models import create_model, list_pretrained
 
-    models = {}
-    for path in args.checkpoint or []:
-        models[Path(path).name] = load_model(path)
-    for name in args.model or []:
-        models[name] = create_model(name, pretrained=True)
-    if not models:
-        models = {name: create_model(name, pretrained=True) for name in list_pretrained()}
-        if not models:
-            from .errors import ConfigError
-
-            raise ConfigError("no shipped weights in this install; pass --checkpoint RUN_FOLDER [RUN_FOLDER ...]")
+    models = load_cli_models(args.checkpoint or [], args.model or [])
     first = next(iter(models.values()))
     dataset, _ = load_dataset(
         args.dataset, "test" if args.dataset != "folder" else "val", args.data_dir, first.image_size
