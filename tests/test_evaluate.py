@@ -3,8 +3,11 @@
 import json
 
 import pytest
+import torch
 
 from bcosvit.cli import main
+from bcosvit.errors import ConfigError
+from bcosvit.evaluate import EvalConfig, baseline_value
 
 from .browser import check_page
 
@@ -48,7 +51,11 @@ def test_evaluation_writes_metrics_for_every_method_and_model(evaluation):
         for method, entry in model["methods"].items():
             for key in ("grid2", "grid3"):
                 assert entry[key]["num_grids"] == 6 and 0 <= entry[key]["mean"] <= 1, (method, key)
-            assert 0 <= entry["deletion"]["mean_auc"] <= 1 and 0 <= entry["insertion"]["mean_auc"] <= 1
+            for mode in ("deletion", "insertion"):
+                assert set(entry[mode]) == {"zero", "mean"}, (method, mode)
+                assert all(0 <= entry[mode][b]["mean_auc"] <= 1 for b in ("zero", "mean")), (method, mode)
+            assert entry["deletion"]["zero"]["baseline"] == 0.0
+            assert entry["deletion"]["mean"]["baseline"] == [[[pytest.approx(0.286, abs=0.02)]]]  # Fashion-MNIST mean
     assert models["bcos_vitc_micro_28"]["completeness"]["abs_max"] < 1e-4
 
 
@@ -59,3 +66,25 @@ def test_report_renders_with_every_figure_and_no_console_errors(evaluation):
     assert check.console_errors == [] and check.failed_requests == [] and check.broken_images == []
     assert check.images == len(names) and check.images_ok_marker == "true"
     assert check.screenshot.stat().st_size > 20_000
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"baselines": ("zero", "blur")}, "deletion baseline must be 'zero', 'mean' or a number"),
+        ({"baselines": ()}, "at least one deletion baseline"),
+        ({"grids": (1,)}, "grid sizes must be >= 2"),
+        ({"methods": ("lime",)}, "unknown method"),
+    ],
+)
+def test_bad_evaluation_settings_are_rejected_with_the_reason(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        EvalConfig(**overrides).validate()
+
+
+def test_mean_baseline_is_the_per_channel_mean_of_the_images():
+    images = torch.stack([torch.zeros(3, 4, 4), torch.ones(3, 4, 4)])
+    images[:, 2] = 0.25
+    value = baseline_value("mean", images)
+    assert value.shape == (3, 1, 1) and value.flatten().tolist() == [0.5, 0.5, 0.25]
+    assert baseline_value("zero", images) == 0.0 and baseline_value("0.5", images) == 0.5

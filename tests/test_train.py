@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 from bcosvit import ConfigError, create_model
 from bcosvit.checkpoint import load_model
+from bcosvit.errors import CheckpointError
 from bcosvit.train import TrainConfig, get_preset, train
-from bcosvit.train.recipe import adaptive_clip_grad_, bce_uniform_off_labels, warmup_cosine
+from bcosvit.train.recipe import adaptive_clip_grad_, bce_uniform_off_labels, mosaic, mosaic_targets, warmup_cosine
 
 SUBSET = str(Path(__file__).parent / "data" / "fashion-mnist")
 REPO = Path(__file__).resolve().parents[1]
@@ -156,6 +157,47 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_mosaic_tiles_consecutive_images_row_major_and_sums_their_targets():
+    images = torch.arange(9.0).reshape(9, 1, 1, 1).expand(9, 1, 2, 2).clone()
+    targets = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 2, 3, 3, 3, 3, 1]), 4).float()
+    canvases, summed = mosaic(images, targets, grid=2)
+    assert canvases.shape == (2, 1, 4, 4)  # the ninth image is dropped
+    assert canvases[0, 0, :2, :2].eq(0).all() and canvases[0, 0, :2, 2:].eq(1).all()
+    assert canvases[0, 0, 2:, :2].eq(2).all() and canvases[1, 0, 2:, 2:].eq(7).all()
+    torch.testing.assert_close(summed, torch.tensor([[1.0, 1.0, 2.0, 0.0], [0.0, 0.0, 0.0, 4.0]]))
+    torch.testing.assert_close(mosaic_targets(summed, 4, "bce"), torch.tensor([[1.0, 1, 1, 0], [0, 0, 0, 1]]))
+    torch.testing.assert_close(mosaic_targets(summed, 4, "ce"), torch.tensor([[0.25, 0.25, 0.5, 0], [0, 0, 0, 1]]))
+    with pytest.raises(ValueError, match="at least 9 images"):
+        mosaic(images[:8], targets[:8], grid=3)
+
+
+def test_mosaic_training_resumes_exactly_and_init_from_starts_from_given_weights(tmp_path):
+    config = tiny_config(epochs=2, mosaic=0.5, mosaic_grid=3)
+    train(config, tmp_path / "straight", progress=False)
+    train(config, tmp_path / "resumed", progress=False, stop_after=1)
+    train(config, tmp_path / "resumed", progress=False, resume=True)
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-7, msg=key)
+    # stage 2 from the stage-1 weights: with lr ~ 0 the weights stay those of the first run
+    tuned = train(
+        tiny_config(epochs=1, lr=1e-12, init_from=str(tmp_path / "straight")), tmp_path / "ft", progress=False
+    )
+    c = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], c[key], rtol=0, atol=1e-6, msg=key)
+    assert tuned["test_top1"] >= 0
+    with pytest.raises(CheckpointError):
+        train(tiny_config(init_from=str(tmp_path / "missing")), tmp_path / "bad", progress=False)
+    with pytest.raises(CheckpointError):
+        train(
+            tiny_config(model="bcos_vit_micro_patch4_28", init_from=str(tmp_path / "straight")),
+            tmp_path / "bad2",
+            progress=False,
+        )
+
+
 def test_bce_clamps_off_labels_to_one_over_c():
     logits = torch.zeros(1, 4)
     targets = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
@@ -201,6 +243,8 @@ def test_presets_cover_every_small_and_published_model_and_resolve_the_published
         ({"precision": "fp8"}, "precision must be fp32 or bf16"),
         ({"model": "bcos_vit_huge"}, "unknown model name"),
         ({"model_options": {"pos_embed": "spiral"}}, "pos_embed must be one of"),
+        ({"mosaic": 1.5}, "mosaic probability must lie in"),
+        ({"mosaic_grid": 1}, "mosaic_grid must be >= 2"),
     ],
 )
 def test_bad_training_values_are_rejected_with_the_reason(overrides, message):

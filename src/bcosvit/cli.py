@@ -115,6 +115,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ig_steps=args.ig_steps,
         methods=tuple(args.methods),
         seed=args.seed,
+        baselines=tuple(args.baselines),
     )
     print(f"evaluating {', '.join(models)} on {count} {args.dataset} test images")
     evaluate_models(models, images, labels, args.out, config, dataset=args.dataset)
@@ -181,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--faithfulness-images", type=int, default=256, help="images for deletion/insertion (default 256)")
     p.add_argument("--ig-steps", type=int, default=10, help="integrated-gradients steps (default 10)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="attribution methods")
+    p.add_argument(
+        "--baselines",
+        nargs="+",
+        default=["zero", "mean"],
+        help="deletion/insertion replacement values: zero, mean (of the test images) or numbers (default: zero mean)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="evaluation", help="output folder (default: evaluation/)")
     p.set_defaults(func=cmd_evaluate)

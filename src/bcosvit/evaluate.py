@@ -4,8 +4,13 @@ with the post-hoc baselines run through the same code, written as JSON, PNG figu
 Protocols (all seeded):
 - accuracy: top-1 / top-5 on the whole test set;
 - localisation: the grid pointing game (SPEC §2.8) on 2×2 and 3×3 grids of test images;
-- faithfulness: deletion and insertion curves (``bcosvit.metrics.deletion_insertion``, baseline 0 =
-  black) on the first ``faithfulness_images`` test images, explaining the predicted class;
+- faithfulness: deletion and insertion curves (``bcosvit.metrics.deletion_insertion``) on the first
+  ``faithfulness_images`` test images, explaining the predicted class, for each replacement value in
+  ``baselines``: ``"zero"`` (black; the Fashion-MNIST background, and the reference point of
+  integrated gradients) and ``"mean"`` (the per-channel mean of the test images). Both are reported
+  because a pixel already at the replacement value cannot be removed: with zero, the evidence a
+  model draws from *dark* pixels (a B-cos model sees them through the ``1 - x`` channel) is never
+  deleted, and methods that give dark pixels no attribution are favoured;
 - completeness: distribution of ``|logit - w·x - positional - bias|`` for B-cos models.
 """
 
@@ -53,8 +58,17 @@ class EvalConfig:
     methods: tuple[str, ...] = METHODS
     batch_size: int = 64
     seed: int = 0
+    baselines: tuple[str, ...] = ("zero", "mean")  # deletion/insertion replacement values (or numbers)
 
     def validate(self) -> None:
+        for name in self.baselines:
+            if name not in ("zero", "mean"):
+                try:
+                    float(name)
+                except ValueError:
+                    raise ConfigError(f"deletion baseline must be 'zero', 'mean' or a number, got {name!r}") from None
+        if not self.baselines:
+            raise ConfigError("give at least one deletion baseline ('zero', 'mean' or a number)")
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ConfigError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
@@ -73,6 +87,15 @@ class ModelResult:
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     completeness: dict[str, float] | None = None
     seconds: float = 0.0
+
+
+def baseline_value(name: str, images: Tensor) -> float | Tensor:
+    """The replacement value named ``name``: 0, the per-channel mean ``(C, 1, 1)`` of ``images``, or a number."""
+    if name == "zero":
+        return 0.0
+    if name == "mean":
+        return images.mean(dim=(0, 2, 3))[:, None, None]
+    return float(name)
 
 
 def method_fn(name: str, config: EvalConfig):
@@ -112,6 +135,7 @@ def evaluate_model(
         predicted = model(subset).argmax(dim=1)
     methods = [m for m in config.methods if m != "bcos" or model.is_bcos]
     confident = confident_images_by_class(model, images, labels, config.batch_size * 8)
+    baselines = {name: baseline_value(name, images) for name in config.baselines}
     for method in methods:
         t0 = time.perf_counter()
         fn = method_fn(method, config)
@@ -131,17 +155,27 @@ def evaluate_model(
             entry[f"grid{grid}"] = game.to_dict(include_scores=False)
         maps = compute_attributions(model, subset, predicted, fn, config.batch_size)
         for mode in ("deletion", "insertion"):
-            curve = deletion_insertion(
-                model, subset, predicted, maps, steps=config.steps, mode=mode, batch_size=config.batch_size * 4
-            )
-            entry[mode] = curve.to_dict()
+            entry[mode] = {
+                base: deletion_insertion(
+                    model,
+                    subset,
+                    predicted,
+                    maps,
+                    steps=config.steps,
+                    baseline=baselines[base],
+                    mode=mode,
+                    batch_size=config.batch_size * 4,
+                ).to_dict()
+                for base in config.baselines
+            }
         entry["seconds"] = time.perf_counter() - t0
         result.methods[method] = entry
         games = ", ".join(f"{g}x{g} {entry[f'grid{g}']['mean']:.3f}" for g in config.grids)
-        log(
-            f"  {method:24s} pointing game {games} | deletion AUC {entry['deletion']['mean_auc']:.3f} "
-            f"| insertion AUC {entry['insertion']['mean_auc']:.3f} | {entry['seconds']:.0f}s"
+        aucs = " | ".join(
+            f"{mode} AUC " + "/".join(f"{entry[mode][b]['mean_auc']:.3f}" for b in config.baselines)
+            for mode in ("deletion", "insertion")
         )
+        log(f"  {method:24s} pointing game {games} | {aucs} ({'/'.join(config.baselines)}) | {entry['seconds']:.0f}s")
     if model.is_bcos:
         expl = explain(model, subset, target=predicted)
         result.completeness = completeness_stats(expl.completeness_error, expl.outputs)
@@ -221,22 +255,23 @@ def localisation_figure(results: list[ModelResult], config: EvalConfig) -> Figur
     return fig
 
 
-def curves_figure(results: list[ModelResult], mode: str) -> Figure:
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    for res in results:
-        for method, entry in res.methods.items():
-            curve = entry[mode]
-            style = "-" if res.is_bcos else "--"
-            ax.plot(
-                curve["fractions"], curve["mean_curve"], style, label=f"{res.name} {method} ({curve['mean_auc']:.3f})"
-            )
-    ax.set(
-        xlabel=f"fraction of pixels {'removed' if mode == 'deletion' else 'inserted'} (most relevant first)",
-        ylabel="probability of the class",
-        title=f"{mode} curves (AUC in brackets)",
-    )
-    ax.legend(fontsize=5)
+def curves_figure(results: list[ModelResult], mode: str, config: EvalConfig) -> Figure:
+    """One panel per baseline: mean curve of every (model, method), AUC in the legend."""
+    fig = Figure(figsize=(6 * len(config.baselines), 4))
+    axes = fig.subplots(1, len(config.baselines), squeeze=False)[0]
+    for ax, base in zip(axes, config.baselines):
+        for res in results:
+            for method, entry in res.methods.items():
+                curve = entry[mode][base]
+                style = "-" if res.is_bcos else "--"
+                label = f"{res.name} {method} ({curve['mean_auc']:.3f})"
+                ax.plot(curve["fractions"], curve["mean_curve"], style, label=label)
+        ax.set(
+            xlabel=f"fraction of pixels {'removed' if mode == 'deletion' else 'inserted'} (most relevant first)",
+            ylabel="probability of the class",
+            title=f"{mode} curves, baseline {base} (AUC in brackets)",
+        )
+        ax.legend(fontsize=5)
     fig.tight_layout()
     return fig
 
@@ -262,8 +297,8 @@ def evaluate_models(
         "examples.png": examples_figure(models, images, config),
         "grid_examples.png": grid_figure(models, images, labels, config),
         "localisation.png": localisation_figure(results, config),
-        "deletion.png": curves_figure(results, "deletion"),
-        "insertion.png": curves_figure(results, "insertion"),
+        "deletion.png": curves_figure(results, "deletion", config),
+        "insertion.png": curves_figure(results, "insertion", config),
     }
     paths = {name: save_figure(fig, out / name) for name, fig in figures.items()}
     summary = {
@@ -295,7 +330,8 @@ def _sections(results: list[ModelResult], config: EvalConfig, paths: dict[str, P
     headers = (
         ["model", "method"]
         + [f"pointing {g}x{g} (95% CI)" for g in config.grids]
-        + ["deletion AUC ↓", "insertion AUC ↑"]
+        + [f"deletion AUC ↓ ({b})" for b in config.baselines]
+        + [f"insertion AUC ↑ ({b})" for b in config.baselines]
     )
     rows = []
     for r in results:
@@ -304,7 +340,8 @@ def _sections(results: list[ModelResult], config: EvalConfig, paths: dict[str, P
                 f"{e[f'grid{g}']['mean']:.3f} [{e[f'grid{g}']['ci95'][0]:.3f}, {e[f'grid{g}']['ci95'][1]:.3f}]"
                 for g in config.grids
             ]
-            rows.append([r.name, method, *games, e["deletion"]["mean_auc"], e["insertion"]["mean_auc"]])
+            aucs = [e[mode][b]["mean_auc"] for mode in ("deletion", "insertion") for b in config.baselines]
+            rows.append([r.name, method, *games, *aucs])
     completeness = [
         [r.name, r.completeness["abs_median"], r.completeness["abs_p99"], r.completeness["abs_max"]]
         for r in results
@@ -316,7 +353,9 @@ def _sections(results: list[ModelResult], config: EvalConfig, paths: dict[str, P
             "Localisation and faithfulness",
             "Grid pointing game: share of positive attribution inside the cell of the explained class (chance: "
             "1/cells). Deletion/insertion: probability of the predicted class as the most relevant pixels are "
-            "removed (set to 0) or inserted into a black image; area under the curve.",
+            "removed (set to the baseline value) or inserted into an image of the baseline value; area under the "
+            "curve. Baselines: zero = black, mean = the test images' mean pixel value. A pixel already at the "
+            "baseline cannot be removed, so with zero the evidence carried by dark pixels is never deleted.",
             tables=[Table(headers, rows)],
             figures=[paths["localisation.png"], paths["deletion.png"], paths["insertion.png"]],
         ),

@@ -40,6 +40,9 @@ class TrainConfig:
     flip: bool = True
     crop_padding: int | None = None  # pad-and-crop for small datasets; None: image_size // 8, 0: off
     mixup: float = 0.0  # mixup alpha; 0 disables it
+    mosaic: float = 0.0  # probability that a batch is tiled into grid x grid canvases (multi-label)
+    mosaic_grid: int = 2  # mosaic canvases hold k x k images, k drawn uniformly from 2..mosaic_grid
+    init_from: str | None = None  # start from these weights (run folder or .safetensors), e.g. a stage-1 run
     label_smoothing: float = 0.0  # standard models only
     ema: float = 0.0  # EMA decay per step; 0 disables it
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
@@ -71,6 +74,8 @@ class TrainConfig:
                 f"crop_padding must be >= 0, got {self.crop_padding}",
             ),
             (self.mixup >= 0, f"mixup alpha must be >= 0, got {self.mixup}"),
+            (0 <= self.mosaic <= 1, f"mosaic probability must lie in [0, 1], got {self.mosaic}"),
+            (self.mosaic_grid >= 2, f"mosaic_grid must be >= 2, got {self.mosaic_grid}"),
             (0 <= self.ema < 1, f"ema decay must lie in [0, 1), got {self.ema}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {self.label_smoothing}"),
             (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}"),
@@ -156,6 +161,11 @@ def build_presets() -> dict[str, TrainConfig]:
         size = model_config(name).image_size
         if size == 28:
             presets[f"fmnist-{name}"] = _fmnist(name)
+            # Stage 2: continue from the stage-1 run (its default folder) with half the batches
+            # tiled into 2x2 or 3x3 mosaics, so the model learns to find several objects at once.
+            presets[f"fmnist-{name}-mosaic"] = _fmnist(
+                name, init_from=f"runs/fmnist-{name}", epochs=12, lr=5e-4, warmup_steps=200, mosaic=0.5, mosaic_grid=3
+            )
         elif size == 32:
             presets[f"cifar10-{name}"] = dataclasses.replace(
                 _fmnist(name), dataset="cifar10", epochs=100, randaugment=9

@@ -26,14 +26,21 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from ..checkpoint import save_weights
+from ..checkpoint import load_state_dict, save_weights
 from ..data import load_dataset
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_write
 from ..models.registry import create_model
 from ..models.vit import VisionTransformer
 from .config import TrainConfig
-from .recipe import adaptive_clip_grad_, bce_uniform_off_labels, soft_cross_entropy, warmup_cosine
+from .recipe import (
+    adaptive_clip_grad_,
+    bce_uniform_off_labels,
+    mosaic,
+    mosaic_targets,
+    soft_cross_entropy,
+    warmup_cosine,
+)
 
 
 @dataclasses.dataclass
@@ -276,8 +283,9 @@ class _Trainer:
         self.mixup = v2.MixUp(alpha=self.config.mixup, num_classes=self.num_classes) if self.config.mixup else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
-    def step(self, images: Tensor, labels: Tensor, step: int) -> tuple[float, int]:
-        """One step; returns the batch's summed loss and number of correct predictions."""
+    def step(self, images: Tensor, labels: Tensor, step: int) -> tuple[float, int, int]:
+        """One step; returns the batch's summed loss, number of correct predictions (the predicted
+        class is a top-scored target class: for mosaics, one of the classes shown) and of samples."""
         config, recipe = self.config, self.recipe
         for group in self.optimizer.param_groups:
             group["lr"] = config.lr * warmup_cosine(
@@ -287,6 +295,10 @@ class _Trainer:
         targets = F.one_hot(labels, self.num_classes).float()
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)
+        if config.mosaic and float(torch.rand(())) < config.mosaic:
+            grid = int(torch.randint(2, config.mosaic_grid + 1, ()))
+            images, summed = mosaic(images, targets, grid)
+            targets = mosaic_targets(summed, grid * grid, recipe.loss)
         with _autocast(config, self.rt.device):
             logits = self.net(images)
         loss = self.loss_fn(logits.float(), targets)
@@ -301,7 +313,8 @@ class _Trainer:
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        return loss.item() * len(labels), int((logits.argmax(1) == targets.argmax(1)).sum())
+        hits = targets.gather(1, logits.argmax(1, keepdim=True)).squeeze(1) >= targets.amax(1)
+        return loss.item() * len(targets), int(hits.sum()), len(targets)
 
 
 def train(
@@ -325,6 +338,8 @@ def train(
 
     torch.manual_seed(config.seed)
     model = build_model(config, data.spec).to(rt.device)
+    if config.init_from and not resume:
+        load_state_dict(model, config.init_from)  # fails clearly on a missing or mismatched file
     optimizer = _build_optimizer(model, config, recipe)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema else None
 
@@ -375,8 +390,8 @@ def train(
             dynamic_ncols=True,
         )
         for i, (images, labels) in enumerate(data.train_loader):
-            batch_loss, batch_correct = trainer.step(images, labels, (epoch - 1) * steps_per_epoch + i)
-            loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(labels)
+            batch_loss, batch_correct, batch_size = trainer.step(images, labels, (epoch - 1) * steps_per_epoch + i)
+            loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + batch_size
             bar.update(config.batch_size)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.1f}%")
         bar.close()

@@ -1,4 +1,5 @@
-"""Pieces of the training recipe: losses, adaptive gradient clipping, the learning-rate schedule."""
+"""Pieces of the training recipe: losses, adaptive gradient clipping, the learning-rate schedule,
+mosaic batches."""
 
 from __future__ import annotations
 
@@ -50,3 +51,31 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) ->
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def mosaic(images: Tensor, targets: Tensor, grid: int) -> tuple[Tensor, Tensor]:
+    """Tile consecutive images of a shuffled batch into ``grid × grid`` canvases.
+
+    Args:
+        images: ``(N, C, H, W)``; the last ``N mod grid²`` images are dropped.
+        targets: ``(N, K)`` one-hot or soft targets.
+
+    Returns:
+        canvases ``(N // grid², C, grid·H, grid·W)`` (row-major cells) and their targets
+        ``(N // grid², K)``: the sum of the cells' targets (class k present in m cells scores m),
+        to be turned into multi-label or area-weighted targets by ``mosaic_targets``.
+    """
+    n, c, h, w = images.shape
+    cells = grid * grid
+    m = n // cells
+    if m == 0:
+        raise ValueError(f"a {grid}x{grid} mosaic needs at least {cells} images per batch, got {n}")
+    tiles = images[: m * cells].reshape(m, grid, grid, c, h, w)
+    canvases = tiles.permute(0, 3, 1, 4, 2, 5).reshape(m, c, grid * h, grid * w)
+    return canvases, targets[: m * cells].reshape(m, cells, -1).sum(dim=1)
+
+
+def mosaic_targets(summed: Tensor, cells: int, loss: str) -> Tensor:
+    """Targets of mosaic canvases: multi-label (every class present scores 1) for the B-cos BCE loss,
+    area-weighted (a distribution, as in CutMix) for cross-entropy."""
+    return summed.clamp(max=1.0) if loss == "bce" else summed / cells
