@@ -47,6 +47,8 @@ demo: install data
 	$(VENV)/bin/bcosvit train --preset fmnist-demo --out runs/demo
 
 # Copy the trained Fashion-MNIST pair into the package (see docs/results.md for how they were trained).
+# RUN_SUFFIX picks other runs of the same models, e.g. `make ship RUN_SUFFIX=-rope30`.
 SHIPPED ?= bcos_vitc_micro_28 vitc_micro_28
+RUN_SUFFIX ?=
 ship: install
-	for name in $(SHIPPED); do $(PY) -c "from bcosvit.checkpoint import ship_weights; print(ship_weights('runs/fmnist-$$name'))"; done
+	for name in $(SHIPPED); do $(PY) -c "from bcosvit.checkpoint import ship_weights; print(ship_weights('runs/fmnist-$$name$(RUN_SUFFIX)'))"; done
