@@ -188,6 +188,8 @@ def test_mosaic_training_resumes_exactly_and_init_from_starts_from_given_weights
     for key in a:
         torch.testing.assert_close(a[key], c[key], rtol=0, atol=1e-6, msg=key)
     assert tuned["test_top1"] >= 0
+    with pytest.raises(ConfigError, match="3x3 mosaic needs at least 9 images per process"):
+        train(tiny_config(batch_size=8, mosaic=1.0, mosaic_grid=3), tmp_path / "small", progress=False)
     with pytest.raises(CheckpointError):
         train(tiny_config(init_from=str(tmp_path / "missing")), tmp_path / "bad", progress=False)
     with pytest.raises(CheckpointError):

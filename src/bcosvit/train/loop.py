@@ -333,6 +333,12 @@ def train(
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if config.batch_size % rt.world_size:
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by the {rt.world_size} processes")
+    if config.mosaic and config.batch_size // rt.world_size < config.mosaic_grid**2:
+        raise ConfigError(
+            f"a {config.mosaic_grid}x{config.mosaic_grid} mosaic needs at least {config.mosaic_grid**2} images per "
+            f"process, but the batch gives {config.batch_size // rt.world_size}; "
+            "raise --batch-size or lower --mosaic-grid"
+        )
     data = _build_data(config, rt)
     steps_per_epoch = len(data.train_loader)
 
