@@ -420,6 +420,14 @@ def _smooth(maps: Tensor, kernel: int) -> Tensor:
     return pooled[:, 0, :h, :w]
 
 
+def positive_mass_per_cell(maps: Tensor, grid: int) -> Tensor:
+    """Sum of the positive part of ``maps`` ``(B, grid·H, grid·W)`` in each cell: ``(B, grid²)``,
+    row-major; differentiable (the energy loss of localisation training uses it too)."""
+    b, h, w = maps.shape
+    positive = maps.clamp_min(0)
+    return positive.reshape(b, grid, h // grid, grid, w // grid).sum(dim=(2, 4)).reshape(b, grid * grid)
+
+
 def grid_cell_scores(maps: Tensor, cells: Tensor, grid: int, smooth: int = 0) -> Tensor:
     """Pointing-game score of one cell per map.
 
@@ -440,9 +448,7 @@ def grid_cell_scores(maps: Tensor, cells: Tensor, grid: int, smooth: int = 0) ->
         raise ConfigError(f"smooth must be 0 (none) or a pooling kernel size, got {smooth}")
     if smooth > 1:
         maps = _smooth(maps, smooth)
-    b, h, w = maps.shape
-    positive = maps.clamp_min(0)
-    per_cell = positive.reshape(b, grid, h // grid, grid, w // grid).sum(dim=(2, 4)).reshape(b, grid * grid)
+    per_cell = positive_mass_per_cell(maps, grid)
     inside = per_cell.gather(1, cells.to(per_cell.device).long()[:, None]).squeeze(1)
     total = per_cell.sum(dim=1)
     return torch.where(total > 0, inside / torch.where(total > 0, total, torch.ones_like(total)), 0.0)

@@ -42,6 +42,7 @@ class TrainConfig:
     mixup: float = 0.0  # mixup alpha; 0 disables it
     mosaic: float = 0.0  # probability that a batch is tiled into grid x grid canvases (multi-label)
     mosaic_grid: int = 2  # mosaic canvases hold k x k images, k drawn uniformly from 2..mosaic_grid
+    energy_loss: float = 0.0  # weight of the energy loss on mosaics (B-cos only): keeps explanations in their cell
     init_from: str | None = None  # start from these weights (run folder or .safetensors), e.g. a stage-1 run
     label_smoothing: float = 0.0  # standard models only
     ema: float = 0.0  # EMA decay per step; 0 disables it
@@ -76,6 +77,11 @@ class TrainConfig:
             (self.mixup >= 0, f"mixup alpha must be >= 0, got {self.mixup}"),
             (0 <= self.mosaic <= 1, f"mosaic probability must lie in [0, 1], got {self.mosaic}"),
             (self.mosaic_grid >= 2, f"mosaic_grid must be >= 2, got {self.mosaic_grid}"),
+            (self.energy_loss >= 0, f"energy_loss must be >= 0, got {self.energy_loss}"),
+            (
+                not self.energy_loss or self.mosaic > 0,
+                "energy_loss acts on mosaic canvases only: set --mosaic to a probability > 0",
+            ),
             (0 <= self.ema < 1, f"ema decay must lie in [0, 1), got {self.ema}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {self.label_smoothing}"),
             (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}"),
@@ -88,6 +94,11 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.energy_loss and not self.is_bcos:
+            raise ConfigError(
+                f"energy_loss trains on the exact B-cos explanation; {self.model} is a standard model "
+                "(use a bcos_* model or --energy-loss 0)"
+            )
 
     @property
     def is_bcos(self) -> bool:
@@ -166,6 +177,19 @@ def build_presets() -> dict[str, TrainConfig]:
             presets[f"fmnist-{name}-mosaic"] = _fmnist(
                 name, init_from=f"runs/fmnist-{name}", epochs=12, lr=5e-4, warmup_steps=200, mosaic=0.5, mosaic_grid=3
             )
+            if name.startswith("bcos_"):
+                # Stage 2 with the energy loss: the exact explanation of a cell's class is trained
+                # to stay inside that cell (localisation as a training signal, Rao et al. 2023).
+                presets[f"fmnist-{name}-energy"] = _fmnist(
+                    name,
+                    init_from=f"runs/fmnist-{name}",
+                    epochs=3,
+                    lr=5e-4,
+                    warmup_steps=200,
+                    mosaic=0.5,
+                    mosaic_grid=3,
+                    energy_loss=10.0,
+                )
         elif size == 32:
             presets[f"cifar10-{name}"] = dataclasses.replace(
                 _fmnist(name), dataset="cifar10", epochs=100, randaugment=9

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ..checkpoint import load_state_dict, save_weights
 from ..data import load_dataset
 from ..errors import CheckpointError, ConfigError
+from ..explain import explain
 from ..fileio import atomic_write
 from ..models.registry import create_model
 from ..models.vit import VisionTransformer
@@ -36,6 +37,7 @@ from .config import TrainConfig
 from .recipe import (
     adaptive_clip_grad_,
     bce_uniform_off_labels,
+    energy_loss,
     mosaic,
     mosaic_targets,
     soft_cross_entropy,
@@ -282,6 +284,24 @@ class _Trainer:
         self.loss_fn = loss_function(self.recipe)
         self.mixup = v2.MixUp(alpha=self.config.mixup, num_classes=self.num_classes) if self.config.mixup else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.energy_sum, self.energy_batches = 0.0, 0
+
+    def pop_energy(self) -> float | None:
+        """Mean energy loss of the mosaic batches since the last call (None if there were none)."""
+        mean = self.energy_sum / self.energy_batches if self.energy_batches else None
+        self.energy_sum, self.energy_batches = 0.0, 0
+        return mean
+
+    def _energy_loss(self, canvases: Tensor, cells: Tensor, grid: int) -> Tensor:
+        """Energy loss of the exact explanation of one random cell's class per canvas; the
+        explanation keeps its graph so the loss trains the weights through it."""
+        pick = torch.randint(cells.shape[1], (cells.shape[0], 1), device=cells.device)
+        target = cells.gather(1, pick).squeeze(1)
+        with _autocast(self.config, self.rt.device):
+            maps = explain(self.model, canvases, target, create_graph=True).contributions
+        loss = energy_loss(maps.float(), cells == target[:, None], grid)
+        self.energy_sum, self.energy_batches = self.energy_sum + loss.item(), self.energy_batches + 1
+        return loss
 
     def step(self, images: Tensor, labels: Tensor, step: int) -> tuple[float, int, int]:
         """One step; returns the batch's summed loss, number of correct predictions (the predicted
@@ -295,13 +315,19 @@ class _Trainer:
         targets = F.one_hot(labels, self.num_classes).float()
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)
+        cells = None
         if config.mosaic and float(torch.rand(())) < config.mosaic:
             grid = int(torch.randint(2, config.mosaic_grid + 1, ()))
+            cell_classes = targets.argmax(dim=1)
             images, summed = mosaic(images, targets, grid)
+            cells = cell_classes[: len(images) * grid * grid].reshape(len(images), grid * grid)
             targets = mosaic_targets(summed, grid * grid, recipe.loss)
         with _autocast(config, self.rt.device):
             logits = self.net(images)
-        loss = self.loss_fn(logits.float(), targets)
+        classification = self.loss_fn(logits.float(), targets)
+        loss = classification
+        if config.energy_loss and cells is not None:
+            loss = loss + config.energy_loss * self._energy_loss(images, cells, grid)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {float(loss)} at step {step}; lower --lr or enable clipping")
         self.optimizer.zero_grad(set_to_none=True)
@@ -314,7 +340,7 @@ class _Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         hits = targets.gather(1, logits.argmax(1, keepdim=True)).squeeze(1) >= targets.amax(1)
-        return loss.item() * len(targets), int(hits.sum()), len(targets)
+        return classification.item() * len(targets), int(hits.sum()), len(targets)
 
 
 def train(
@@ -411,6 +437,9 @@ def train(
             "epoch_seconds": elapsed,
             "train_images_per_s": steps_per_epoch * config.batch_size / elapsed,
         }
+        energy = trainer.pop_energy()
+        if energy is not None:
+            metrics["train_energy_loss"] = energy
         if rt.is_main:
             metrics.update(evaluate(eval_model, data.test_loader, recipe, rt.device))
             history.append(metrics)
@@ -419,7 +448,8 @@ def train(
                 f"epoch {epoch}/{config.epochs}: train loss {metrics['train_loss']:.4f} "
                 f"acc {metrics['train_top1']:.2f}% | "
                 f"test top-1 {metrics['test_top1']:.2f}% top-5 {metrics['test_top5']:.2f}% | "
-                f"{elapsed:.0f}s ({metrics['train_images_per_s']:.0f} img/s)",
+                f"{elapsed:.0f}s ({metrics['train_images_per_s']:.0f} img/s)"
+                + (f" | energy loss {energy:.4f}" if energy is not None else ""),
                 flush=True,
             )
         if rt.world_size > 1:

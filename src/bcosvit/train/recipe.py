@@ -1,5 +1,5 @@
 """Pieces of the training recipe: losses, adaptive gradient clipping, the learning-rate schedule,
-mosaic batches."""
+mosaic batches and the energy loss that teaches explanations to stay inside their mosaic cell."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..metrics import positive_mass_per_cell
 
 
 def bce_uniform_off_labels(logits: Tensor, targets: Tensor) -> Tensor:
@@ -79,3 +81,18 @@ def mosaic_targets(summed: Tensor, cells: int, loss: str) -> Tensor:
     """Targets of mosaic canvases: multi-label (every class present scores 1) for the B-cos BCE loss,
     area-weighted (a distribution, as in CutMix) for cross-entropy."""
     return summed.clamp(max=1.0) if loss == "bce" else summed / cells
+
+
+def energy_loss(maps: Tensor, inside: Tensor, grid: int) -> Tensor:
+    """Energy pointing-game loss (Rao et al. 2023, "Studying how to efficiently and effectively guide
+    models with explanations") on mosaic canvases: ``1 - positive attribution inside / everywhere``,
+    averaged over canvases; the training counterpart of the grid pointing game.
+
+    Args:
+        maps: ``(M, grid·H, grid·W)`` contribution maps of one class per canvas (differentiable).
+        inside: ``(M, grid²)`` bool, the cells that show the explained class (a class can appear in
+            several cells of a shuffled batch's mosaic).
+    """
+    per_cell = positive_mass_per_cell(maps, grid)
+    share = (per_cell * inside).sum(dim=1) / per_cell.sum(dim=1).clamp_min(1e-12)
+    return (1 - share).mean()
