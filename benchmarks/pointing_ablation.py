@@ -1,0 +1,170 @@
+"""What limits the grid pointing game of a B-cos ViT: the same models scored with one source of
+cross-cell interaction switched off at a time.
+
+Reproduce (from the repository root)::
+
+    .venv/bin/python benchmarks/pointing_ablation.py bcos_vitc_micro_28 runs/demo-rope \
+        --json benchmarks/results/pointing_ablation.json
+
+Rows per model (2x2 and 3x3 grids of Fashion-MNIST test images, ``--num-grids`` each, seed 0):
+
+- ``as is``: the exact explanation, as ``bcosvit evaluate`` scores it;
+- ``smoothed k``: average-pooled over k x k pixels before the positive part is taken (SPEC §2.8);
+- ``per-cell stem norm``: the conv stem's LayerNorm over (C, H, W) takes its statistics per grid
+  cell, so the stem sees each cell as it saw single images in training;
+- ``block-diagonal attention``: tokens attend only to tokens of their own cell (and the stem norm
+  is per cell): what is left is the coupling through the mean-pooled head.
+
+It also reports, on single test images, the positive contribution mass of the true class against
+that of the other classes: the ratio a model without any cross-cell interaction would turn into its
+pointing score. These are diagnostics that patch the model in place; they are not a scoring protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import platform
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+import bcosvit
+from bcosvit import metrics
+from bcosvit.checkpoint import load_model
+from bcosvit.data import load_fashion_mnist
+from bcosvit.layers.attention import Attention
+from bcosvit.layers.norm import BcosLayerNorm2d
+
+
+def _cell_ids(grid_shape: tuple[int, int], cells: int) -> Tensor:
+    h, w = grid_shape
+    return (torch.arange(h).repeat_interleave(w) // (h // cells)) * cells + torch.arange(w).repeat(h) // (w // cells)
+
+
+@contextlib.contextmanager
+def per_cell_stem_norm(cells: int) -> Iterator[None]:
+    original = BcosLayerNorm2d.forward
+
+    def forward(self: BcosLayerNorm2d, x: Tensor) -> Tensor:
+        tiles = rearrange(x, "n c (g1 h) (g2 w) -> n (g1 g2) c h w", g1=cells, g2=cells)
+        centred = tiles - tiles.mean(dim=(2, 3, 4), keepdim=True)
+        std = (centred.square().mean(dim=(2, 3, 4), keepdim=True) + self.eps).sqrt()
+        out = centred / (std.detach() if self.detach else std) * self.weight[:, None, None]
+        return rearrange(out, "n (g1 g2) c h w -> n c (g1 h) (g2 w)", g1=cells, g2=cells)
+
+    BcosLayerNorm2d.forward = forward
+    try:
+        yield
+    finally:
+        BcosLayerNorm2d.forward = original
+
+
+@contextlib.contextmanager
+def block_diagonal_attention(cells: int) -> Iterator[None]:
+    original = Attention.forward
+
+    def forward(self: Attention, x: Tensor, grid: tuple[int, int], return_attn: bool = False):
+        q, k, v = self._qkv(x)
+        if self.rotary is not None:
+            q, k = self.rotary(q, grid), self.rotary(k, grid)
+        ids = _cell_ids(grid, cells).to(x.device)
+        scores = ((q * self.scale) @ k.transpose(-2, -1)).masked_fill(ids[:, None] != ids[None, :], float("-inf"))
+        attn = torch.softmax(scores, dim=-1)
+        attn = attn.detach() if self.detach else attn
+        out = self.proj(rearrange(attn @ v, "n h l d -> n l (h d)"))
+        return (out, attn) if return_attn else out
+
+    Attention.forward = forward
+    try:
+        with per_cell_stem_norm(cells):
+            yield
+    finally:
+        Attention.forward = original
+
+
+def _contributions(model, x, target):
+    return bcosvit.explain(model, x, target).contributions
+
+
+def single_image_mass(model, images: Tensor, labels: Tensor) -> dict[str, float]:
+    """Mean positive contribution mass of the true class and of every other class on single images."""
+    own, other = [], []
+    for c in range(model.num_classes):
+        mass = _contributions(model, images, torch.full((len(images),), c)).clamp_min(0).flatten(1).sum(1)
+        own.append(mass[labels == c])
+        other.append(mass[labels != c])
+    own_mean, other_mean = torch.cat(own).mean().item(), torch.cat(other).mean().item()
+    return {"own_class": own_mean, "other_classes": other_mean, "ratio": own_mean / other_mean}
+
+
+def _score(model, images, labels, num_grids, confident, grid: int, smooth: int = 0) -> float:
+    return metrics.grid_pointing_game(
+        model, images, labels, _contributions, grid, num_grids, smooth=smooth, confident=confident
+    ).mean
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="+", help="shipped model names or run folders of B-cos models")
+    parser.add_argument("--num-grids", type=int, default=20)
+    parser.add_argument("--images", type=int, default=3000, help="first N test images to build grids from")
+    parser.add_argument("--smooth", type=int, nargs="*", default=[3, 7])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    test = load_fashion_mnist("test")
+    images, labels = test.images[: args.images].float() / 255, test.labels[: args.images]
+    results: dict[str, dict] = {}
+    print(f"{'model':<44} {'variant':<26} {'2x2':>6} {'3x3':>6}")
+    for name in args.models:
+        model = (load_model(name) if Path(name).exists() else bcosvit.create_model(name, pretrained=True)).eval()
+        confident = metrics.confident_images_by_class(model, images, labels)
+
+        score = functools.partial(_score, model, images, labels, args.num_grids, confident)
+
+        rows: dict[str, dict[str, float]] = {"as is": {}}
+        for grid in (2, 3):
+            rows["as is"][f"{grid}x{grid}"] = score(grid)
+            for k in args.smooth:
+                rows.setdefault(f"smoothed {k}", {})[f"{grid}x{grid}"] = score(grid, k)
+            with per_cell_stem_norm(grid):
+                rows.setdefault("per-cell stem norm", {})[f"{grid}x{grid}"] = score(grid)
+            with block_diagonal_attention(grid):
+                rows.setdefault("block-diagonal attention", {})[f"{grid}x{grid}"] = score(grid)
+        for variant, row in rows.items():
+            print(f"{name:<44} {variant:<26} {row['2x2']:>6.3f} {row['3x3']:>6.3f}", flush=True)
+        mass = single_image_mass(model, images[:512], labels[:512])
+        print(
+            f"{name:<44} single images: positive mass own class {mass['own_class']:.3f}, "
+            f"other classes {mass['other_classes']:.3f} (ratio {mass['ratio']:.1f})",
+            flush=True,
+        )
+        results[name] = {"pointing": rows, "single_image_positive_mass": mass}
+    if args.json:
+        payload = {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "machine": {
+                "platform": platform.platform(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+            },
+            "num_grids": args.num_grids,
+            "results": results,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        tmp.replace(args.json)
+
+
+if __name__ == "__main__":
+    main()
