@@ -3,8 +3,8 @@ cross-cell interaction switched off at a time.
 
 Reproduce (from the repository root)::
 
-    .venv/bin/python benchmarks/pointing_ablation.py bcos_vitc_micro_28 runs/demo-rope \
-        --json benchmarks/results/pointing_ablation.json
+    .venv/bin/python benchmarks/pointing_ablation.py runs/fmnist-bcos_vitc_micro_28 \
+        runs/rope30-snapshot/bcos_vitc_micro_28 --threads 1 --json benchmarks/results/pointing_ablation.json
 
 Rows per model (2x2 and 3x3 grids of Fashion-MNIST test images, ``--num-grids`` each, seed 0):
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import platform
 import sys
 from collections.abc import Iterator
@@ -39,6 +38,7 @@ import bcosvit
 from bcosvit import metrics
 from bcosvit.checkpoint import load_model
 from bcosvit.data import load_fashion_mnist
+from bcosvit.fileio import write_json
 from bcosvit.layers.attention import Attention
 from bcosvit.layers.norm import BcosLayerNorm2d
 
@@ -161,9 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             "results": results,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        tmp.replace(args.json)
+        write_json(args.json, payload)
 
 
 if __name__ == "__main__":
