@@ -164,6 +164,19 @@ def test_confidence_filter_on_real_models(fmnist, build):
         assert [i.tolist() for i in indices] == expected_confident(logits, labels, model.is_bcos)
 
 
+def test_confidence_filter_reuses_given_logits_without_running_the_model(fmnist):
+    images, labels = fmnist
+    logits, _ = confident_table(labels)
+    model = LookupModel(images, logits, is_bcos=True)
+    expected = metrics.confident_images_by_class(model, images, labels)
+    predicted = metrics.predict_logits(model, images)
+    model.forward = None  # another pass over the images would fail
+    given = metrics.confident_images_by_class(model, images, labels, logits=predicted)
+    assert [i.tolist() for i in given[0]] == [i.tolist() for i in expected[0]]
+    with pytest.raises(InputError, match="logits of shape"):
+        metrics.confident_images_by_class(model, images, labels, logits=logits[:-1])
+
+
 def test_missing_is_bcos_is_a_clear_error(fmnist):
     images, labels = fmnist
     model = nn.Flatten()

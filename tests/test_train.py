@@ -101,6 +101,15 @@ def test_bcos_training_learns_well_above_chance(tmp_path):
     assert metrics["test_top1"] > 30  # chance is 10%; about 45% after these 75 steps
 
 
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+
+
+def torchrun_two(*args: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 ARGS`` on CPU (gloo)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    return subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
     common = [
@@ -126,34 +135,15 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
         "false",
         "--no-progress",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     single = subprocess.run(
         [sys.executable, "-m", "bcosvit", "train", *common, "--out", str(tmp_path / "one")],
-        env=env,
+        env=SUBPROCESS_ENV,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert single.returncode == 0, single.stderr
-    ddp = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "bcosvit",
-            "train",
-            *common,
-            "--out",
-            str(tmp_path / "two"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    ddp = torchrun_two("-m", "bcosvit", "train", *common, "--out", str(tmp_path / "two"))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "on 2 process(es)" in ddp.stdout
     a = load_file(str(tmp_path / "one" / "model.safetensors"))
@@ -163,6 +153,45 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     assert moved > 1e-4  # the weights did change during the 4 steps
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
+def test_replica_check_stops_processes_whose_weights_drifted_apart(tmp_path):
+    script = tmp_path / "drift.py"
+    script.write_text(
+        "import torch\n"
+        "from bcosvit.train.loop import check_replicas_in_sync, setup_distributed\n"
+        "rt = setup_distributed()\n"
+        "torch.manual_seed(0)\n"
+        "model = torch.nn.Linear(4, 3)\n"
+        "check_replicas_in_sync(model)\n"
+        "print('in sync: passed\\n', end='', flush=True)\n"
+        "with torch.no_grad():\n"
+        "    model.weight[0, 0] += 1e-3 * rt.rank\n"
+        "try:\n"
+        "    check_replicas_in_sync(model, 'after epoch 1')\n"
+        "except RuntimeError as error:\n"
+        "    print(f'drifted: {error}\\n', end='', flush=True)  # one write: the processes share stdout\n"
+        "torch.distributed.destroy_process_group()\n"
+    )
+    result = torchrun_two(str(script))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("in sync: passed") == 2
+    assert result.stdout.count("drifted: the processes' weights differ by up to 0.001 after epoch 1") == 2
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
+def test_energy_loss_under_ddp_keeps_the_processes_in_sync(tmp_path):
+    # the explanation runs through the unwrapped module; its gradient must still be all-reduced,
+    # or check_replicas_in_sync ends the run after the epoch
+    ddp = torchrun_two(
+        "-m", "bcosvit", "train", "--model", "bcos_vit_nano_patch4_28", "--data-dir", SUBSET,
+        "--train-subset", "128", "--test-subset", "32", "--epochs", "1", "--batch-size", "32",
+        "--mosaic", "1", "--mosaic-grid", "2", "--energy-loss", "10", "--lr", "1e-2", "--warmup-steps", "0",
+        "--explain-examples", "false", "--no-progress", "--out", str(tmp_path / "ddp"),
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "on 2 process(es)" in ddp.stdout and "energy loss" in ddp.stdout
 
 
 def test_mosaic_tiles_consecutive_images_row_major_and_sums_their_targets():

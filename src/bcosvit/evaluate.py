@@ -38,6 +38,7 @@ from .metrics import (
     deletion_insertion,
     grid_pointing_game,
     make_grids,
+    predict_logits,
 )
 from .models.vit import VisionTransformer
 from .report import Section, Table, write_report
@@ -108,14 +109,14 @@ def _attribute(name: str, options: dict, model, images: Tensor, target: Tensor) 
     return attribute(name, model, images, target, **options)
 
 
-@torch.no_grad()
 def topk_accuracy(model: VisionTransformer, images: Tensor, labels: Tensor, batch_size: int = 500) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (%) and the predicted classes."""
-    model.eval()
-    predictions = []
-    for start in range(0, len(images), batch_size):
-        predictions.append(model(images[start : start + batch_size]).topk(5, dim=1).indices)
-    top5 = torch.cat(predictions)
+    """Top-1 and top-5 accuracy (%) of ``model`` on ``images`` ``(N, C, H, W)`` with ``labels`` ``(N,)``."""
+    return accuracy_from_logits(predict_logits(model, images, batch_size), labels)
+
+
+def accuracy_from_logits(logits: Tensor, labels: Tensor) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (%) from ``logits`` ``(N, K)`` and ``labels`` ``(N,)``."""
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
     return {
         "top1": 100.0 * float((top5[:, 0] == labels).double().mean()),
         "top5": 100.0 * float((top5 == labels[:, None]).any(dim=1).double().mean()),
@@ -128,13 +129,13 @@ def evaluate_model(
     """Every measurement for one model; post-hoc methods for any model, ``bcos`` for B-cos models."""
     started = time.perf_counter()
     model.eval()
-    result = ModelResult(name, model.is_bcos, topk_accuracy(model, images, labels, config.batch_size * 8))
+    logits = predict_logits(model, images, config.batch_size * 8)
+    result = ModelResult(name, model.is_bcos, accuracy_from_logits(logits, labels))
     log(f"{name}: top-1 {result.accuracy['top1']:.2f}%, top-5 {result.accuracy['top5']:.2f}%")
     subset = images[: config.faithfulness_images]
-    with torch.no_grad():
-        predicted = model(subset).argmax(dim=1)
+    predicted = logits[: config.faithfulness_images].argmax(dim=1)
     methods = [m for m in config.methods if m != "bcos" or model.is_bcos]
-    confident = confident_images_by_class(model, images, labels, config.batch_size * 8)
+    confident = confident_images_by_class(model, images, labels, logits=logits)
     baselines = {name: baseline_value(name, images) for name in config.baselines}
     for method in methods:
         t0 = time.perf_counter()

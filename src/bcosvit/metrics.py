@@ -46,6 +46,7 @@ __all__ = [
     "grid_pointing_game",
     "make_grids",
     "mean_ci95",
+    "predict_logits",
     "sample_grids",
     "target_probabilities",
 ]
@@ -222,6 +223,18 @@ def compute_attributions(
 
 
 @torch.no_grad()
+def predict_logits(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """Logits ``(N, K)`` of ``model`` (in eval mode) for ``images`` ``(N, C, H, W)``, on the CPU."""
+    _check_images(images)
+    _check_batch_size(batch_size)
+    with _eval_mode(model):
+        parts = [
+            model(_to_model(model, images[start : start + batch_size])).float().cpu()
+            for start in range(0, images.shape[0], batch_size)
+        ]
+    return torch.cat(parts) if parts else torch.zeros(0, 0)
+
+
 def confident_images_by_class(
     model: nn.Module,
     images: Tensor,
@@ -230,6 +243,7 @@ def confident_images_by_class(
     *,
     threshold: float = 0.5,
     is_bcos: bool | None = None,
+    logits: Tensor | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Images the model classifies correctly with confidence ``> threshold``, per class.
 
@@ -238,6 +252,8 @@ def confident_images_by_class(
 
     Args:
         images: ``(N, C, H, W)`` in [0, 1]; labels: ``(N,)``.
+        logits: ``predict_logits(model, images)`` when the caller already has them (saves a pass
+            over every image).
 
     Returns:
         ``(indices, confidences)``, two lists with one entry per class ``k`` of the model output:
@@ -245,23 +261,19 @@ def confident_images_by_class(
         confidences keep the lower index first), and ``confidences[k]`` ``(M_k,)`` float64.
     """
     _check_images(images)
-    _check_batch_size(batch_size)
     labels = _check_targets(labels, images.shape[0], "labels")
     bcos = _is_bcos(model, is_bcos)
-    predicted, confidence = [], []
-    num_classes = None
-    with _eval_mode(model):
-        for start in range(0, images.shape[0], batch_size):
-            logits = model(_to_model(model, images[start : start + batch_size]))
-            if num_classes is None:
-                num_classes = logits.shape[1]
-                if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-                    raise InputError(f"labels must lie in [0, {num_classes - 1}] (the model's classes)")
-            predicted.append(logits.argmax(dim=1).cpu())
-            confidence.append(target_probabilities(logits, labels[start : start + batch_size], bcos).double().cpu())
-    if num_classes is None:
+    if logits is None:
+        logits = predict_logits(model, images, batch_size)
+    elif logits.ndim != 2 or logits.shape[0] != images.shape[0]:
+        raise InputError(f"expected logits of shape ({images.shape[0]}, K), got {tuple(logits.shape)}")
+    if images.shape[0] == 0:
         return [], []
-    predicted_t, confidence_t = torch.cat(predicted), torch.cat(confidence)
+    num_classes = logits.shape[1]
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise InputError(f"labels must lie in [0, {num_classes - 1}] (the model's classes)")
+    predicted_t = logits.argmax(dim=1)
+    confidence_t = target_probabilities(logits, labels, bcos).double()
     keep = (predicted_t == labels) & (confidence_t > threshold)
     indices, confidences = [], []
     for k in range(num_classes):
@@ -640,8 +652,9 @@ def deletion_insertion(
     first, equal values in row-major order. At step ``k = 0 ... steps`` the top ``floor(k·P/steps)``
     of the ``P`` pixels are *removed* (deletion: set to ``baseline`` in every channel) or *inserted*
     (insertion: start from the all-``baseline`` image and put those pixels back), and the target's
-    probability is recorded. All ``N·(steps+1)`` masked images are built with one comparison of
-    pixel ranks against step counts per batch and go through the model in batches of ``batch_size``.
+    probability is recorded. The ``N·steps`` masked images that depend on the input are built with one
+    comparison of pixel ranks against step counts per batch and go through the model in batches of
+    ``batch_size``; the all-``baseline`` image, the same for every input, goes through once.
 
     The default ``baseline`` 0 is black, which for Fashion-MNIST is the background (a B-cos model
     sees it as ``[0, 1]``; a standard model as ``-mean/std``). A tensor broadcastable to
@@ -669,11 +682,18 @@ def deletion_insertion(
     pixels = h * w
     counts = torch.arange(steps + 1) * pixels // steps  # (S+1,)
     fractions = counts.double() / pixels
-    image_of = torch.arange(n).repeat_interleave(steps + 1)
-    step_of = torch.arange(steps + 1).repeat(n)
-    probabilities = torch.empty(n * (steps + 1), dtype=torch.float64)
+    # The all-baseline image (deletion's last step, insertion's first) is one image for every input.
+    constant_step = steps if mode == "deletion" else 0
+    varying = torch.arange(0, steps) if mode == "deletion" else torch.arange(1, steps + 1)
+    image_of = torch.arange(n).repeat_interleave(steps)
+    step_of = varying.repeat(n)
+    scores = torch.empty(n, steps + 1, dtype=torch.float64)
+    probabilities = torch.empty(n * steps, dtype=torch.float64)
     with _eval_mode(model):
-        for start in range(0, n * (steps + 1), batch_size):
+        base = torch.as_tensor(baseline, dtype=images.dtype)
+        constant = _to_model(model, base.expand(1, c, h, w).contiguous())
+        scores[:, constant_step] = target_probabilities(model(constant).expand(n, -1), target, bcos).double().cpu()
+        for start in range(0, n * steps, batch_size):
             part = slice(start, start + batch_size)
             x = _to_model(model, images[image_of[part]])
             base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
@@ -681,7 +701,7 @@ def deletion_insertion(
             top = (rank < counts[step_of[part]].to(x.device)[:, None]).reshape(-1, 1, h, w)  # (B, 1, H, W)
             x = torch.where(top, base, x) if mode == "deletion" else torch.where(top, x, base)
             probabilities[part] = target_probabilities(model(x), target[image_of[part]], bcos).double().cpu()
-    scores = probabilities.reshape(n, steps + 1)
+    scores[:, varying] = probabilities.reshape(n, steps)
     auc = torch.trapezoid(scores, fractions, dim=1)
     base_value = float(baseline) if not isinstance(baseline, Tensor) else baseline.tolist()
     return CurveResult(mode, fractions, scores, auc, base_value)

@@ -76,6 +76,27 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def check_replicas_in_sync(model: nn.Module, what: str = "", atol: float = 1e-5) -> None:
+    """Raise if this process's weights differ from rank 0's (a no-op in a single process).
+
+    DDP keeps replicas identical only if every gradient goes through its all-reduce; a loss path
+    that bypassed it (e.g. a second forward of the unwrapped module that DDP never saw) would let
+    the processes drift apart silently. Every process must call this (it communicates).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    reference = flat.clone()
+    dist.broadcast(reference, src=0)
+    drift = (flat - reference).abs().max().reshape(1)
+    dist.all_reduce(drift, op=dist.ReduceOp.MAX)
+    if float(drift) > atol:
+        raise RuntimeError(
+            f"the processes' weights differ by up to {float(drift):.3g}{' ' + what if what else ''}: some gradient "
+            "was not synchronised by DistributedDataParallel; train in one process and report this"
+        )
+
+
 def unwrap(model: nn.Module) -> VisionTransformer:
     """The plain model inside DDP / torch.compile / EMA wrappers."""
     while True:
@@ -437,6 +458,7 @@ def train(
             "epoch_seconds": elapsed,
             "train_images_per_s": steps_per_epoch * config.batch_size / elapsed,
         }
+        check_replicas_in_sync(model, f"after epoch {epoch}")
         energy = trainer.pop_energy()
         if energy is not None:
             metrics["train_energy_loss"] = energy
