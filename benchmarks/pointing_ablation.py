@@ -43,21 +43,14 @@ from bcosvit.layers.attention import Attention
 from bcosvit.layers.norm import BcosLayerNorm2d
 
 
-def _cell_ids(grid_shape: tuple[int, int], cells: int) -> Tensor:
-    h, w = grid_shape
-    return (torch.arange(h).repeat_interleave(w) // (h // cells)) * cells + torch.arange(w).repeat(h) // (w // cells)
-
-
 @contextlib.contextmanager
 def per_cell_stem_norm(cells: int) -> Iterator[None]:
+    """The stem's LayerNorm applied to each grid cell as to a single image."""
     original = BcosLayerNorm2d.forward
 
     def forward(self: BcosLayerNorm2d, x: Tensor) -> Tensor:
-        tiles = rearrange(x, "n c (g1 h) (g2 w) -> n (g1 g2) c h w", g1=cells, g2=cells)
-        centred = tiles - tiles.mean(dim=(2, 3, 4), keepdim=True)
-        std = (centred.square().mean(dim=(2, 3, 4), keepdim=True) + self.eps).sqrt()
-        out = centred / (std.detach() if self.detach else std) * self.weight[:, None, None]
-        return rearrange(out, "n (g1 g2) c h w -> n c (g1 h) (g2 w)", g1=cells, g2=cells)
+        tiles = rearrange(x, "n c (g1 h) (g2 w) -> (n g1 g2) c h w", g1=cells, g2=cells)
+        return rearrange(original(self, tiles), "(n g1 g2) c h w -> n c (g1 h) (g2 w)", g1=cells, g2=cells)
 
     BcosLayerNorm2d.forward = forward
     try:
@@ -68,18 +61,15 @@ def per_cell_stem_norm(cells: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def block_diagonal_attention(cells: int) -> Iterator[None]:
+    """Every attention layer run on each cell's tokens alone (and the stem norm per cell). Rotary
+    scores depend only on offsets, so a cell's tokens keep the scores they have within the grid."""
     original = Attention.forward
 
-    def forward(self: Attention, x: Tensor, grid: tuple[int, int], return_attn: bool = False):
-        q, k, v = self._qkv(x)
-        if self.rotary is not None:
-            q, k = self.rotary(q, grid), self.rotary(k, grid)
-        ids = _cell_ids(grid, cells).to(x.device)
-        scores = ((q * self.scale) @ k.transpose(-2, -1)).masked_fill(ids[:, None] != ids[None, :], float("-inf"))
-        attn = torch.softmax(scores, dim=-1)
-        attn = attn.detach() if self.detach else attn
-        out = self.proj(rearrange(attn @ v, "n h l d -> n l (h d)"))
-        return (out, attn) if return_attn else out
+    def forward(self: Attention, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        h, w = grid[0] // cells, grid[1] // cells
+        tokens = rearrange(x, "n (g1 h g2 w) d -> (n g1 g2) (h w) d", g1=cells, g2=cells, h=h, w=w)
+        out = original(self, tokens, (h, w))
+        return rearrange(out, "(n g1 g2) (h w) d -> n (g1 h g2 w) d", g1=cells, g2=cells, h=h, w=w)
 
     Attention.forward = forward
     try:
