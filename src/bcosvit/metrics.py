@@ -690,13 +690,12 @@ def deletion_insertion(
     scores = torch.empty(n, steps + 1, dtype=torch.float64)
     probabilities = torch.empty(n * steps, dtype=torch.float64)
     with _eval_mode(model):
-        base = torch.as_tensor(baseline, dtype=images.dtype)
-        constant = _to_model(model, base.expand(1, c, h, w).contiguous())
+        constant = _to_model(model, torch.as_tensor(baseline, dtype=images.dtype).expand(1, c, h, w).contiguous())
         scores[:, constant_step] = target_probabilities(model(constant).expand(n, -1), target, bcos).double().cpu()
+        base = constant[0]  # (C, H, W) on the model's device and dtype
         for start in range(0, n * steps, batch_size):
             part = slice(start, start + batch_size)
             x = _to_model(model, images[image_of[part]])
-            base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
             rank = _pixel_rank(attributions[image_of[part]].to(x.device))
             top = (rank < counts[step_of[part]].to(x.device)[:, None]).reshape(-1, 1, h, w)  # (B, 1, H, W)
             x = torch.where(top, base, x) if mode == "deletion" else torch.where(top, x, base)
