@@ -101,6 +101,8 @@ def test_bcos_training_learns_well_above_chance(tmp_path):
     assert metrics["test_top1"] > 30  # chance is 10%; about 45% after these 75 steps
 
 
+# torchrun's gloo rendezvous is exercised on Linux (CI); elsewhere these tests are skipped
+needs_torchrun = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
 
 
@@ -110,7 +112,7 @@ def torchrun_two(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
+@needs_torchrun
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
     common = [
         "--model",
@@ -155,7 +157,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
+@needs_torchrun
 def test_replica_check_stops_processes_whose_weights_drifted_apart(tmp_path):
     script = tmp_path / "drift.py"
     script.write_text(
@@ -180,7 +182,7 @@ def test_replica_check_stops_processes_whose_weights_drifted_apart(tmp_path):
     assert result.stdout.count("drifted: the processes' weights differ by up to 0.001 after epoch 1") == 2
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
+@needs_torchrun
 def test_energy_loss_under_ddp_keeps_the_processes_in_sync(tmp_path):
     # the explanation runs through the unwrapped module; its gradient must still be all-reduced,
     # or check_replicas_in_sync ends the run after the epoch
