@@ -18,9 +18,10 @@ def saved_model(tmp_path, name="bcos_vit_nano_patch4_28", **overrides):
 
 
 def test_round_trip_restores_architecture_and_weights(tmp_path):
-    model = saved_model(tmp_path, pos_embed="rope", embed_dim=32)
+    model = saved_model(tmp_path, pos_embed="rope", embed_dim=32, attn_distance_penalty=0.5)
     loaded = load_model(tmp_path)
     assert loaded.config == model.config and loaded.config.pos_embed == "rope"
+    assert loaded.config.attn_distance_penalty == 0.5
     x = torch.rand(2, 1, 28, 28)
     torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
     assert json.loads((tmp_path / "model.json").read_text())["epoch"] == 3

@@ -59,6 +59,14 @@ def test_each_positional_scheme_is_complete_and_reports_its_positional_term(buil
         assert (e.positional.abs() > 1e-4).all()
 
 
+def test_distance_penalty_leaves_the_explanation_complete_without_positional_term(build, images):
+    model = build("bcos_vit_nano_patch4_28", pos_embed="rope", attn_distance_penalty=0.8, image_size=12)
+    x = images(3, 1, 12)
+    e = bcosvit.explain(model, x)
+    _assert_complete(model, x, e)
+    assert (e.positional == 0).all()
+
+
 def test_conv_stem_model_is_complete(build, images):
     model = build("bcos_vitc_micro_28", image_size=12)
     x = images(3, 1, 12)

@@ -17,6 +17,7 @@ from bcosvit.layers import (
     BcosLayerNorm,
     BcosLayerNorm2d,
     BcosLinear,
+    DistancePenalty,
     LogitBias,
     Normalize,
     Rotary2d,
@@ -255,14 +256,22 @@ def test_bcos_layernorm_matches_formula_and_explanation_gradient_treats_std_as_c
 # --- Attention -------------------------------------------------------------------------------
 
 
-def _attention(rotary: bool) -> Attention:
-    return Attention(8, 2, proj=BcosLinear(8, 8), rotary=Rotary2d(4) if rotary else None).double()
+def _attention(rotary: bool, penalty: float = 0.0) -> Attention:
+    return Attention(
+        8,
+        2,
+        proj=BcosLinear(8, 8),
+        rotary=Rotary2d(4) if rotary else None,
+        distance_penalty=DistancePenalty(penalty) if penalty else None,
+    ).double()
 
 
-@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rope"])
+@pytest.mark.parametrize(
+    ("rotary", "penalty"), [(False, 0.0), (True, 0.0), (True, 0.7)], ids=["plain", "rope", "rope+distance"]
+)
 @pytest.mark.parametrize("detach", [False, True], ids=["normal", "explanation"])
-def test_attention_sdpa_path_equals_explicit_softmax_path(rotary, detach):
-    attn = _attention(rotary)
+def test_attention_sdpa_path_equals_explicit_softmax_path(rotary, penalty, detach):
+    attn = _attention(rotary, penalty)
     set_explanation_mode(attn, detach)
     x = torch.randn(2, 6, 8, dtype=D64)
     fast = attn(x, (2, 3))
@@ -275,7 +284,12 @@ def test_attention_sdpa_path_equals_explicit_softmax_path(rotary, detach):
     q, k, v = (t.unflatten(-1, (2, 4)).transpose(1, 2) for t in (q, k, v))
     if rotary:
         q, k = attn.rotary(q, (2, 3)), attn.rotary(k, (2, 3))
-    manual = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)
+    scores = q @ k.transpose(-1, -2) / 2.0
+    if penalty:  # token positions of the 2x3 grid, row-major
+        rows, cols = torch.arange(6) // 3, torch.arange(6) % 3
+        distance = ((rows[:, None] - rows) ** 2 + (cols[:, None] - cols) ** 2).double().sqrt()
+        scores = scores - penalty * distance
+    manual = torch.softmax(scores, dim=-1)
     torch.testing.assert_close(maps.detach(), manual, rtol=1e-12, atol=1e-13)
 
 
@@ -418,6 +432,25 @@ def test_sincos_positional_embedding_gives_the_formula_for_other_grids():
     pos = AdditivePositionalEmbedding(8, (2, 2))
     torch.testing.assert_close(pos.embedding((3, 4)), sincos_2d((3, 4), 8))
     assert not any(True for _ in pos.parameters())
+
+
+def test_distance_penalty_is_minus_slope_times_euclidean_token_distance():
+    bias = DistancePenalty(0.5)((2, 3), torch.device("cpu"), D64)
+    assert bias.shape == (6, 6)
+    torch.testing.assert_close(bias, bias.T)
+    assert (bias.diagonal() == 0).all() and (bias[~torch.eye(6, dtype=torch.bool)] < 0).all()
+    # token 0 is (0, 0); token 5 is (1, 2): distance sqrt(5); token 2 is (0, 2): distance 2
+    assert bias[0, 5].item() == pytest.approx(-0.5 * 5**0.5) and bias[0, 2].item() == pytest.approx(-1.0)
+    assert not any(True for _ in DistancePenalty(0.5).parameters())
+
+
+def test_distance_penalty_keeps_attention_near_each_token():
+    torch.manual_seed(0)
+    x = torch.randn(1, 36, 8, dtype=D64)
+    grid = (6, 6)
+    far = (DistancePenalty(1.0)(grid, torch.device("cpu"), D64) < -2.5).double()  # more than 2.5 tokens away
+    shares = [(_attention(True, p)(x, grid, return_attn=True)[1] * far).sum(-1).mean().item() for p in (0, 1, 3)]
+    assert shares[0] > 0.4 and shares[0] > shares[1] > shares[2] and shares[2] < 0.01
 
 
 def test_rotary_preserves_norms():

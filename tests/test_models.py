@@ -312,6 +312,9 @@ def test_unknown_option_is_a_config_error_listing_valid_options():
         ({"image_size": 30}, "image_size 30 must be divisible by patch_size 4"),
         ({"embed_dim": 24, "num_heads": 4, "pos_embed": "rope"}, "head dimension divisible by 4, got 6"),
         ({"in_chans": 3, "input_mean": [0.5]}, "input_mean needs 3 values"),
+        ({"attn_distance_penalty": -1.0}, "attn_distance_penalty must be a finite number >= 0, got -1.0"),
+        ({"attn_distance_penalty": float("nan")}, "attn_distance_penalty must be a finite number >= 0, got nan"),
+        ({"attn_distance_penalty": "1"}, "attn_distance_penalty must be a finite number >= 0, got '1'"),
         ({"patch_size": 8}, "conv stem reduces the image by 4, but patch_size is 8"),
     ],
 )

@@ -5,7 +5,7 @@ from .bcos import BcosConv2d, BcosLinear
 from .detach import DetachableModule, explanation_mode, is_explanation_mode, set_explanation_mode
 from .encoding import AddInverse, LogitBias, Normalize
 from .norm import BcosLayerNorm, BcosLayerNorm2d, LayerNorm2d
-from .position import AdditivePositionalEmbedding, Rotary2d, sincos_2d
+from .position import AdditivePositionalEmbedding, DistancePenalty, Rotary2d, sincos_2d
 from .sets import LayerSet, bcos_layer_set, standard_layer_set
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "BcosLayerNorm2d",
     "BcosLinear",
     "DetachableModule",
+    "DistancePenalty",
     "LayerNorm2d",
     "LayerSet",
     "LogitBias",

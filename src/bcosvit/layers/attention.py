@@ -1,6 +1,7 @@
 """Multi-head self-attention that is dynamic linear in its input (SPEC §2.2).
 
-``out = proj(A(x) · v(x))`` with ``A = softmax(q kᵀ / sqrt(d))``. In explanation mode the
+``out = proj(A(x) · v(x))`` with ``A = softmax(q kᵀ / sqrt(d) + bias)``, where the optional bias
+is a distance penalty on the token grid. In explanation mode the
 attention matrix is a constant (queries and keys are computed without gradient), so the block
 is linear in ``x`` through ``v`` and ``proj``.
 
@@ -17,7 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .detach import DetachableModule
-from .position import Grid, Rotary2d
+from .position import DistancePenalty, Grid, Rotary2d
 
 
 class Attention(DetachableModule):
@@ -30,6 +31,7 @@ class Attention(DetachableModule):
         proj: nn.Module,
         qkv_bias: bool = False,
         rotary: Rotary2d | None = None,
+        distance_penalty: DistancePenalty | None = None,
     ) -> None:
         super().__init__()
         if dim % num_heads != 0:
@@ -41,6 +43,7 @@ class Attention(DetachableModule):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = proj
         self.rotary = rotary
+        self.distance_penalty = distance_penalty
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if not self.detach:
@@ -60,15 +63,17 @@ class Attention(DetachableModule):
         q, k, v = self._qkv(x)
         if self.rotary is not None:
             q, k = self.rotary(q, grid), self.rotary(k, grid)
+        bias = None if self.distance_penalty is None else self.distance_penalty(grid, q.device, q.dtype)
         if return_attn or self.detach:
             # Explanation mode multiplies by the constant attention matrix explicitly: the fused
             # kernel has no double backward, which explanation-regularised training needs.
-            attn = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
+            scores = (q * self.scale) @ k.transpose(-2, -1)
+            attn = torch.softmax(scores if bias is None else scores + bias, dim=-1)
             if self.detach:
                 attn = attn.detach()
             out = attn @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         out = self.proj(rearrange(out, "n h l d -> n l (h d)"))
         return (out, attn) if return_attn else out
 

@@ -1,8 +1,10 @@
-"""Positional schemes: additive embeddings (sin-cos, learned) and 2-D rotary embeddings.
+"""Positional schemes: additive embeddings (sin-cos, learned), 2-D rotary embeddings and a
+distance penalty on attention scores.
 
 Additive embeddings are added to the tokens after tokenisation; an explanation reports their
 contribution as the positional term (SPEC §2.3). Rotary embeddings act on the (detached) queries
-and keys only, so they leave no positional term at all.
+and keys only, and the distance penalty on the (detached) attention scores, so neither leaves a
+positional term.
 """
 
 from __future__ import annotations
@@ -95,3 +97,30 @@ class Rotary2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}"
+
+
+class DistancePenalty(nn.Module):
+    """Additive attention-score bias ``-slope * distance(i, j)`` between tokens of a 2-D grid: ``(L, L)``.
+
+    A fixed 2-D form of ALiBi (Press et al., ICLR 2022) with Euclidean distances in token units.
+    It makes attention prefer nearby tokens, so evidence stays closer to where it was found. It
+    depends on relative offsets only, so it applies unchanged to any grid size.
+    """
+
+    def __init__(self, slope: float) -> None:
+        super().__init__()
+        self.slope = float(slope)
+        self._cache: dict[tuple, Tensor] = {}
+
+    def forward(self, grid: Grid, device: torch.device, dtype: torch.dtype) -> Tensor:
+        key = (tuple(grid), device, dtype)
+        if key not in self._cache:
+            y, x = torch.meshgrid(
+                torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij"
+            )
+            positions = torch.stack([y.flatten(), x.flatten()], dim=1)
+            self._cache[key] = (-self.slope * torch.cdist(positions, positions)).to(device, dtype)
+        return self._cache[key]
+
+    def extra_repr(self) -> str:
+        return f"slope={self.slope}"

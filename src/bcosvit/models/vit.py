@@ -21,6 +21,7 @@ from ..layers import (
     AddInverse,
     AdditivePositionalEmbedding,
     Attention,
+    DistancePenalty,
     LayerSet,
     LogitBias,
     Normalize,
@@ -49,6 +50,7 @@ class ViTConfig:
     num_heads: int = 3
     mlp_ratio: float = 4.0
     pos_embed: str = "sincos"
+    attn_distance_penalty: float = 0.0  # > 0: attention scores minus this × token distance
     stem_channels: list[int] | None = None  # None: patch embedding; else the conv stem's widths
     stem_strides: list[int] | None = None
     b: float = 2.0
@@ -80,6 +82,9 @@ class ViTConfig:
             raise ConfigError(f"the B-cos exponent b must be >= 1, got {self.b}")
         if self.pos_embed not in POS_EMBED_SCHEMES:
             raise ConfigError(f"pos_embed must be one of {POS_EMBED_SCHEMES}, got {self.pos_embed!r}")
+        penalty = self.attn_distance_penalty
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 <= penalty < float("inf"):
+            raise ConfigError(f"attn_distance_penalty must be a finite number >= 0, got {penalty!r}")
         if self.pos_embed == "sincos" and self.embed_dim % 4:
             raise ConfigError(f"pos_embed='sincos' needs embed_dim divisible by 4, got {self.embed_dim}")
         if self.pos_embed == "rope" and (self.embed_dim // self.num_heads) % 4:
@@ -158,10 +163,25 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, layers: LayerSet, rotary: Rotary2d | None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        layers: LayerSet,
+        rotary: Rotary2d | None,
+        distance_penalty: DistancePenalty | None = None,
+    ) -> None:
         super().__init__()
         self.norm1 = layers.norm(dim)
-        self.attn = Attention(dim, num_heads, proj=layers.linear(dim, dim), qkv_bias=layers.qkv_bias, rotary=rotary)
+        self.attn = Attention(
+            dim,
+            num_heads,
+            proj=layers.linear(dim, dim),
+            qkv_bias=layers.qkv_bias,
+            rotary=rotary,
+            distance_penalty=distance_penalty,
+        )
         self.norm2 = layers.norm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), layers)
 
@@ -222,8 +242,9 @@ class VisionTransformer(nn.Module):
             else None
         )
         rotary = Rotary2d(dim // config.num_heads) if config.pos_embed == "rope" else None
+        penalty = DistancePenalty(config.attn_distance_penalty) if config.attn_distance_penalty > 0 else None
         self.blocks = nn.ModuleList(
-            Block(dim, config.num_heads, config.mlp_ratio, layers, rotary) for _ in range(config.depth)
+            Block(dim, config.num_heads, config.mlp_ratio, layers, rotary, penalty) for _ in range(config.depth)
         )
         self.norm = layers.norm(dim)
         self.head = layers.linear(dim, config.num_classes)
