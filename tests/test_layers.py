@@ -442,6 +442,9 @@ def test_distance_penalty_is_minus_slope_times_euclidean_token_distance():
     # token 0 is (0, 0); token 5 is (1, 2): distance sqrt(5); token 2 is (0, 2): distance 2
     assert bias[0, 5].item() == pytest.approx(-0.5 * 5**0.5) and bias[0, 2].item() == pytest.approx(-1.0)
     assert not any(True for _ in DistancePenalty(0.5).parameters())
+    # exact on the larger grids of the pointing game too (no matmul shortcut for the distances)
+    large = DistancePenalty(1.0)((14, 14), torch.device("cpu"), D64)
+    assert (large.diagonal() == 0).all() and large[0, 15].item() == -(2**0.5)
 
 
 def test_distance_penalty_keeps_attention_near_each_token():

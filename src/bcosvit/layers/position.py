@@ -119,7 +119,8 @@ class DistancePenalty(nn.Module):
                 torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij"
             )
             positions = torch.stack([y.flatten(), x.flatten()], dim=1)
-            self._cache[key] = (-self.slope * torch.cdist(positions, positions)).to(device, dtype)
+            distance = torch.cdist(positions, positions, compute_mode="donot_use_mm_for_euclid_dist")
+            self._cache[key] = (-self.slope * distance).to(device, dtype)
         return self._cache[key]
 
     def extra_repr(self) -> str:
