@@ -43,6 +43,7 @@ from bcosvit import metrics
 from bcosvit.checkpoint import load_model
 from bcosvit.data import load_fashion_mnist
 from bcosvit.errors import InputError
+from bcosvit.evaluate import accuracy_from_logits
 from bcosvit.fileio import write_json
 from bcosvit.layers import DistancePenalty
 from bcosvit.layers.attention import Attention
@@ -124,7 +125,7 @@ def _score(model, images, labels, num_grids, confident, grid: int, smooth: int =
 
 
 def _accuracy(logits: Tensor, labels: Tensor) -> float:
-    return float((logits.argmax(1) == labels).double().mean())
+    return accuracy_from_logits(logits, labels)["top1"] / 100  # a fraction, like the scores
 
 
 def _fmt(value: float | None) -> str:
