@@ -91,8 +91,9 @@ def distance_penalty(model, slope: float) -> Iterator[None]:
     """Every attention layer of ``model`` with ``slope ×`` token distance subtracted from its scores."""
     attentions = [block.attn for block in model.blocks]
     originals = [attn.distance_penalty for attn in attentions]
+    penalty = DistancePenalty(slope)  # one module for all layers, as the model builds it
     for attn in attentions:
-        attn.distance_penalty = DistancePenalty(slope)
+        attn.distance_penalty = penalty
     try:
         yield
     finally:

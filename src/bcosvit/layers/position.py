@@ -16,16 +16,22 @@ from torch import Tensor, nn
 Grid = tuple[int, int]
 
 
+def grid_positions(grid: Grid) -> Tensor:
+    """``(rows*cols, 2)`` float64 ``(row, col)`` coordinates of a token grid, in row-major token order."""
+    rows, cols = torch.meshgrid(
+        torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij"
+    )
+    return torch.stack([rows.flatten(), cols.flatten()], dim=1)
+
+
 def sincos_2d(grid: Grid, dim: int, temperature: float = 10000.0, dtype: torch.dtype = torch.float32) -> Tensor:
     """The fixed 2-D sin-cos embedding of a ``grid = (rows, cols)`` token grid: ``(rows*cols, dim)``."""
     if dim % 4 != 0:
         raise ValueError(f"the sin-cos embedding needs embed_dim divisible by 4, got {dim}")
-    y, x = torch.meshgrid(
-        torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij"
-    )
+    y, x = grid_positions(grid).unbind(dim=1)
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / max(dim // 4 - 1, 1))
-    y = y.flatten()[:, None] * omega[None, :]
-    x = x.flatten()[:, None] * omega[None, :]
+    y = y[:, None] * omega[None, :]
+    x = x[:, None] * omega[None, :]
     return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).to(dtype)
 
 
@@ -82,10 +88,8 @@ class Rotary2d(nn.Module):
         if key not in self._cache:
             quarter = self.head_dim // 4
             freqs = 1.0 / self.temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-            y, x = torch.meshgrid(
-                torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij"
-            )
-            angles = torch.cat([y.flatten()[:, None] * freqs, x.flatten()[:, None] * freqs], dim=1)
+            y, x = grid_positions(grid).unbind(dim=1)
+            angles = torch.cat([y[:, None] * freqs, x[:, None] * freqs], dim=1)
             angles = torch.cat([angles, angles], dim=1)
             self._cache[key] = (angles.cos().to(device, dtype), angles.sin().to(device, dtype))
         return self._cache[key]
@@ -115,10 +119,7 @@ class DistancePenalty(nn.Module):
     def forward(self, grid: Grid, device: torch.device, dtype: torch.dtype) -> Tensor:
         key = (tuple(grid), device, dtype)
         if key not in self._cache:
-            y, x = torch.meshgrid(
-                torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij"
-            )
-            positions = torch.stack([y.flatten(), x.flatten()], dim=1)
+            positions = grid_positions(grid)
             distance = torch.cdist(positions, positions, compute_mode="donot_use_mm_for_euclid_dist")
             self._cache[key] = (-self.slope * distance).to(device, dtype)
         return self._cache[key]
