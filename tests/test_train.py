@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from bcosvit import ConfigError, create_model
 from bcosvit.checkpoint import load_model
 from bcosvit.errors import CheckpointError
 from bcosvit.train import TrainConfig, get_preset, train
+from bcosvit.train.loop import _Trainer
 from bcosvit.train.recipe import (
     adaptive_clip_grad_,
     bce_uniform_off_labels,
@@ -264,6 +266,28 @@ def test_energy_loss_trains_through_the_exact_explanation_of_mosaic_cells(tmp_pa
     assert "train_energy_loss" not in train(config, tmp_path / "plain", progress=False)
 
 
+def test_energy_canvases_are_tiled_from_the_batch_with_their_cell_classes():
+    images = torch.arange(20.0).reshape(20, 1, 1, 1).expand(20, 1, 2, 2)
+    targets = torch.nn.functional.one_hot(torch.arange(20) % 10, 10).float()
+    trainer = types.SimpleNamespace(config=TrainConfig(energy_canvases=3, mosaic_grid=2))
+    canvases, cells, grid = _Trainer._energy_canvases(trainer, images, targets)
+    assert grid == 2 and canvases.shape == (3, 1, 4, 4)  # capped at energy_canvases
+    assert cells.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
+    assert canvases[2, 0, 2, 0] == 10.0  # third canvas, bottom-left cell: image 10 (row-major)
+    trainer.config = TrainConfig(energy_canvases=8, mosaic_grid=2)
+    assert len(_Trainer._energy_canvases(trainer, images, targets)[0]) == 5  # capped at what the batch holds
+
+
+def test_energy_canvases_train_the_explanation_beside_single_image_classification(tmp_path):
+    config = tiny_config(epochs=1, energy_canvases=4, mosaic_grid=3, lr=1e-2, warmup_steps=0)
+    guided = train(dataclasses.replace(config, energy_loss=10.0), tmp_path / "guided", progress=False)
+    control = train(dataclasses.replace(config, energy_loss=1e-9), tmp_path / "control", progress=False)
+    assert 0 < guided["train_energy_loss"] < 1 and 0 < control["train_energy_loss"] < 1
+    a = load_file(str(tmp_path / "guided" / "model.safetensors"))
+    b = load_file(str(tmp_path / "control" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-4
+
+
 def test_bce_clamps_off_labels_to_one_over_c():
     logits = torch.zeros(1, 4)
     targets = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
@@ -313,6 +337,7 @@ def test_presets_cover_every_small_and_published_model_and_resolve_the_published
         ({"mosaic_grid": 1}, "mosaic_grid must be >= 2"),
         ({"mosaic": 0.5, "energy_loss": -1.0}, "energy_loss must be >= 0"),
         ({"energy_loss": 1.0}, "energy_loss acts on mosaic canvases only"),
+        ({"energy_canvases": -1}, "energy_canvases must be >= 0"),
         ({"model": "vit_nano_patch4_28", "mosaic": 0.5, "energy_loss": 1.0}, "vit_nano_patch4_28 is a standard model"),
     ],
 )

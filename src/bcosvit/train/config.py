@@ -43,6 +43,9 @@ class TrainConfig:
     mosaic: float = 0.0  # probability that a batch is tiled into grid x grid canvases (multi-label)
     mosaic_grid: int = 2  # mosaic canvases hold k x k images, k drawn uniformly from 2..mosaic_grid
     energy_loss: float = 0.0  # weight of the energy loss on mosaics (B-cos only): keeps explanations in their cell
+    # > 0: every batch that is not a mosaic batch is still classified as single images, and up to
+    # this many canvases tiled from its images carry the energy loss alone
+    energy_canvases: int = 0
     init_from: str | None = None  # start from these weights (run folder or .safetensors), e.g. a stage-1 run
     label_smoothing: float = 0.0  # standard models only
     ema: float = 0.0  # EMA decay per step; 0 disables it
@@ -78,9 +81,11 @@ class TrainConfig:
             (0 <= self.mosaic <= 1, f"mosaic probability must lie in [0, 1], got {self.mosaic}"),
             (self.mosaic_grid >= 2, f"mosaic_grid must be >= 2, got {self.mosaic_grid}"),
             (self.energy_loss >= 0, f"energy_loss must be >= 0, got {self.energy_loss}"),
+            (self.energy_canvases >= 0, f"energy_canvases must be >= 0, got {self.energy_canvases}"),
             (
-                not self.energy_loss or self.mosaic > 0,
-                "energy_loss acts on mosaic canvases only: set --mosaic to a probability > 0",
+                not self.energy_loss or self.mosaic > 0 or self.energy_canvases > 0,
+                "energy_loss acts on mosaic canvases only: set --mosaic to a probability > 0 "
+                "or --energy-canvases to a count > 0",
             ),
             (0 <= self.ema < 1, f"ema decay must lie in [0, 1), got {self.ema}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {self.label_smoothing}"),

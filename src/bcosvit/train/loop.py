@@ -324,6 +324,14 @@ class _Trainer:
         self.energy_sum, self.energy_batches = self.energy_sum + loss.item(), self.energy_batches + 1
         return loss
 
+    def _energy_canvases(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Up to ``config.energy_canvases`` mosaic canvases tiled from a single-image batch, for
+        the energy loss alone: ``(canvases, cell classes (M, grid²), grid)``."""
+        grid = int(torch.randint(2, self.config.mosaic_grid + 1, ()))
+        take = min(self.config.energy_canvases, len(images) // grid**2) * grid**2
+        canvases, _ = mosaic(images[:take], targets[:take], grid)
+        return canvases, targets[:take].argmax(dim=1).reshape(len(canvases), grid * grid), grid
+
     def step(self, images: Tensor, labels: Tensor, step: int) -> tuple[float, int, int]:
         """One step; returns the batch's summed loss, number of correct predictions (the predicted
         class is a top-scored target class: for mosaics, one of the classes shown) and of samples."""
@@ -349,6 +357,8 @@ class _Trainer:
         loss = classification
         if config.energy_loss and cells is not None:
             loss = loss + config.energy_loss * self._energy_loss(images, cells, grid)
+        elif config.energy_loss and config.energy_canvases:
+            loss = loss + config.energy_loss * self._energy_loss(*self._energy_canvases(images, targets))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {float(loss)} at step {step}; lower --lr or enable clipping")
         self.optimizer.zero_grad(set_to_none=True)
@@ -380,7 +390,7 @@ def train(
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if config.batch_size % rt.world_size:
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by the {rt.world_size} processes")
-    if config.mosaic and config.batch_size // rt.world_size < config.mosaic_grid**2:
+    if (config.mosaic or config.energy_canvases) and config.batch_size // rt.world_size < config.mosaic_grid**2:
         raise ConfigError(
             f"a {config.mosaic_grid}x{config.mosaic_grid} mosaic needs at least {config.mosaic_grid**2} images per "
             f"process, but the batch gives {config.batch_size // rt.world_size}; "
