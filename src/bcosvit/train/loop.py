@@ -37,8 +37,10 @@ from .config import TrainConfig
 from .recipe import (
     adaptive_clip_grad_,
     bce_uniform_off_labels,
+    draw_mosaic_grid,
     energy_loss,
     mosaic,
+    mosaic_cells,
     mosaic_targets,
     soft_cross_entropy,
     warmup_cosine,
@@ -327,10 +329,10 @@ class _Trainer:
     def _energy_canvases(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, int]:
         """Up to ``config.energy_canvases`` mosaic canvases tiled from a single-image batch, for
         the energy loss alone: ``(canvases, cell classes (M, grid²), grid)``."""
-        grid = int(torch.randint(2, self.config.mosaic_grid + 1, ()))
+        grid = draw_mosaic_grid(self.config.mosaic_grid)
         take = min(self.config.energy_canvases, len(images) // grid**2) * grid**2
         canvases, _ = mosaic(images[:take], targets[:take], grid)
-        return canvases, targets[:take].argmax(dim=1).reshape(len(canvases), grid * grid), grid
+        return canvases, mosaic_cells(targets, grid, len(canvases)), grid
 
     def step(self, images: Tensor, labels: Tensor, step: int) -> tuple[float, int, int]:
         """One step; returns the batch's summed loss, number of correct predictions (the predicted
@@ -346,10 +348,9 @@ class _Trainer:
             images, targets = self.mixup(images, labels)
         cells = None
         if config.mosaic and float(torch.rand(())) < config.mosaic:
-            grid = int(torch.randint(2, config.mosaic_grid + 1, ()))
-            cell_classes = targets.argmax(dim=1)
+            grid = draw_mosaic_grid(config.mosaic_grid)
             images, summed = mosaic(images, targets, grid)
-            cells = cell_classes[: len(images) * grid * grid].reshape(len(images), grid * grid)
+            cells = mosaic_cells(targets, grid, len(images))
             targets = mosaic_targets(summed, grid * grid, recipe.loss)
         with _autocast(config, self.rt.device):
             logits = self.net(images)

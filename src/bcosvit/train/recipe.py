@@ -77,6 +77,17 @@ def mosaic(images: Tensor, targets: Tensor, grid: int) -> tuple[Tensor, Tensor]:
     return canvases, targets[: m * cells].reshape(m, cells, -1).sum(dim=1)
 
 
+def draw_mosaic_grid(max_grid: int) -> int:
+    """Cells per side of the next mosaic, uniform in ``2..max_grid`` (torch's global generator)."""
+    return int(torch.randint(2, max_grid + 1, ()))
+
+
+def mosaic_cells(targets: Tensor, grid: int, canvases: int) -> Tensor:
+    """Class of every cell of the first ``canvases`` canvases that ``mosaic`` tiles from a batch with
+    these ``(N, K)`` targets: ``(canvases, grid²)``, row-major, the argmax of each image's target."""
+    return targets[: canvases * grid * grid].argmax(dim=1).reshape(canvases, grid * grid)
+
+
 def mosaic_targets(summed: Tensor, cells: int, loss: str) -> Tensor:
     """Targets of mosaic canvases: multi-label (every class present scores 1) for the B-cos BCE loss,
     area-weighted (a distribution, as in CutMix) for cross-entropy."""
