@@ -136,13 +136,18 @@ def test_signed_gradient_and_absolute_saliency(build, images):
     torch.testing.assert_close(attribute("gradient", model, x.detach(), target), grad.abs().sum(1).float())
 
 
-def test_integrated_gradients_are_complete_on_the_standard_twin(build, images):
-    model = build("vit_nano_patch4_28")  # float64
-    x = images(3, 1, 28)
+@pytest.mark.parametrize("baseline", [None, 0.4, "per-channel"])
+def test_integrated_gradients_are_complete_on_the_standard_twin(build, images, baseline):
+    model = build("vit_nano_patch4_28", in_chans=3)  # float64
+    x = images(3, 3, 28)
     target = _targets()
-    maps = attribute("integrated_gradients", model, x, target, n_steps=64)
+    if baseline == "per-channel":
+        baseline = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)[:, None, None]
+    options = {} if baseline is None else {"baseline": baseline}
+    maps = attribute("integrated_gradients", model, x, target, n_steps=64, **options)
+    reference = torch.as_tensor(0.0 if baseline is None else baseline, dtype=x.dtype).expand_as(x)
     with torch.no_grad():
-        expected = (model(x) - model(torch.zeros_like(x))).gather(1, target[:, None])[:, 0]
+        expected = (model(x) - model(reference)).gather(1, target[:, None])[:, 0]
     total = maps.double().flatten(1).sum(dim=1)
     assert ((total - expected).abs() / expected.abs()).max() < 0.02, (total, expected)
 
@@ -233,6 +238,31 @@ def test_bcos_method_equals_the_exact_explanation(build, images):
     x = images(3, 1, 28)
     expected = bcosvit.explain(model, x, _targets()).contributions
     torch.testing.assert_close(attribute("bcos", model, x, _targets()), expected.float())
+
+
+@pytest.mark.parametrize("baseline", [0.0, 0.3, "per-channel"])
+def test_bcos_method_relative_to_a_baseline_sums_to_the_logit_minus_the_map_at_the_baseline(build, images, baseline):
+    model = build("bcos_vit_nano_patch4_28", in_chans=3)
+    x = images(3, 3, 28)
+    if baseline == "per-channel":
+        baseline = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)[:, None, None]
+    b = torch.as_tensor(baseline, dtype=x.dtype).expand(x.shape[1:])
+    x[0, :, :5, :] = b[:, :5, :]  # pixels already at the baseline: nothing to take away
+    expl = bcosvit.explain(model, x, _targets())
+    encoded_baseline = torch.cat([b, 1 - b])
+    at_baseline = (expl.weights * encoded_baseline).flatten(1).sum(1) + expl.positional + expl.logit_bias
+
+    maps = attribute("bcos", model, x, _targets(), baseline=baseline)
+
+    torch.testing.assert_close(maps.double().flatten(1).sum(1), expl.outputs - at_baseline, rtol=1e-5, atol=1e-5)
+    assert (maps[0, :5] == 0).all()
+    plain = expl.contributions.float()
+    assert (maps - plain).abs().max() > 0.1 * plain.abs().max(), "the baseline must change the map"
+
+
+def test_bcos_method_rejects_a_baseline_of_the_wrong_shape(build, images):
+    with pytest.raises(bcosvit.InputError, match="broadcastable to \\(C, H, W\\)"):
+        attribute("bcos", build("bcos_vit_nano_patch4_28"), images(1, 1, 28), [0], baseline=torch.zeros(3, 1, 1))
 
 
 def test_bcos_method_refuses_a_standard_model():

@@ -27,7 +27,8 @@ Methods (``METHODS``):
   Attention-model Explainability for Interpreting Bi-Modal and Encoder-Decoder Transformers"
   (ICCV 2021), for self-attention: ``Ā_l = mean_heads (∇A_l ⊙ A_l)^+``, ``R = I``,
   ``R ← R + Ā_l R`` for blocks ``l = 1 .. L``. (Not the LRP-based method of their CVPR 2021 paper.)
-- ``"bcos"``: the exact explanation of a B-cos model, ``bcosvit.explain(...).contributions``.
+- ``"bcos"``: the exact explanation of a B-cos model, ``bcosvit.explain(...).contributions``; with
+  ``baseline=b``, the same weights applied to the change from the constant image ``b``.
 
 Token relevance without a class token: these models pool by averaging the tokens, so the logit
 sees every output token equally. For ``rollout`` and ``transformer_attribution`` the relevance of
@@ -134,7 +135,7 @@ def integrated_gradients(
     *,
     n_steps: int = 20,
     internal_batch_size: int | None = 64,
-    baseline: float = 0.0,
+    baseline: float | Tensor = 0.0,
 ) -> Tensor:
     """Integrated gradients from a constant image (default: black, all zeros), summed over channels.
 
@@ -143,9 +144,10 @@ def integrated_gradients(
         n_steps: quadrature points of Captum's Gauss-Legendre rule along the straight path.
         internal_batch_size: at most this many scaled images per forward/backward pass (bounds
             memory; raised to ``N`` when smaller); None: all ``N · n_steps`` at once. On the CPU
-            small passes are faster: with ``bcosvit evaluate``'s batches of 64 the default runs one
-            quadrature step per pass, 9-22 % faster than two.
-        baseline: the constant pixel value of the baseline image, in the model's input space [0, 1].
+            small passes are faster: one quadrature step of a batch per pass is 9-22 % faster
+            than two (``bcosvit evaluate`` passes its batch size).
+        baseline: the baseline image's pixel value in [0, 1], or a tensor broadcastable to
+            ``(C, H, W)`` (e.g. per-channel means ``(C, 1, 1)``).
 
     Returns:
         ``(N, H, W)``; its sum approximates ``logit(x) - logit(baseline)``.
@@ -158,7 +160,7 @@ def integrated_gradients(
         batch = None if internal_batch_size is None else max(int(internal_batch_size), images.shape[0])
         attr = IntegratedGradients(model).attribute(
             images.detach().requires_grad_(True),
-            baselines=torch.full_like(images, baseline),
+            baselines=_baseline_image(baseline, images).expand_as(images),
             target=target,
             n_steps=n_steps,
             internal_batch_size=batch,
@@ -268,8 +270,18 @@ def transformer_attribution(model: nn.Module, images: Tensor, target: TargetLike
 # --- Exact B-cos explanation ---------------------------------------------------------------------
 
 
-def bcos(model: nn.Module, images: Tensor, target: TargetLike = None) -> Tensor:
-    """Exact B-cos contributions ``(w(x) · [x, 1 - x])`` summed over channels -> ``(N, H, W)``.
+def bcos(
+    model: nn.Module, images: Tensor, target: TargetLike = None, *, baseline: float | Tensor | None = None
+) -> Tensor:
+    """Exact B-cos contributions ``w(x) · [x, 1 - x]`` summed over channels -> ``(N, H, W)``.
+
+    With ``baseline`` (a pixel value, or an image broadcastable to ``(C, H, W)``, in [0, 1]) the
+    same weights apply to the change from the baseline instead: ``w(x) · ([x, 1 - x] - [b, 1 - b])``.
+    That map sums to the target logit minus the explanation's linear map evaluated at the baseline
+    image, ``w(x) · [b, 1 - b]`` (``positional`` and the logit bias cancel), so it is the explanation's
+    own account of what replacing pixels by ``b`` takes away; a pixel already equal to ``b`` gets 0.
+    The plain contributions (no baseline) are relative to the encoded input ``0``, which no image
+    encodes to: a black pixel is ``[0, 1]``.
 
     B-cos models only; a standard model raises ``ConfigError``.
     """
@@ -281,7 +293,25 @@ def bcos(model: nn.Module, images: Tensor, target: TargetLike = None) -> Tensor:
         )
     with attribution_state(model, explanation=False):
         target = _targets(model, images, target)  # the predicted class (when None) in eval mode
-    return _finish(explain(model, images, target).contributions)  # explain() restores the model's state
+    expl = explain(model, images, target)  # explain() restores the model's state
+    if baseline is None:
+        return _finish(expl.contributions)
+    reference = _baseline_image(baseline, images)
+    with torch.no_grad():
+        encoded = model.encode(reference)
+    return _finish((expl.weights * (expl.inputs - encoded)).sum(dim=1))
+
+
+def _baseline_image(baseline: float | Tensor, images: Tensor) -> Tensor:
+    """``baseline`` (a number, or a tensor broadcastable to ``(C, H, W)``) as an image like ``images``."""
+    value = torch.as_tensor(baseline, dtype=images.dtype, device=images.device)
+    try:
+        return value.expand(images.shape[1:]).unsqueeze(0)
+    except RuntimeError:
+        raise InputError(
+            f"baseline of shape {tuple(value.shape)} does not broadcast to the images' {tuple(images.shape[1:])}; "
+            "give a number or a tensor broadcastable to (C, H, W)"
+        ) from None
 
 
 # --- Registry and the uniform entry point --------------------------------------------------------
@@ -307,7 +337,7 @@ def attribute(method: str, model: nn.Module, images: Tensor, target: TargetLike 
         images: ``(N, C, H, W)`` in [0, 1], on the model's device and dtype.
         target: ``(N,)`` classes to explain (also an int or a list); None: the predicted classes.
         **options: method-specific keywords (``n_steps``, ``internal_batch_size``, ``baseline`` for
-            integrated gradients; ``abs`` for gradient).
+            integrated gradients; ``abs`` for gradient; ``baseline`` for bcos).
 
     Returns:
         ``(N, H, W)`` float32, detached, on the images' device.
