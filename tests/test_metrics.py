@@ -393,6 +393,32 @@ def test_curve_endpoints_and_batching_on_real_model(fmnist, build, name):
     assert torch.allclose(whole.mean_curve, whole.scores.mean(dim=0))
 
 
+@pytest.mark.parametrize("mode", ["deletion", "insertion"])
+def test_steps_that_only_touch_pixels_at_the_baseline_are_copied_not_recomputed(fmnist, build, mode):
+    model = build("bcos_vit_nano_patch4_28", depth=1, embed_dim=16, num_heads=2)
+    images, target = fmnist[0][:4].clone(), fmnist[1][:4]
+    images[:, :, 14:] = 0  # the bottom half is at the baseline...
+    attributions = torch.rand(4, 28, 28, dtype=torch.float64)
+    attributions[:, 14:] -= 2  # ...and ranked last, so the last half of the steps changes nothing
+    attributions[1] = torch.rand(28, 28)  # except for one image, which mixes both halves
+    seen = []
+    model.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[0]))
+    steps = 8
+    result = metrics.deletion_insertion(model, images, target, attributions, steps=steps, mode=mode)
+
+    order = attributions.flatten(1).argsort(dim=1, descending=True, stable=True)
+    with torch.no_grad():
+        for k in range(steps + 1):
+            top = torch.zeros(4, 784, dtype=torch.bool).scatter_(1, order[:, : k * 784 // steps], True)
+            top = top.reshape(4, 1, 28, 28)
+            x = torch.where(top, 0.0, images) if mode == "deletion" else torch.where(top, images, 0.0)
+            expected = metrics.target_probabilities(model(x), target, True)
+            torch.testing.assert_close(result.scores[:, k], expected.double(), rtol=0, atol=1e-12)
+    seen.clear()
+    metrics.deletion_insertion(model, images, target, attributions, steps=steps, mode=mode)
+    assert sum(seen) - 1 < 4 * steps - 3 * 3, "the constant image, then fewer than one image per step"
+
+
 def test_auc_of_constant_curve_is_the_constant(fmnist):
     images, target = fmnist[0][:4], fmnist[1][:4]
     logits = torch.linspace(-2, 2, 10, dtype=torch.float64)

@@ -13,7 +13,8 @@ An *attribution method* is any callable ``method(model, images, target) -> maps`
 
 Probabilities are ``sigmoid(logit)`` for B-cos models (trained with binary cross-entropy) and the
 softmax probability for standard models; ``is_bcos=None`` reads ``model.is_bcos``. Every function
-works on whole batches (``batch_size`` bounds how many images go through the model at once) and
+works on whole batches (``batch_size`` bounds how many images go through the model at once; the
+defaults are the 32 that ``bcosvit evaluate`` uses) and
 puts the model in eval mode for the duration of the call, restoring its mode afterwards.
 """
 
@@ -200,7 +201,7 @@ def _as_maps(maps: Tensor, images: Tensor) -> Tensor:
 
 
 def compute_attributions(
-    model: nn.Module, images: Tensor, target: Tensor, method: AttributionMethod, batch_size: int = 64
+    model: nn.Module, images: Tensor, target: Tensor, method: AttributionMethod, batch_size: int = 32
 ) -> Tensor:
     """Run ``method`` over ``images`` ``(N, C, H, W)`` and ``target`` ``(N,)`` in batches.
 
@@ -223,7 +224,7 @@ def compute_attributions(
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+def predict_logits(model: nn.Module, images: Tensor, batch_size: int = 32) -> Tensor:
     """Logits ``(N, K)`` of ``model`` (in eval mode) for ``images`` ``(N, C, H, W)``, on the CPU."""
     _check_images(images)
     _check_batch_size(batch_size)
@@ -239,7 +240,7 @@ def confident_images_by_class(
     model: nn.Module,
     images: Tensor,
     labels: Tensor | Sequence[int],
-    batch_size: int = 256,
+    batch_size: int = 32,
     *,
     threshold: float = 0.5,
     is_bcos: bool | None = None,
@@ -410,7 +411,7 @@ def make_grids(
     grid: int = 2,
     num_grids: int = 100,
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int = 32,
     is_bcos: bool | None = None,
     cycle: bool = True,
 ) -> Grids:
@@ -521,7 +522,7 @@ def grid_pointing_game(
     grid: int = 2,
     num_grids: int = 100,
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int = 32,
     smooth: int = 0,
     is_bcos: bool | None = None,
     cycle: bool = True,
@@ -634,6 +635,29 @@ def _pixel_rank(attributions: Tensor) -> Tensor:
     return torch.empty_like(order).scatter_(1, order, positions)
 
 
+def _distinct_steps(
+    images: Tensor, attributions: Tensor, fill: Tensor, counts: Tensor, constant_step: int
+) -> tuple[Tensor, Tensor]:
+    """Which masked images of a deletion or insertion curve differ from the image before them.
+
+    The image at step ``k`` depends only on ``key[:, k]``, the number of pixels *not* already at
+    the baseline ``fill`` ``(C, H, W)`` among the top ``counts[k]``: removing (or inserting) a pixel
+    that equals the baseline leaves the image as it was. Equal keys mean equal images.
+
+    Returns:
+        ``key`` ``(N, S+1)`` and ``needed`` ``(N, S+1)``: the steps whose image differs both from
+        the step before and from the all-baseline image (the constant step is never needed).
+    """
+    n = images.shape[0]
+    differs = (images != fill).any(dim=1).flatten(1)  # (N, P)
+    order = torch.argsort(attributions.reshape(n, -1), dim=1, descending=True, stable=True)
+    moved = torch.cat([torch.zeros(n, 1, dtype=torch.long), differs.gather(1, order).long().cumsum(dim=1)], dim=1)
+    key = moved[:, counts]  # (N, S+1)
+    needed = key != key[:, constant_step : constant_step + 1]
+    needed[:, 1:] &= key[:, 1:] != key[:, :-1]
+    return key, needed
+
+
 @torch.no_grad()
 def deletion_insertion(
     model: nn.Module,
@@ -642,7 +666,7 @@ def deletion_insertion(
     attributions: Tensor,
     steps: int = 20,
     baseline: float | Tensor = 0.0,
-    batch_size: int = 128,
+    batch_size: int = 32,
     mode: Literal["deletion", "insertion"] = "deletion",
     is_bcos: bool | None = None,
 ) -> CurveResult:
@@ -652,9 +676,11 @@ def deletion_insertion(
     first, equal values in row-major order. At step ``k = 0 ... steps`` the top ``floor(k·P/steps)``
     of the ``P`` pixels are *removed* (deletion: set to ``baseline`` in every channel) or *inserted*
     (insertion: start from the all-``baseline`` image and put those pixels back), and the target's
-    probability is recorded. The ``N·steps`` masked images that depend on the input are built with one
-    comparison of pixel ranks against step counts per batch and go through the model in batches of
-    ``batch_size``; the all-``baseline`` image, the same for every input, goes through once.
+    probability is recorded. The masked images are built with one comparison of pixel ranks against
+    step counts per batch and go through the model in batches of ``batch_size``. Only images that
+    differ from the step before go through it: a step that removes (or inserts) only pixels already
+    at the baseline copies the score before it, and the all-``baseline`` image, the same for every
+    input, goes through once.
 
     The default ``baseline`` 0 is black, which for Fashion-MNIST is the background (a B-cos model
     sees it as ``[0, 1]``; a standard model as ``-mean/std``). A tensor broadcastable to
@@ -684,23 +710,28 @@ def deletion_insertion(
     fractions = counts.double() / pixels
     # The all-baseline image (deletion's last step, insertion's first) is one image for every input.
     constant_step = steps if mode == "deletion" else 0
-    varying = torch.arange(0, steps) if mode == "deletion" else torch.arange(1, steps + 1)
-    image_of = torch.arange(n).repeat_interleave(steps)
-    step_of = varying.repeat(n)
+    fill = torch.as_tensor(baseline, dtype=images.dtype).expand(c, h, w)
+    key, needed = _distinct_steps(images.cpu(), attributions.cpu(), fill.cpu(), counts, constant_step)
+    image_of, step_of = needed.nonzero(as_tuple=True)
     scores = torch.empty(n, steps + 1, dtype=torch.float64)
-    probabilities = torch.empty(n * steps, dtype=torch.float64)
+    probabilities = torch.empty(image_of.numel(), dtype=torch.float64)
     with _eval_mode(model):
-        constant = _to_model(model, torch.as_tensor(baseline, dtype=images.dtype).expand(1, c, h, w).contiguous())
-        scores[:, constant_step] = target_probabilities(model(constant).expand(n, -1), target, bcos).double().cpu()
+        constant = _to_model(model, fill.expand(1, c, h, w).contiguous())
+        constant_score = target_probabilities(model(constant).expand(n, -1), target, bcos).double().cpu()
         base = constant[0]  # (C, H, W) on the model's device and dtype
-        for start in range(0, n * steps, batch_size):
+        for start in range(0, image_of.numel(), batch_size):
             part = slice(start, start + batch_size)
             x = _to_model(model, images[image_of[part]])
             rank = _pixel_rank(attributions[image_of[part]].to(x.device))
             top = (rank < counts[step_of[part]].to(x.device)[:, None]).reshape(-1, 1, h, w)  # (B, 1, H, W)
             x = torch.where(top, base, x) if mode == "deletion" else torch.where(top, x, base)
             probabilities[part] = target_probabilities(model(x), target[image_of[part]], bcos).double().cpu()
-    scores[:, varying] = probabilities.reshape(n, steps)
+    scores[image_of, step_of] = probabilities
+    # Every other step shows the image of the step before it, or the all-baseline image.
+    for k in range(steps + 1):
+        same = ~needed[:, k]
+        is_constant = key[same, k] == key[same, constant_step]
+        scores[same, k] = torch.where(is_constant, constant_score[same], scores[same, k - 1])
     auc = torch.trapezoid(scores, fractions, dim=1)
     base_value = float(baseline) if not isinstance(baseline, Tensor) else baseline.tolist()
     return CurveResult(mode, fractions, scores, auc, base_value)
