@@ -59,6 +59,23 @@ def test_evaluation_writes_metrics_for_every_method_and_model(evaluation):
     assert models["bcos_vitc_micro_28"]["completeness"]["abs_max"] < 1e-4
 
 
+def test_methods_with_a_reference_are_also_measured_relative_to_each_baseline(evaluation):
+    models = {m["name"]: m for m in json.loads((evaluation / "metrics.json").read_text())["models"]}
+    for model in models.values():
+        relative = {name for name, e in model["methods"].items() if "relative" in e}
+        assert relative == ({"integrated_gradients", "bcos"} if model["is_bcos"] else {"integrated_gradients"})
+        for name in relative:
+            entry = model["methods"][name]
+            for mode in ("deletion", "insertion"):
+                for base in ("zero", "mean"):
+                    assert entry["relative"][mode][base]["baseline"] == entry[mode][base]["baseline"]
+                # Integrated gradients start from black already: only the mean baseline changes them.
+                changed = {b for b in ("zero", "mean") if entry["relative"][mode][b] != entry[mode][b]}
+                assert changed == ({"mean"} if name == "integrated_gradients" else {"zero", "mean"}), (name, mode)
+    html = (evaluation / "report.html").read_text()
+    assert "bcos relative to the baseline" in html and "integrated_gradients relative to the baseline" in html
+
+
 def test_report_renders_with_every_figure_and_no_console_errors(evaluation):
     names = {"examples.png", "grid_examples.png", "localisation.png", "deletion.png", "insertion.png"}
     assert names <= {p.name for p in evaluation.iterdir()}

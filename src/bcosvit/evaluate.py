@@ -10,18 +10,25 @@ Protocols (all seeded):
   integrated gradients) and ``"mean"`` (the per-channel mean of the test images). Both are reported
   because a pixel already at the replacement value cannot be removed: with zero, the evidence a
   model draws from *dark* pixels (a B-cos model sees them through the ``1 - x`` channel) is never
-  deleted, and methods that give dark pixels no attribution are favoured;
+  deleted, and methods that give dark pixels no attribution are favoured. Methods with a
+  reference image (integrated gradients, and the exact B-cos explanation, whose contributions
+  ``w(x)·[x, 1 - x]`` are relative to the encoded input 0) are measured a second time with the
+  reference at each replacement value ``b`` (``relative`` in the results): integrated gradients
+  from the all-``b`` image, and ``w(x)·([x, 1 - x] - [b, 1 - b])``, the explanation's own account of
+  what the replacement removes;
 - completeness: distribution of ``|logit - w·x - positional - bias|`` for B-cos models.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import torch
 from matplotlib.figure import Figure
@@ -45,6 +52,9 @@ from .report import Section, Table, write_report
 from .visualize import contribution_map, save_figure, to_display_image
 
 POST_HOC = tuple(m for m in METHODS if m != "bcos")
+# Methods with a reference image (their ``baseline`` option), and its default: their curves are
+# measured a second time with the reference at each replacement value ("relative to the baseline").
+REFERENCE_METHODS: dict[str, float | None] = {"integrated_gradients": 0.0, "bcos": None}
 
 
 @dataclass
@@ -57,7 +67,10 @@ class EvalConfig:
     steps: int = 20
     ig_steps: int = 10
     methods: tuple[str, ...] = METHODS
-    batch_size: int = 64
+    # Images per pass through a model (attributions, curves, accuracy); integrated gradients run one
+    # quadrature step of this many images per pass. On two CPU cores, integrated gradients on the
+    # 3x3 canvases take 0.80x (B-cos) and 0.96x (twin) the time at 64 (benchmarks/eval_batch_size.py).
+    batch_size: int = 32
     seed: int = 0
     baselines: tuple[str, ...] = ("zero", "mean")  # deletion/insertion replacement values (or numbers)
 
@@ -99,9 +112,10 @@ def baseline_value(name: str, images: Tensor) -> float | Tensor:
     return float(name)
 
 
-def method_fn(name: str, config: EvalConfig):
-    """``(model, images, target) -> (N, H, W)`` for the named attribution method."""
-    options = {"n_steps": config.ig_steps} if name == "integrated_gradients" else {}
+def method_fn(name: str, config: EvalConfig, **options):
+    """``(model, images, target) -> (N, H, W)`` for the named attribution method (``options``: its keywords)."""
+    if name == "integrated_gradients":
+        options = {"n_steps": config.ig_steps, "internal_batch_size": config.batch_size, **options}
     return partial(_attribute, name, options)
 
 
@@ -109,7 +123,58 @@ def _attribute(name: str, options: dict, model, images: Tensor, target: Tensor) 
     return attribute(name, model, images, target, **options)
 
 
-def topk_accuracy(model: VisionTransformer, images: Tensor, labels: Tensor, batch_size: int = 500) -> dict[str, float]:
+def _curves(
+    model: VisionTransformer,
+    images: Tensor,
+    target: Tensor,
+    maps: dict[str, Tensor],
+    baselines: dict[str, float | Tensor],
+    config: EvalConfig,
+) -> dict[str, dict[str, Any]]:
+    """``{"deletion": {baseline: curve}, "insertion": {...}}`` of ``maps[baseline]`` for each baseline in ``maps``."""
+    return {
+        mode: {
+            base: deletion_insertion(
+                model,
+                images,
+                target,
+                base_maps,
+                steps=config.steps,
+                baseline=baselines[base],
+                mode=mode,
+                batch_size=config.batch_size,
+            ).to_dict()
+            for base, base_maps in maps.items()
+        }
+        for mode in ("deletion", "insertion")
+    }
+
+
+def _relative_curves(
+    method: str,
+    entry: dict[str, Any],
+    model: VisionTransformer,
+    images: Tensor,
+    target: Tensor,
+    baselines: dict[str, float | Tensor],
+    config: EvalConfig,
+) -> dict[str, dict[str, Any]]:
+    """Curves of ``method`` recomputed with its reference at each replacement value.
+
+    Where the replacement value is the method's own reference (black, for integrated gradients)
+    the curves in ``entry`` are reused.
+    """
+    own = REFERENCE_METHODS[method]
+    maps = {
+        base: compute_attributions(model, images, target, method_fn(method, config, baseline=value), config.batch_size)
+        for base, value in baselines.items()
+        if not (own is not None and isinstance(value, float) and value == own)
+    }
+    relative = _curves(model, images, target, maps, baselines, config)
+    return {mode: {b: relative[mode].get(b, entry[mode][b]) for b in config.baselines} for mode in relative}
+
+
+def topk_accuracy(model: VisionTransformer, images: Tensor, labels: Tensor, batch_size: int = 32) -> dict[str, float]:
     """Top-1 and top-5 accuracy (%) of ``model`` on ``images`` ``(N, C, H, W)`` with ``labels`` ``(N,)``."""
     return accuracy_from_logits(predict_logits(model, images, batch_size), labels)
 
@@ -129,7 +194,7 @@ def evaluate_model(
     """Every measurement for one model; post-hoc methods for any model, ``bcos`` for B-cos models."""
     started = time.perf_counter()
     model.eval()
-    logits = predict_logits(model, images, config.batch_size * 8)
+    logits = predict_logits(model, images, config.batch_size)
     result = ModelResult(name, model.is_bcos, accuracy_from_logits(logits, labels))
     log(f"{name}: top-1 {result.accuracy['top1']:.2f}%, top-5 {result.accuracy['top5']:.2f}%")
     subset = images[: config.faithfulness_images]
@@ -155,28 +220,15 @@ def evaluate_model(
             )
             entry[f"grid{grid}"] = game.to_dict(include_scores=False)
         maps = compute_attributions(model, subset, predicted, fn, config.batch_size)
-        for mode in ("deletion", "insertion"):
-            entry[mode] = {
-                base: deletion_insertion(
-                    model,
-                    subset,
-                    predicted,
-                    maps,
-                    steps=config.steps,
-                    baseline=baselines[base],
-                    mode=mode,
-                    batch_size=config.batch_size * 4,
-                ).to_dict()
-                for base in config.baselines
-            }
+        entry.update(_curves(model, subset, predicted, dict.fromkeys(config.baselines, maps), baselines, config))
+        if method in REFERENCE_METHODS:
+            entry["relative"] = _relative_curves(method, entry, model, subset, predicted, baselines, config)
         entry["seconds"] = time.perf_counter() - t0
         result.methods[method] = entry
         games = ", ".join(f"{g}x{g} {entry[f'grid{g}']['mean']:.3f}" for g in config.grids)
-        aucs = " | ".join(
-            f"{mode} AUC " + "/".join(f"{entry[mode][b]['mean_auc']:.3f}" for b in config.baselines)
-            for mode in ("deletion", "insertion")
-        )
-        log(f"  {method:24s} pointing game {games} | {aucs} ({'/'.join(config.baselines)}) | {entry['seconds']:.0f}s")
+        log(f"  {method:24s} pointing game {games} | {_aucs(entry, config)} | {entry['seconds']:.0f}s")
+        if "relative" in entry:
+            log(f"  {'  relative to the baseline':24s} {_aucs(entry['relative'], config)}")
     if model.is_bcos:
         expl = explain(model, subset, target=predicted)
         result.completeness = completeness_stats(expl.completeness_error, expl.outputs)
@@ -186,6 +238,15 @@ def evaluate_model(
         )
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _aucs(curves: dict[str, dict[str, Any]], config: EvalConfig) -> str:
+    """``deletion AUC a/b | insertion AUC c/d (zero/mean)`` for a log line."""
+    aucs = " | ".join(
+        f"{mode} AUC " + "/".join(f"{curves[mode][b]['mean_auc']:.3f}" for b in config.baselines)
+        for mode in ("deletion", "insertion")
+    )
+    return f"{aucs} ({'/'.join(config.baselines)})"
 
 
 # --- figures ---------------------------------------------------------------------------------
@@ -256,17 +317,26 @@ def localisation_figure(results: list[ModelResult], config: EvalConfig) -> Figur
     return fig
 
 
+def _curve_rows(res: ModelResult) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """``(method, label, curves)`` for every method's curves, then its curves relative to the baseline."""
+    for method, entry in res.methods.items():
+        yield method, method, entry
+        if "relative" in entry:
+            yield method, f"{method} relative to the baseline", entry["relative"]
+
+
 def curves_figure(results: list[ModelResult], mode: str, config: EvalConfig) -> Figure:
     """One panel per baseline: mean curve of every (model, method), AUC in the legend."""
     fig = Figure(figsize=(6 * len(config.baselines), 4))
     axes = fig.subplots(1, len(config.baselines), squeeze=False)[0]
+    colours = matplotlib.colormaps["tab20"]  # up to 20 distinguishable curves per panel
     for ax, base in zip(axes, config.baselines):
-        for res in results:
-            for method, entry in res.methods.items():
-                curve = entry[mode][base]
-                style = "-" if res.is_bcos else "--"
-                label = f"{res.name} {method} ({curve['mean_auc']:.3f})"
-                ax.plot(curve["fractions"], curve["mean_curve"], style, label=label)
+        rows = [(res, label, curves) for res in results for _, label, curves in _curve_rows(res)]
+        for i, (res, label, curves) in enumerate(rows):
+            curve = curves[mode][base]
+            style = "-" if res.is_bcos else "--"
+            label = f"{res.name} {label} ({curve['mean_auc']:.3f})"
+            ax.plot(curve["fractions"], curve["mean_curve"], style, color=colours(i % 20), label=label)
         ax.set(
             xlabel=f"fraction of pixels {'removed' if mode == 'deletion' else 'inserted'} (most relevant first)",
             ylabel="probability of the class",
@@ -336,13 +406,16 @@ def _sections(results: list[ModelResult], config: EvalConfig, paths: dict[str, P
     )
     rows = []
     for r in results:
-        for method, e in r.methods.items():
+        for method, label, curves in _curve_rows(r):
+            e = r.methods[method]
             games = [
                 f"{e[f'grid{g}']['mean']:.3f} [{e[f'grid{g}']['ci95'][0]:.3f}, {e[f'grid{g}']['ci95'][1]:.3f}]"
+                if curves is e
+                else "–"
                 for g in config.grids
             ]
-            aucs = [e[mode][b]["mean_auc"] for mode in ("deletion", "insertion") for b in config.baselines]
-            rows.append([r.name, method, *games, *aucs])
+            aucs = [curves[mode][b]["mean_auc"] for mode in ("deletion", "insertion") for b in config.baselines]
+            rows.append([r.name, label, *games, *aucs])
     completeness = [
         [r.name, r.completeness["abs_median"], r.completeness["abs_p99"], r.completeness["abs_max"]]
         for r in results
@@ -356,7 +429,10 @@ def _sections(results: list[ModelResult], config: EvalConfig, paths: dict[str, P
             "1/cells). Deletion/insertion: probability of the predicted class as the most relevant pixels are "
             "removed (set to the baseline value) or inserted into an image of the baseline value; area under the "
             "curve. Baselines: zero = black, mean = the test images' mean pixel value. A pixel already at the "
-            "baseline cannot be removed, so with zero the evidence carried by dark pixels is never deleted.",
+            "baseline cannot be removed, so with zero the evidence carried by dark pixels is never deleted. "
+            "Rows 'relative to the baseline' measure a method with its reference at the replacement value: "
+            "integrated gradients from the all-baseline image, and the B-cos weights applied to the change from "
+            "it, w(x)·([x, 1-x] - [b, 1-b]), instead of w(x)·[x, 1-x] (relative to the encoded input 0).",
             tables=[Table(headers, rows)],
             figures=[paths["localisation.png"], paths["deletion.png"], paths["insertion.png"]],
         ),
