@@ -231,6 +231,11 @@ def test_mosaic_training_resumes_exactly_and_init_from_starts_from_given_weights
     assert tuned["test_top1"] >= 0
     with pytest.raises(ConfigError, match="3x3 mosaic needs at least 9 images per process"):
         train(tiny_config(batch_size=8, mosaic=1.0, mosaic_grid=3), tmp_path / "small", progress=False)
+    canvases = dict(batch_size=8, energy_canvases=4, mosaic_grid=3, epochs=1, train_subset=16, test_subset=16)
+    with pytest.raises(ConfigError, match="3x3 mosaic needs at least 9 images per process"):
+        train(tiny_config(energy_loss=0.5, **canvases), tmp_path / "small-energy", progress=False)
+    # without the energy loss no canvas is built, so a small batch is fine
+    assert train(tiny_config(energy_loss=0.0, **canvases), tmp_path / "no-energy", progress=False)["test_top1"] >= 0
     with pytest.raises(CheckpointError):
         train(tiny_config(init_from=str(tmp_path / "missing")), tmp_path / "bad", progress=False)
     with pytest.raises(CheckpointError):

@@ -391,7 +391,8 @@ def train(
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if config.batch_size % rt.world_size:
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by the {rt.world_size} processes")
-    if (config.mosaic or config.energy_canvases) and config.batch_size // rt.world_size < config.mosaic_grid**2:
+    tiles = config.mosaic or (config.energy_loss and config.energy_canvases)  # canvases are built only then
+    if tiles and config.batch_size // rt.world_size < config.mosaic_grid**2:
         raise ConfigError(
             f"a {config.mosaic_grid}x{config.mosaic_grid} mosaic needs at least {config.mosaic_grid**2} images per "
             f"process, but the batch gives {config.batch_size // rt.world_size}; "
