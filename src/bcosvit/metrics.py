@@ -627,22 +627,24 @@ class CurveResult:
         return out
 
 
-def _pixel_rank(attributions: Tensor) -> Tensor:
-    """``(B, H, W)`` -> ``(B, H·W)`` rank of each pixel, 0 = most relevant; ties in row-major order."""
+def _pixel_order(attributions: Tensor) -> tuple[Tensor, Tensor]:
+    """``(B, H, W)`` -> ``order`` ``(B, H·W)`` (pixel indices, most relevant first; ties in row-major
+    order) and ``rank`` ``(B, H·W)`` (each pixel's position in ``order``, 0 = most relevant)."""
     flat = attributions.reshape(attributions.shape[0], -1)
     order = torch.argsort(flat, dim=1, descending=True, stable=True)
     positions = torch.arange(flat.shape[1], device=flat.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, positions)
+    return order, torch.empty_like(order).scatter_(1, order, positions)
 
 
 def _distinct_steps(
-    images: Tensor, attributions: Tensor, fill: Tensor, counts: Tensor, constant_step: int
+    images: Tensor, order: Tensor, fill: Tensor, counts: Tensor, constant_step: int
 ) -> tuple[Tensor, Tensor]:
     """Which masked images of a deletion or insertion curve differ from the image before them.
 
     The image at step ``k`` depends only on ``key[:, k]``, the number of pixels *not* already at
-    the baseline ``fill`` ``(C, H, W)`` among the top ``counts[k]``: removing (or inserting) a pixel
-    that equals the baseline leaves the image as it was. Equal keys mean equal images.
+    the baseline ``fill`` ``(C, H, W)`` among the top ``counts[k]`` of ``order`` (``_pixel_order``):
+    removing (or inserting) a pixel that equals the baseline leaves the image as it was. Equal keys
+    mean equal images.
 
     Returns:
         ``key`` ``(N, S+1)`` and ``needed`` ``(N, S+1)``: the steps whose image differs both from
@@ -650,7 +652,6 @@ def _distinct_steps(
     """
     n = images.shape[0]
     differs = (images != fill).any(dim=1).flatten(1)  # (N, P)
-    order = torch.argsort(attributions.reshape(n, -1), dim=1, descending=True, stable=True)
     moved = torch.cat([torch.zeros(n, 1, dtype=torch.long), differs.gather(1, order).long().cumsum(dim=1)], dim=1)
     key = moved[:, counts]  # (N, S+1)
     needed = key != key[:, constant_step : constant_step + 1]
@@ -711,7 +712,8 @@ def deletion_insertion(
     # The all-baseline image (deletion's last step, insertion's first) is one image for every input.
     constant_step = steps if mode == "deletion" else 0
     fill = torch.as_tensor(baseline, dtype=images.dtype).expand(c, h, w)
-    key, needed = _distinct_steps(images.cpu(), attributions.cpu(), fill.cpu(), counts, constant_step)
+    order, rank = _pixel_order(attributions.cpu())  # once per image, not once per masked image
+    key, needed = _distinct_steps(images.cpu(), order, fill.cpu(), counts, constant_step)
     image_of, step_of = needed.nonzero(as_tuple=True)
     scores = torch.empty(n, steps + 1, dtype=torch.float64)
     probabilities = torch.empty(image_of.numel(), dtype=torch.float64)
@@ -722,8 +724,8 @@ def deletion_insertion(
         for start in range(0, image_of.numel(), batch_size):
             part = slice(start, start + batch_size)
             x = _to_model(model, images[image_of[part]])
-            rank = _pixel_rank(attributions[image_of[part]].to(x.device))
-            top = (rank < counts[step_of[part]].to(x.device)[:, None]).reshape(-1, 1, h, w)  # (B, 1, H, W)
+            top = rank[image_of[part]] < counts[step_of[part]][:, None]
+            top = top.reshape(-1, 1, h, w).to(x.device)  # (B, 1, H, W)
             x = torch.where(top, base, x) if mode == "deletion" else torch.where(top, x, base)
             probabilities[part] = target_probabilities(model(x), target[image_of[part]], bcos).double().cpu()
     scores[image_of, step_of] = probabilities
