@@ -17,7 +17,8 @@ Settings:
 For every setting the B-cos model and its twin are timed interleaved (within each repeat every
 measured function runs once, in turn, so machine noise hits all of them alike), after ``--warmup``
 untimed rounds; the reported figure is the median over ``--repeats`` rounds. Measured: one full
-training step of each family's recipe (fp32 and bf16 autocast; optionally ``torch.compile``d),
+training step of each family's recipe (fp32, and bf16 autocast where the CPU has native bfloat16 or
+``--precisions`` asks for it; optionally ``torch.compile``d),
 the eval-mode forward pass in ``torch.inference_mode()``, and for the B-cos model the exact
 explanation of the whole batch (``bcosvit.explain``: one forward and one backward pass).
 """
@@ -47,10 +48,12 @@ from torch import Tensor, nn
 import bcosvit
 from bcosvit.fileio import atomic_write
 from bcosvit.models.registry import twin_name
+from bcosvit.precision import autocast, cpu_features, native_bf16, resolve_precision
 from bcosvit.train.recipe import adaptive_clip_grad_, bce_uniform_off_labels
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "throughput.json"
 SEED = 0
+CPU = torch.device("cpu")
 
 # Targets (setting a unless a setting is named in the check).
 MAX_TRAIN_TIME_RATIO = 1.15  # B-cos train step time / standard train step time
@@ -176,10 +179,6 @@ def clip_gradients(bcos: bool, params: list[nn.Parameter]) -> None:
         nn.utils.clip_grad_norm_(params, 1.0)
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager:
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-
-
 def train_step_fn(
     model: bcosvit.VisionTransformer, images: Tensor, labels: Tensor, precision: str = "fp32", compiled: bool = False
 ) -> Step:
@@ -193,7 +192,7 @@ def train_step_fn(
     model.train()
 
     def step() -> None:
-        with autocast(precision):
+        with autocast(precision, CPU):
             logits = net(images)
         loss = recipe_loss(bcos, logits.float(), labels, one_hot)
         optimizer.zero_grad(set_to_none=True)
@@ -246,12 +245,24 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def default_precisions() -> list[str]:
+    """fp32, and bf16 autocast only where the CPU computes bf16 natively (emulated, it is ~15x slower)."""
+    return ["fp32", "bf16"] if native_bf16(CPU) else ["fp32"]
+
+
 def train_rows(
-    setting: Setting, batch: int, models: Sequence[nn.Module], images: Tensor, labels: Tensor, repeats: int, warmup: int
+    setting: Setting,
+    batch: int,
+    models: Sequence[nn.Module],
+    images: Tensor,
+    labels: Tensor,
+    repeats: int,
+    warmup: int,
+    precisions: Sequence[str] = ("fp32", "bf16"),
 ) -> list[Row]:
-    """Train step, fp32 and bf16 autocast, B-cos and standard interleaved (each on its own copy)."""
+    """Train step in each precision, B-cos and standard interleaved (each on its own copy)."""
     rows = []
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         metric = f"train step {precision}" + (" autocast" if precision == "bf16" else "")
         log(f"[{setting.key}] {metric} ...")
         steps = [train_step_fn(copy.deepcopy(m), images, labels, precision) for m in models]
@@ -314,16 +325,32 @@ def compiled_row(
     return row
 
 
+def benchmark_setting_rows(
+    setting: Setting,
+    batch: int,
+    repeats: int,
+    warmup: int,
+    precisions: Sequence[str],
+    inference: bool = True,
+    compiled: bool = False,
+) -> list[Row]:
+    """Train steps in each precision, then (``inference``) forward and explanation, then
+    (``compiled``) the ``torch.compile``d fp32 train step, for one setting's model pair."""
+    models = build_models(setting)
+    images, labels = make_batch(setting, batch)
+    rows = train_rows(setting, batch, models, images, labels, repeats, warmup, precisions)
+    if inference:
+        rows[1:1] = inference_rows(setting, batch, models, images, repeats, warmup)
+    if compiled:
+        rows.append(compiled_row(setting, batch, models, images, labels, repeats, warmup))
+    return rows
+
+
 def benchmark_setting(setting: Setting, args: argparse.Namespace) -> tuple[int, list[Row]]:
     """All rows of one setting; returns the batch size used and the rows."""
     batch = setting.quick_batch if args.quick else setting.batch
     log(f"[{setting.key}] {setting.describe(batch)}")
-    models = build_models(setting)
-    images, labels = make_batch(setting, batch)
-    rows = train_rows(setting, batch, models, images, labels, args.repeats, args.warmup)
-    rows[1:1] = inference_rows(setting, batch, models, images, args.repeats, args.warmup)
-    if args.compile:
-        rows.append(compiled_row(setting, batch, models, images, labels, args.repeats, args.warmup))
+    rows = benchmark_setting_rows(setting, batch, args.repeats, args.warmup, args.precisions, compiled=args.compile)
     return batch, rows
 
 
@@ -346,6 +373,8 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
+    info["cpu_features"] = cpu_features()
+    info["precision_auto"] = str(resolve_precision("auto", CPU))
     with contextlib.suppress(OSError):
         info["load_average_1_5_15min"] = [round(x, 2) for x in os.getloadavg()]
     return info
@@ -357,7 +386,7 @@ def machine_line(info: dict[str, Any]) -> str:
     return (
         f"machine: {info['cpu_model']}, {info['cpu_count']} cores (os.cpu_count), "
         f"torch.get_num_threads() = {info['torch_num_threads']}, torch {info['torch_version']}, "
-        f"{info['date']}{load_text}"
+        f"{info['date']}{load_text}; precision auto: {info['precision_auto']}"
     )
 
 
@@ -477,6 +506,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--threads", type=positive_int, default=None, help="torch.set_num_threads(N); None keeps torch's own choice"
     )
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd train steps")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=["fp32", "bf16"],
+        default=default_precisions(),
+        help="train-step precisions to time (default: bf16 only where this CPU has it natively)",
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write all numbers")
     quick_batches = ", ".join(f"{key}: {s.quick_batch}" for key, s in SETTINGS.items())
     parser.add_argument(

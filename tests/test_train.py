@@ -330,7 +330,7 @@ def test_presets_cover_every_small_and_published_model_and_resolve_the_published
     [
         ({"epochs": 0}, "epochs must be >= 1"),
         ({"optimizer": "rmsprop"}, "optimizer must be"),
-        ({"precision": "fp8"}, "precision must be fp32 or bf16"),
+        ({"precision": "fp8"}, "precision must be auto, fp32 or bf16"),
         ({"model": "bcos_vit_huge"}, "unknown model name"),
         ({"model_options": {"pos_embed": "spiral"}}, "pos_embed must be one of"),
         ({"mosaic": 1.5}, "mosaic probability must lie in"),

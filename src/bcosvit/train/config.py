@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from ..data import DATASETS
 from ..errors import ConfigError
 from ..models.registry import list_models, model_config
+from ..precision import PRECISIONS
 
 
 @dataclass
@@ -49,8 +50,8 @@ class TrainConfig:
     init_from: str | None = None  # start from these weights (run folder or .safetensors), e.g. a stage-1 run
     label_smoothing: float = 0.0  # standard models only
     ema: float = 0.0  # EMA decay per step; 0 disables it
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
-    compile: bool = False  # torch.compile the model for training
+    precision: str = "auto"  # "auto" (bf16 where the hardware has it natively, else fp32), "fp32" or "bf16"
+    compile: bool = False  # torch.compile the model for training (skipped with a message where it cannot run)
     seed: int = 0
     num_workers: int = 0
     explain_examples: bool = True  # write an explanation figure for test images at the end
@@ -89,7 +90,7 @@ class TrainConfig:
             ),
             (0 <= self.ema < 1, f"ema decay must lie in [0, 1), got {self.ema}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {self.label_smoothing}"),
-            (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}"),
+            (self.precision in PRECISIONS, f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
             (
                 self.train_subset is None or self.train_subset >= 1,
@@ -141,7 +142,7 @@ class TrainConfig:
 def _fmnist(model: str, **kw) -> TrainConfig:
     """Fashion-MNIST recipe shared by every small model (B-cos or standard: only 'auto' choices differ)."""
     base = dict(
-        model=model, dataset="fashion-mnist", epochs=20, batch_size=128, lr=1e-3, warmup_steps=1000, precision="bf16"
+        model=model, dataset="fashion-mnist", epochs=20, batch_size=128, lr=1e-3, warmup_steps=1000, compile=True
     )
     if not model.startswith("bcos_"):
         base["weight_decay"] = 0.05
@@ -163,7 +164,7 @@ def _imagenet(model: str) -> TrainConfig:
         warmup_steps=50_000 if big else 10_000,
         randaugment=10,
         mixup=0.2,
-        precision="bf16",
+        compile=True,
         num_workers=8,
     )
 

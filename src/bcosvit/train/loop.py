@@ -8,7 +8,6 @@ config, metrics), ``state.pt`` (optimizer, schedule, EMA, history: what ``--resu
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -33,6 +32,7 @@ from ..explain import explain
 from ..fileio import atomic_write
 from ..models.registry import create_model
 from ..models.vit import VisionTransformer
+from ..precision import autocast, compile_available, resolve_precision
 from .config import TrainConfig
 from .recipe import (
     adaptive_clip_grad_,
@@ -124,12 +124,6 @@ def build_model(config: TrainConfig, spec) -> VisionTransformer:
     return create_model(config.model, num_classes=spec.num_classes, class_names=list(spec.classes), **options)
 
 
-def _autocast(config: TrainConfig, device: torch.device):
-    if config.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def loss_function(config: TrainConfig):
     """``(logits, soft_targets) -> loss`` for the resolved recipe."""
     if config.loss == "bce":
@@ -139,14 +133,15 @@ def loss_function(config: TrainConfig):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, config: TrainConfig, device: torch.device) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean loss over ``loader``."""
+    """Top-1 / top-5 accuracy (%) and mean loss over ``loader``; ``config.precision`` must be resolved
+    (``"fp32"`` or ``"bf16"``, not ``"auto"``)."""
     model.eval()
     loss_fn = loss_function(config)
     correct1 = correct5 = total = 0
     loss_sum = 0.0
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
-        with _autocast(config, device):
+        with autocast(config.precision, device):
             logits = model(images).float()
         targets = F.one_hot(labels, logits.shape[1]).float()
         loss_sum += float(loss_fn(logits, targets)) * len(labels)
@@ -212,6 +207,10 @@ def _save_run(
     _plot_curves(history, out / "curves.png")
 
 
+# Settings that may change when a run is resumed: how long it runs and how it is executed.
+_RESUMABLE_CHANGES = ("epochs", "num_workers", "explain_examples", "precision", "compile")
+
+
 def _load_resume_state(out: Path, config: TrainConfig) -> dict[str, Any]:
     path = out / "state.pt"
     if not path.exists():
@@ -223,7 +222,7 @@ def _load_resume_state(out: Path, config: TrainConfig) -> dict[str, Any]:
     stored = dict(state.get("config", {}))
     current = config.to_dict()
     differs = sorted(
-        k for k in current if k not in ("epochs", "num_workers", "explain_examples") and stored.get(k) != current[k]
+        k for k in current if k not in _RESUMABLE_CHANGES and stored.get(k) != current[k]
     )
     if differs:
         raise ConfigError(
@@ -320,7 +319,7 @@ class _Trainer:
         explanation keeps its graph so the loss trains the weights through it."""
         pick = torch.randint(cells.shape[1], (cells.shape[0], 1), device=cells.device)
         target = cells.gather(1, pick).squeeze(1)
-        with _autocast(self.config, self.rt.device):
+        with autocast(self.recipe.precision, self.rt.device):
             maps = explain(self.model, canvases, target, create_graph=True).contributions
         loss = energy_loss(maps.float(), cells == target[:, None], grid)
         self.energy_sum, self.energy_batches = self.energy_sum + loss.item(), self.energy_batches + 1
@@ -352,7 +351,7 @@ class _Trainer:
             images, summed = mosaic(images, targets, grid)
             cells = mosaic_cells(targets, grid, len(images))
             targets = mosaic_targets(summed, grid * grid, recipe.loss)
-        with _autocast(config, self.rt.device):
+        with autocast(recipe.precision, self.rt.device):
             logits = self.net(images)
         classification = self.loss_fn(logits.float(), targets)
         loss = classification
@@ -384,8 +383,9 @@ def train(
     fit a time-limited session; the schedule still follows ``config.epochs``.
     """
     config.validate()
-    recipe = config.resolved()
     rt = setup_distributed()
+    choice = resolve_precision(config.precision, rt.device)
+    recipe = dataclasses.replace(config.resolved(), precision=choice.precision)
     out = Path(out)
     if rt.is_main and not resume and (out / "state.pt").exists():
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
@@ -424,8 +424,13 @@ def train(
     net: nn.Module = model
     if rt.world_size > 1:
         net = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    compiled = False
     if config.compile:
-        net = torch.compile(net)
+        compiled, why_not = compile_available(rt.device)
+        if compiled:
+            net = torch.compile(net)
+        elif rt.is_main:
+            print(f"torch.compile skipped: {why_not}")
     trainer = _Trainer(
         net, model, optimizer, ema, config, recipe, rt, data.spec.num_classes, steps_per_epoch * config.epochs
     )
@@ -436,6 +441,10 @@ def train(
             f"{data.num_test} test images, {config.epochs} epochs of {steps_per_epoch} steps, "
             f"batch {config.batch_size} on {rt.world_size} process(es), {torch.get_num_threads()} threads each; "
             f"run folder {out}"
+        )
+        print(
+            f"precision {choice}; "
+            + ("torch.compile on (the first step compiles)" if compiled else "no torch.compile (eager)")
         )
     metrics: dict[str, Any] = history[-1] if history else {}
     last_epoch = config.epochs if stop_after is None else min(config.epochs, start_epoch - 1 + stop_after)
@@ -469,6 +478,7 @@ def train(
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_seconds": elapsed,
             "train_images_per_s": steps_per_epoch * config.batch_size / elapsed,
+            "precision": recipe.precision,
         }
         check_replicas_in_sync(model, f"after epoch {epoch}")
         energy = trainer.pop_energy()

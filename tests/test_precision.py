@@ -1,0 +1,92 @@
+"""Precision chosen by the hardware: bf16 autocast only where bfloat16 is native."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bcosvit import precision
+from bcosvit.precision import resolve_precision
+from bcosvit.train import PRESETS, TrainConfig, train
+from bcosvit.train import loop as train_loop
+
+SUBSET = str(Path(__file__).parent / "data" / "fashion-mnist")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def avx2_only(monkeypatch):
+    """A CPU like the project's check machines: AVX2, no AVX512-BF16, no AMX."""
+    monkeypatch.setattr(
+        precision, "cpu_features", lambda: {"avx2": True, "avx512": False, "avx512_bf16": False, "amx": False}
+    )
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    monkeypatch.setattr(
+        precision, "cpu_features", lambda: {"avx2": True, "avx512": True, "avx512_bf16": True, "amx": False}
+    )
+
+
+def test_auto_picks_fp32_on_a_cpu_without_native_bf16(avx2_only):
+    choice = resolve_precision("auto", CPU)
+    assert choice.precision == "fp32"
+    assert "no native bfloat16" in choice.reason and "avx2" in choice.reason
+
+
+def test_auto_picks_bf16_on_a_cpu_with_avx512_bf16(bf16_cpu):
+    assert resolve_precision("auto", CPU).precision == "bf16"
+
+
+def test_explicit_precisions_are_kept_and_slow_bf16_is_flagged(avx2_only):
+    assert resolve_precision("fp32", CPU).precision == "fp32"
+    choice = resolve_precision("bf16", CPU)
+    assert choice.precision == "bf16" and "expect a slow run" in choice.reason
+
+
+def test_every_preset_trains_in_fp32_on_a_cpu_without_native_bf16(avx2_only):
+    chosen = {name: resolve_precision(preset.precision, CPU).precision for name, preset in PRESETS.items()}
+    assert set(chosen.values()) == {"fp32"}, {n: p for n, p in chosen.items() if p != "fp32"}
+
+
+def test_training_prints_and_records_the_chosen_precision(avx2_only, monkeypatch, tmp_path, capsys):
+    used = []
+    real = precision.autocast
+    monkeypatch.setattr(train_loop, "autocast", lambda p, d: used.append(p) or real(p, d))
+    config = TrainConfig(
+        model="bcos_vit_nano_patch4_28",
+        data_dir=SUBSET,
+        train_subset=64,
+        test_subset=32,
+        epochs=1,
+        batch_size=32,
+        warmup_steps=1,
+        explain_examples=False,
+    )
+    assert config.precision == "auto"
+    metrics = train(config, tmp_path, progress=False)
+    assert "precision fp32 (auto: no native bfloat16" in capsys.readouterr().out
+    assert metrics["precision"] == "fp32"
+    assert used and set(used) == {"fp32"}
+
+
+def test_compile_is_skipped_with_a_message_where_no_compiler_exists(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(precision.shutil, "which", lambda name: None)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: compiled.append(net) or net)
+    config = TrainConfig(
+        model="bcos_vit_nano_patch4_28",
+        data_dir=SUBSET,
+        train_subset=64,
+        test_subset=32,
+        epochs=1,
+        batch_size=32,
+        warmup_steps=1,
+        compile=True,
+        precision="fp32",
+        explain_examples=False,
+    )
+    train(config, tmp_path, progress=False)
+    assert "torch.compile skipped: no C++ compiler" in capsys.readouterr().out
+    assert not compiled
