@@ -9,18 +9,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import bcosvit
 from bcosvit.layers import (
     AddInverse,
-    AdditivePositionalEmbedding,
     Attention,
     BcosConv2d,
     BcosLayerNorm,
     BcosLayerNorm2d,
     BcosLinear,
     DistancePenalty,
+    LayerNorm2d,
+    LearnedPositionalEmbedding,
     LogitBias,
     Normalize,
     Rotary2d,
+    SinCosPositionalEmbedding,
     explanation_mode,
     is_explanation_mode,
     set_explanation_mode,
@@ -417,7 +420,7 @@ def test_sincos_embedding_matches_formula_on_small_grid():
 
 
 def test_learned_positional_embedding_is_resized_in_row_major_order():
-    pos = AdditivePositionalEmbedding(4, (2, 3), learned=True).double()
+    pos = LearnedPositionalEmbedding(4, (2, 3)).double()
     with torch.no_grad():  # depends on the row only
         pos.weight.copy_(torch.arange(2, dtype=D64).repeat_interleave(3)[:, None] * torch.tensor([1.0, 2, 3, 4]))
     assert pos.embedding((2, 3)) is pos.weight
@@ -429,7 +432,7 @@ def test_learned_positional_embedding_is_resized_in_row_major_order():
 
 
 def test_sincos_positional_embedding_gives_the_formula_for_other_grids():
-    pos = AdditivePositionalEmbedding(8, (2, 2))
+    pos = SinCosPositionalEmbedding(8, (2, 2))
     torch.testing.assert_close(pos.embedding((3, 4)), sincos_2d((3, 4), 8))
     assert not any(True for _ in pos.parameters())
 
@@ -480,3 +483,85 @@ def test_rotary_scores_depend_only_on_position_difference_along_one_axis(axis):
     rotated = rot(q, grid)[0, 0]
     untouched = [2, 3, 6, 7] if axis == "rows" else [0, 1, 4, 5]
     torch.testing.assert_close(rotated[:, untouched], q[0, 0][:, untouched])
+
+
+# --- reset_parameters: outside tools re-initialise layers through it --------------------------------------
+
+# How to build a fresh module like ``m`` (same shapes and options), for every parameter-owning type.
+_REBUILD = {
+    BcosLinear: lambda m: BcosLinear(m.in_features, m.out_features, b=m.b, max_out=m.max_out),
+    BcosConv2d: lambda m: BcosConv2d(
+        m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding, b=m.b, max_out=m.max_out
+    ),
+    BcosLayerNorm: lambda m: BcosLayerNorm(m.dim, eps=m.eps),
+    BcosLayerNorm2d: lambda m: BcosLayerNorm2d(m.channels, eps=m.eps),
+    LearnedPositionalEmbedding: lambda m: LearnedPositionalEmbedding(m.dim, m.grid),
+    nn.Linear: lambda m: nn.Linear(m.in_features, m.out_features, bias=m.bias is not None),
+    nn.Conv2d: lambda m: nn.Conv2d(
+        m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding, bias=m.bias is not None
+    ),
+    nn.LayerNorm: lambda m: nn.LayerNorm(m.normalized_shape, eps=m.eps, bias=m.bias is not None),
+    LayerNorm2d: lambda m: LayerNorm2d(m.num_channels, eps=m.eps),
+}
+
+
+def _owns_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))
+
+
+@pytest.fixture(scope="module")
+def parameter_owning_layers() -> dict[type, nn.Module]:
+    """One module of each parameter-owning type found in tiny builds of every registered model.
+
+    Learned positional embeddings and MaxOut units are options, not registered configurations: the
+    nano pair is also built with them.
+    """
+    builds = []
+    for name in bcosvit.list_models():
+        patch = bcosvit.models.model_config(name).patch_size
+        builds.append(bcosvit.create_model(name, image_size=2 * patch, embed_dim=8, depth=1, num_heads=2))
+    for name in ("bcos_vit_nano_patch4_28", "vit_nano_patch4_28"):
+        options = dict(image_size=8, embed_dim=8, depth=1, num_heads=2, pos_embed="learned", max_out=2)
+        builds.append(bcosvit.create_model(name, **options))
+    return {type(m): m for model in builds for m in model.modules() if _owns_parameters(m)}
+
+
+def test_every_parameter_owning_layer_in_the_registry_models_has_reset_parameters(parameter_owning_layers):
+    missing = [t.__name__ for t in parameter_owning_layers if not hasattr(t, "reset_parameters")]
+    assert not missing, f"layers with parameters but no reset_parameters (invisible to Quantus' MPRT): {missing}"
+    unknown = [t.__name__ for t in parameter_owning_layers if t not in _REBUILD]
+    assert not unknown, f"new parameter-owning layer types, add them to _REBUILD: {unknown}"
+    assert {BcosLinear, BcosConv2d, BcosLayerNorm, BcosLayerNorm2d, LearnedPositionalEmbedding} <= set(
+        parameter_owning_layers
+    )
+
+
+def test_reset_parameters_redraws_exactly_what_the_constructor_draws(parameter_owning_layers):
+    # Same seed, same values: the constructor's only initialisation is its call of reset_parameters.
+    for kind, example in parameter_owning_layers.items():
+        torch.manual_seed(1)
+        layer = _REBUILD[kind](example)
+        initial = {name: p.detach().clone() for name, p in layer.named_parameters()}
+        with torch.no_grad():  # as after training: every value moved
+            for p in layer.parameters():
+                p.add_(1.0 + torch.rand_like(p))
+        torch.manual_seed(1)
+        layer.reset_parameters()
+        for name, p in layer.named_parameters():
+            assert torch.equal(p, initial[name]), f"{kind.__name__}.{name} is not re-initialised as constructed"
+
+
+@pytest.mark.parametrize(
+    "make_layer, input_shape",
+    [(lambda: BcosLinear(6, 4), (2, 6)), (lambda: BcosConv2d(2, 4, 3, padding=1), (2, 2, 5, 5))],
+    ids=["linear", "conv"],
+)
+def test_bcos_layer_reset_draws_new_weight_directions_not_a_rescale(make_layer, input_shape):
+    # B-cos layers normalise their weights, so a reset that only rescaled them would change nothing.
+    layer, x = make_layer(), torch.rand(input_shape)
+    with torch.no_grad():
+        before = layer(x)
+        torch.manual_seed(123)
+        layer.reset_parameters()
+        after = layer(x)
+    assert (after - before).abs().max() > 0.1 * before.abs().max()

@@ -5,7 +5,14 @@ from .bcos import BcosConv2d, BcosLinear
 from .detach import DetachableModule, explanation_mode, is_explanation_mode, set_explanation_mode
 from .encoding import AddInverse, LogitBias, Normalize
 from .norm import BcosLayerNorm, BcosLayerNorm2d, LayerNorm2d
-from .position import AdditivePositionalEmbedding, DistancePenalty, Rotary2d, sincos_2d
+from .position import (
+    AdditivePositionalEmbedding,
+    DistancePenalty,
+    LearnedPositionalEmbedding,
+    Rotary2d,
+    SinCosPositionalEmbedding,
+    sincos_2d,
+)
 from .sets import LayerSet, bcos_layer_set, standard_layer_set
 
 __all__ = [
@@ -20,9 +27,11 @@ __all__ = [
     "DistancePenalty",
     "LayerNorm2d",
     "LayerSet",
+    "LearnedPositionalEmbedding",
     "LogitBias",
     "Normalize",
     "Rotary2d",
+    "SinCosPositionalEmbedding",
     "bcos_layer_set",
     "explanation_mode",
     "is_explanation_mode",

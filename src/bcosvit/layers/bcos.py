@@ -98,6 +98,10 @@ class BcosLinear(DetachableModule):
         self.b = float(b)
         self.max_out = max_out
         self.weight = nn.Parameter(torch.empty(out_features * max_out, in_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw new random weight directions (``nn.Linear``'s default init; only the direction matters)."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -145,6 +149,10 @@ class BcosConv2d(DetachableModule):
         self.b = float(b)
         self.max_out = max_out
         self.weight = nn.Parameter(torch.empty(out_channels * max_out, in_channels, kernel_size, kernel_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw new random kernel directions (``nn.Conv2d``'s default init; only the direction matters)."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -36,37 +36,70 @@ def sincos_2d(grid: Grid, dim: int, temperature: float = 10000.0, dtype: torch.d
 
 
 class AdditivePositionalEmbedding(nn.Module):
-    """Adds a positional embedding to tokens: ``(N, L, D), grid -> (N, L, D)``.
+    """Base of the embeddings added to tokens: ``(N, L, D), grid -> (N, L, D)``.
 
-    ``learned=False`` gives the fixed sin-cos embedding for any grid; ``learned=True`` a learned
-    embedding for ``grid``, bicubically resized for other grids.
+    ``weight`` is the ``(L, D)`` embedding of the ``grid`` the model was built for; subclasses say
+    how to get the embedding of another grid.
     """
 
-    def __init__(self, dim: int, grid: Grid, learned: bool = False) -> None:
+    learned: bool
+
+    def __init__(self, dim: int, grid: Grid) -> None:
         super().__init__()
         self.dim = dim
         self.grid = tuple(grid)
-        self.learned = learned
-        if learned:
-            self.weight = nn.Parameter(torch.randn(grid[0] * grid[1], dim) * 0.02)
-        else:
-            self.register_buffer("weight", sincos_2d(self.grid, dim), persistent=False)
 
     def embedding(self, grid: Grid) -> Tensor:
         """The ``(L, D)`` embedding added for a token grid ``(rows, cols)``."""
         if tuple(grid) == self.grid:
             return self.weight
-        if not self.learned:
-            return sincos_2d(grid, self.dim, dtype=self.weight.dtype).to(self.weight.device)
-        square = self.weight.T.reshape(1, self.dim, *self.grid)
-        resized = F.interpolate(square, size=tuple(grid), mode="bicubic", align_corners=False)
-        return resized.reshape(self.dim, -1).T
+        return self._embedding_for_other_grid(tuple(grid))
+
+    def _embedding_for_other_grid(self, grid: Grid) -> Tensor:
+        raise NotImplementedError
 
     def forward(self, tokens: Tensor, grid: Grid) -> Tensor:
         return tokens + self.embedding(grid)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, grid={self.grid}, learned={self.learned}"
+
+
+class SinCosPositionalEmbedding(AdditivePositionalEmbedding):
+    """The fixed 2-D sin-cos embedding, computed by formula for any grid.
+
+    It has no parameters and so no ``reset_parameters``: tools that randomise every layer having
+    one (Quantus' model-parameter randomisation) would otherwise count a layer that cannot change.
+    """
+
+    learned = False
+
+    def __init__(self, dim: int, grid: Grid) -> None:
+        super().__init__(dim, grid)
+        self.register_buffer("weight", sincos_2d(self.grid, dim), persistent=False)
+
+    def _embedding_for_other_grid(self, grid: Grid) -> Tensor:
+        return sincos_2d(grid, self.dim, dtype=self.weight.dtype).to(self.weight.device)
+
+
+class LearnedPositionalEmbedding(AdditivePositionalEmbedding):
+    """A learned embedding for ``grid``, bicubically resized for other grids."""
+
+    learned = True
+
+    def __init__(self, dim: int, grid: Grid) -> None:
+        super().__init__(dim, grid)
+        self.weight = nn.Parameter(torch.empty(self.grid[0] * self.grid[1], dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw a new embedding from ``N(0, 0.02²)``."""
+        nn.init.normal_(self.weight, std=0.02)
+
+    def _embedding_for_other_grid(self, grid: Grid) -> Tensor:
+        square = self.weight.T.reshape(1, self.dim, *self.grid)
+        resized = F.interpolate(square, size=grid, mode="bicubic", align_corners=False)
+        return resized.reshape(self.dim, -1).T
 
 
 class Rotary2d(nn.Module):

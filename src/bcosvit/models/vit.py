@@ -23,9 +23,11 @@ from ..layers import (
     Attention,
     DistancePenalty,
     LayerSet,
+    LearnedPositionalEmbedding,
     LogitBias,
     Normalize,
     Rotary2d,
+    SinCosPositionalEmbedding,
     bcos_layer_set,
     standard_layer_set,
 )
@@ -196,6 +198,15 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x)), attn
 
 
+def _additive_positional_embedding(scheme: str, dim: int, grid: Grid) -> AdditivePositionalEmbedding | None:
+    """The embedding added to the tokens for a ``pos_embed`` scheme (None: the scheme adds none)."""
+    if scheme == "sincos":
+        return SinCosPositionalEmbedding(dim, grid)
+    if scheme == "learned":
+        return LearnedPositionalEmbedding(dim, grid)
+    return None
+
+
 class VisionTransformer(nn.Module):
     """A ViT (mean-pooled, no class token) built as a B-cos model or a standard twin.
 
@@ -236,11 +247,7 @@ class VisionTransformer(nn.Module):
             self.tokenizer = ConvStem(encoded_chans, list(config.stem_channels), list(strides), dim, layers)
 
         grid = (config.image_size // config.patch_size,) * 2
-        self.pos_embed = (
-            AdditivePositionalEmbedding(dim, grid, learned=config.pos_embed == "learned")
-            if config.pos_embed in ("sincos", "learned")
-            else None
-        )
+        self.pos_embed = _additive_positional_embedding(config.pos_embed, dim, grid)
         rotary = Rotary2d(dim // config.num_heads) if config.pos_embed == "rope" else None
         penalty = DistancePenalty(config.attn_distance_penalty) if config.attn_distance_penalty > 0 else None
         self.blocks = nn.ModuleList(
