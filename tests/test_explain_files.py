@@ -101,3 +101,23 @@ def test_explanation_of_a_file_is_complete(run, files):
     image = load_image(files / "boot.png", 1, 28).tensor[None]
     e = bcosvit.explain(model, image, target=torch.tensor([[9, 7]]))
     assert float(e.completeness_error.max()) < 1e-5
+
+
+def test_explain_shows_a_file_name_with_dollar_signs_literally(run, files, tmp_path, monkeypatch, capsys):
+    from bcosvit import explain_files as module
+
+    titles = []
+
+    def save_and_record_title(figure, path, **kwargs):
+        shown, is_math = figure._suptitle._preprocess_math(figure._suptitle.get_text())
+        titles.append(None if is_math else shown)
+        return save_figure(figure, path, **kwargs)
+
+    save_figure = module.save_figure
+    monkeypatch.setattr(module, "save_figure", save_and_record_title)
+    names = ["a$x^2$.png", r"b$\foo$.png"]  # mathtext that renders wrongly / fails to parse
+    for name in names:
+        (files / name).write_bytes((files / "boot.png").read_bytes())
+    code = main(["explain", *(str(files / n) for n in names), "--checkpoint", str(run), "--out", str(tmp_path / "o")])
+    assert code == 0, capsys.readouterr()
+    assert titles == names

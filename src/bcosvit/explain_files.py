@@ -11,7 +11,7 @@ from .errors import ConfigError, InputError
 from .explain import explain
 from .imageio import LoadedImage, load_image
 from .models.vit import VisionTransformer
-from .visualize import explanation_figure, save_figure
+from .visualize import explanation_figure, literal_text, save_figure
 
 
 @dataclass
@@ -74,7 +74,7 @@ def explain_files(
         probabilities = expl.probabilities.gather(1, targets)
         for i, item in enumerate(chunk):
             figure = explanation_figure(images[i : i + 1], expl[i], class_names=names)
-            figure.suptitle(item.path.name)
+            figure.suptitle(literal_text(item.path.name))
             path = save_figure(figure, out / f"{item.path.stem}.png")
             classes = targets[i].tolist()
             probs = probabilities[i].tolist()
