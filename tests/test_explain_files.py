@@ -1,5 +1,12 @@
 """``bcosvit explain``: any image file in, one figure per image out; bad files are reported and skipped."""
 
+import io
+import os
+import struct
+import threading
+import warnings
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -121,3 +128,125 @@ def test_explain_shows_a_file_name_with_dollar_signs_literally(run, files, tmp_p
     code = main(["explain", *(str(files / n) for n in names), "--checkpoint", str(run), "--out", str(tmp_path / "o")])
     assert code == 0, capsys.readouterr()
     assert titles == names
+
+
+# ------------------------------------------------------------------------------------------------
+# bit depths, orientation and transparency
+
+
+def test_load_image_keeps_the_levels_of_a_16_bit_png(tmp_path):
+    levels = np.linspace(0, 65535, 28 * 28).round().astype(np.uint16).reshape(28, 28)
+    Image.fromarray(levels).save(tmp_path / "deep.png")
+    item = load_image(tmp_path / "deep.png", 1, 28)
+    assert item.original_mode == "I;16"
+    np.testing.assert_allclose(item.tensor[0].numpy(), levels / 65535, atol=1e-6)
+    assert any("16-bit" in note for note in item.notes)
+
+
+def test_load_image_uses_float_tiff_values_in_0_1_as_they_are_and_scales_others(tmp_path):
+    gradient = np.linspace(0, 1, 28 * 28, dtype=np.float32).reshape(28, 28)
+    Image.fromarray(gradient).save(tmp_path / "unit.tif")
+    Image.fromarray(gradient * 5 - 2).save(tmp_path / "wide.tif")
+    unit = load_image(tmp_path / "unit.tif", 1, 28)
+    np.testing.assert_allclose(unit.tensor[0].numpy(), gradient, atol=1e-6)
+    assert unit.notes == []
+    wide = load_image(tmp_path / "wide.tif", 1, 28)
+    np.testing.assert_allclose(wide.tensor[0].numpy(), gradient, atol=1e-6)
+    assert any("values in [-2, 3] min-max scaled to [0, 1]" in note for note in wide.notes)
+
+
+@pytest.mark.parametrize(("orientation", "turns"), [(6, -1), (8, 1)])  # 6: turn clockwise; 8: anticlockwise
+def test_load_image_turns_a_photo_upright_by_its_exif_orientation(tmp_path, orientation, turns):
+    stored = np.zeros((28, 28), np.uint8)
+    stored[:4, :10] = 255  # a bar along the top-left edge
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif)
+    item = load_image(tmp_path / "photo.png", 1, 28)
+    np.testing.assert_array_equal(item.tensor[0].numpy(), np.rot90(stored, turns) / 255)
+    assert any(f"EXIF orientation {orientation}" in note for note in item.notes)
+
+
+def _cut_out(mode: str) -> Image.Image:
+    """A white square on a transparent white background in ``mode``."""
+    if mode == "P":
+        image = Image.new("P", (28, 28), 1)  # palette entry 1 (white) is the transparent background
+        image.putpalette([255, 255, 255] * 2)
+        image.paste(0, (8, 8, 20, 20))
+        image.info["transparency"] = 1
+        return image
+    rgba = np.full((28, 28, 4), 255, np.uint8)
+    rgba[..., 3] = 0
+    rgba[8:20, 8:20, 3] = 255
+    return Image.fromarray(rgba).convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_load_image_composites_transparency_on_the_background_black_by_default(tmp_path, mode):
+    _cut_out(mode).save(tmp_path / "cut.png")
+    item = load_image(tmp_path / "cut.png", 1, 28)
+    assert float(item.tensor[0, 0, 0]) == 0.0 and float(item.tensor[0, 14, 14]) == 1.0
+    assert any("transparency composited on a black background" in note for note in item.notes)
+    assert float(load_image(tmp_path / "cut.png", 3, 28, background=1.0).tensor[:, 0, 0].min()) == 1.0
+    four = load_image(tmp_path / "cut.png", 4, 28)  # a model with an alpha channel gets the alpha
+    assert float(four.tensor[3, 0, 0]) == 0.0 and float(four.tensor[3, 14, 14]) == 1.0
+
+
+def test_load_image_rejects_a_background_outside_0_1(files):
+    with pytest.raises(bcosvit.ConfigError, match=r"background must be .* in \[0, 1\], got 2"):
+        load_image(files / "boot.png", 1, 28, background=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# files that must not be decoded or opened
+
+
+def _png_claiming_size(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims ``width`` x ``height`` pixels."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[12:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(header))
+    return bytes(data)
+
+
+def test_explain_skips_images_above_the_pixel_limit_and_explains_the_others(run, files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # boot.png has 784 pixels
+    Image.new("L", (40, 40)).save(files / "big.png")  # 1600 pixels: Pillow itself only warns
+    (files / "bomb.png").write_bytes(_png_claiming_size(100_000, 100_000))  # Pillow raises
+    paths = [str(files / name) for name in ("big.png", "bomb.png", "boot.png")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["explain", *paths, "--checkpoint", str(run), "--out", str(tmp_path / "out")])
+    text = capsys.readouterr().out
+    assert code == 1  # some files skipped, the others explained
+    assert f"skipped {files / 'big.png'}: {files / 'big.png'} is 40x40 = 1600 pixels, more than the 1000" in text
+    assert f"skipped {files / 'bomb.png'}: {files / 'bomb.png'} is too large to read safely" in text
+    assert "wrote 1 figure(s)" in text
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_explain_refuses_a_fifo_at_once_and_explains_the_others(run, files, tmp_path, capsys):
+    fifo = files / "pipe.png"
+    os.mkfifo(fifo)
+    result = {}
+    args = ["explain", str(fifo), str(files / "boot.png"), "--checkpoint", str(run), "--out", str(tmp_path / "out")]
+    worker = threading.Thread(target=lambda: result.update(code=main(args)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    if worker.is_alive():  # unblock the reader hanging in open() before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(timeout=10)
+        pytest.fail("explain blocked on a FIFO")
+    assert result["code"] == 1
+    assert f"skipped {fifo}: {fifo} is a named pipe (FIFO), not an image file" in capsys.readouterr().out
+
+
+def test_explain_command_rejects_a_background_outside_0_1_before_writing(run, files, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["explain", str(files / "alpha.png"), "--checkpoint", str(run), "--out", str(out), "--background", "2"]
+    assert main(args) == 2
+    assert "background must be a grey level or an (R, G, B) triple in [0, 1], got 2.0" in capsys.readouterr().err
+    assert not out.exists()

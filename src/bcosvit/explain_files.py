@@ -44,9 +44,11 @@ def explain_files(
     target: str | None = None,
     topk: int = 2,
     batch_size: int = 32,
+    background: float = 0.0,
 ) -> tuple[list[FileExplanation], list[tuple[Path, str]]]:
     """Explain each readable image in ``paths``; returns the explanations and the (path, error)
-    pairs of files that could not be read. Prints what it did for every file."""
+    pairs of files that could not be read. Prints what it did for every file. Transparent pixels
+    are composited on the grey level ``background`` in [0, 1] (see ``load_image``)."""
     if not model.is_bcos:
         raise ConfigError("bcosvit explain needs a B-cos model; standard models get post-hoc attributions in evaluate")
     if topk < 1:
@@ -58,7 +60,7 @@ def explain_files(
     failed: list[tuple[Path, str]] = []
     for path in paths:
         try:
-            loaded.append(load_image(path, model.in_chans, model.image_size))
+            loaded.append(load_image(path, model.in_chans, model.image_size, background))
         except InputError as exc:
             failed.append((Path(path), str(exc)))
             print(f"skipped {path}: {exc}")
