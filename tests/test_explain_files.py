@@ -68,11 +68,69 @@ def test_explain_command_writes_a_figure_per_readable_image_and_reports_the_rest
     code = main(["explain", *paths, "--checkpoint", str(run), "--out", str(out), "--topk", "3"])
     text = capsys.readouterr().out
     assert code == 1  # some files were skipped
-    assert sorted(p.name for p in out.iterdir()) == ["alpha.png", "boot.png", "wide.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["alpha.explained.png", "boot.explained.png", "wide.explained.png"]
     assert "skipped" in text and "broken.png" in text and "is a directory" in text
     assert "completeness error" in text and "converted colour mode RGBA -> L" in text
     line = next(line for line in text.splitlines() if line.startswith(str(files / "boot.png")))
     assert line.count(", ") >= 2  # three classes with probabilities
+
+
+def test_explain_never_writes_over_an_input(run, files, capsys):
+    before = (files / "boot.png").read_bytes()
+    assert main(["explain", str(files / "boot.png"), "--checkpoint", str(run), "--out", str(files)]) == 0
+    assert (files / "boot.png").read_bytes() == before
+    assert f"| {files / 'boot.explained.png'}" in capsys.readouterr().out
+
+
+def test_explain_never_writes_over_an_input_named_like_a_figure(run, files, tmp_path):
+    (files / "boot.explained.png").write_bytes((files / "boot.png").read_bytes())  # an input, not ours
+    inputs = [files / "boot.png", files / "boot.explained.png"]
+    before = [p.read_bytes() for p in inputs]
+    assert main(["explain", *map(str, inputs), "--checkpoint", str(run), "--out", str(files)]) == 0
+    assert [p.read_bytes() for p in inputs] == before
+    assert (files / "boot-2.explained.png").is_file() and (files / "boot.explained.explained.png").is_file()
+
+
+def test_explain_gives_inputs_with_the_same_stem_their_own_figures(run, files, tmp_path, capsys):
+    (files / "a").mkdir()
+    (files / "b").mkdir()
+    (files / "a" / "x.png").write_bytes((files / "boot.png").read_bytes())
+    (files / "b" / "x.jpg").write_bytes((files / "wide.jpg").read_bytes())
+    out = tmp_path / "out"
+    inputs = [files / "a" / "x.png", files / "b" / "x.jpg"]
+    assert main(["explain", *map(str, inputs), "--checkpoint", str(run), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["x-2.explained.png", "x.explained.png"]
+    lines = capsys.readouterr().out.splitlines()
+    for source, figure in zip(inputs, ["x.explained.png", "x-2.explained.png"]):  # the printed mapping is true
+        assert any(line.startswith(str(source)) and line.endswith(f"| {out / figure}") for line in lines)
+
+
+def test_explain_never_replaces_a_file_it_did_not_write_but_updates_its_own_figures(run, files, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "boot.explained.png").write_bytes(b"the user's own file")
+    Image.new("RGB", (4, 4)).save(out / "boot-2.explained.png")  # a PNG, but not written by bcosvit
+    (out / "wide.explained.png").symlink_to(files / "wide.jpg")  # a link is never ours
+    wide = (files / "wide.jpg").read_bytes()
+    args = ["explain", str(files / "boot.png"), str(files / "wide.jpg"), "--checkpoint", str(run), "--out", str(out)]
+    assert main(args) == 0
+    assert (out / "boot.explained.png").read_bytes() == b"the user's own file"
+    assert Image.open(out / "boot-2.explained.png").size == (4, 4)
+    assert (out / "wide.explained.png").is_symlink() and (files / "wide.jpg").read_bytes() == wide
+    ours = out / "boot-3.explained.png"
+    assert Image.open(ours).info["Software"] == "bcosvit"
+    assert main(args) == 0  # a rerun replaces its own figures instead of adding boot-4, wide-3
+    names = [f"boot{s}.explained.png" for s in ("-2", "-3", "")] + ["wide-2.explained.png", "wide.explained.png"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert capsys.readouterr().out.count(f"| {ours}") == 2
+
+
+def test_explain_refuses_an_out_that_is_a_file_before_any_work(run, files, capsys):
+    before = (files / "boot.png").read_bytes()
+    args = ["explain", str(files / "wide.jpg"), "--checkpoint", str(run), "--out", str(files / "boot.png")]
+    assert main(args) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (files / "boot.png").read_bytes() == before
 
 
 def test_explain_command_accepts_a_class_name_as_target(run, files, tmp_path, capsys):

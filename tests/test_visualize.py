@@ -421,3 +421,11 @@ def test_explanation_figure_shows_dollar_signs_in_class_names_and_row_labels_lit
     assert shown_text(fig.axes[5 + 3].title).startswith(r"b$\foo$: p=")
     assert shown_text(fig.axes[0].yaxis.label) == "true: $_$"
     assert shown_text(fig.axes[5].yaxis.label) == "cost $5"
+
+
+def test_save_figure_marks_png_figures_as_written_by_bcosvit(tmp_path):
+    from PIL import Image
+
+    fig = Figure()
+    path = save_figure(fig, tmp_path / "figure.png")
+    assert Image.open(path).info["Software"] == visualize.FIGURE_SOFTWARE == "bcosvit"

@@ -153,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
         "explain",
         help="explain image files with a B-cos model (one figure per image)",
         description="Reads PNG/JPEG/... in any colour mode and size, converts them to the model's "
-        "input and writes input, colour explanation and contribution map per class.",
+        "input and writes input, colour explanation and contribution map per class. The figure of x.png is "
+        "OUT/x.explained.png; a name that is taken gets the next free suffix (x-2.explained.png, ...): names "
+        "of earlier images of the same call, the input files, and existing files not written by bcosvit, "
+        "which are never replaced (figures of an earlier run are).",
     )
     p.add_argument("images", nargs="+", help="image files")
     source = p.add_mutually_exclusive_group()

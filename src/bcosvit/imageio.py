@@ -73,7 +73,7 @@ def load_image(
         # oversized images are refused below with a message; Pillow's warning would only repeat it
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            with _open_regular_file(path) as file, Image.open(file) as image:
+            with open_regular_file(path) as file, Image.open(file) as image:
                 _check_pixel_count(path, image.size)
                 image.load()
                 mode, size = image.mode, image.size
@@ -107,8 +107,9 @@ def _background_rgb(background: float | Sequence[float]) -> tuple[int, int, int]
     return tuple(round(float(v) * 255) for v in values)
 
 
-def _open_regular_file(path: Path) -> BinaryIO:
-    """``path`` opened for binary reading, if it is a regular file; never blocks on a FIFO."""
+def open_regular_file(path: Path) -> BinaryIO:
+    """``path`` opened for binary reading if it is a regular file (checked on the open file, so a
+    FIFO never blocks); ``InputError`` saying what it is otherwise."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO without a writer must not block
     except FileNotFoundError:

@@ -43,6 +43,7 @@ from .explain import Explanation
 from .fileio import atomic_write
 
 ArrayLike = np.ndarray | torch.Tensor
+FIGURE_SOFTWARE = "bcosvit"  # the Software text chunk of PNG figures written by save_figure
 
 __all__ = [
     "colour_explanation",
@@ -382,6 +383,9 @@ def save_png(array: ArrayLike, path: str | os.PathLike[str]) -> Path:
 def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 100) -> Path:
     """Save a figure atomically; the format follows the file suffix (PNG when there is none).
 
+    PNG files carry the text chunk ``Software: bcosvit`` (``FIGURE_SOFTWARE``), by which
+    ``bcosvit explain`` recognises its own figures (the only files it replaces).
+
     Returns:
         the path written.
     """
@@ -389,9 +393,10 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 100) -> Pa
         raise InputError(f"save_figure needs a matplotlib Figure, got {type(fig).__name__}")
     target = Path(path)
     fmt = target.suffix.lstrip(".").lower() or "png"
+    metadata = {"Software": FIGURE_SOFTWARE} if fmt == "png" else None
     if type(fig.canvas) is FigureCanvasBase:
         FigureCanvasAgg(fig)
-    return atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt))
+    return atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt, metadata=metadata))
 
 
 # ----------------------------------------------------------------------------------------------
