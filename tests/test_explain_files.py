@@ -308,3 +308,19 @@ def test_explain_command_rejects_a_background_outside_0_1_before_writing(run, fi
     assert main(args) == 2
     assert "background must be a grey level or an (R, G, B) triple in [0, 1], got 2.0" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_shipped_model_sees_transparent_cut_outs_as_the_fashion_mnist_images_they_came_from(tmp_path, capsys):
+    ds = load_fashion_mnist("test", SUBSET)
+    paths = []
+    for k in range(3):  # a white object whose opacity is the test image: on black it is that image again
+        grey = ds.images[k, 0].numpy()
+        paths.append(tmp_path / f"cut{k}.png")
+        Image.fromarray(np.dstack([np.full((28, 28, 3), 255, np.uint8), grey])).save(paths[-1])
+        np.testing.assert_allclose(load_image(paths[-1], 1, 28).tensor[0].numpy(), grey / 255, atol=1e-6)
+    args = ["explain", *map(str, paths), "--model", "bcos_vitc_micro_28", "--topk", "1", "--out", str(tmp_path / "o")]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for k, path in enumerate(paths):  # on white (transparency dropped) all three were taken for a bag
+        line = next(line for line in lines if line.startswith(str(path)))
+        assert line.split(": ", 1)[1].startswith(ds.classes[int(ds.labels[k])] + " ")
