@@ -6,6 +6,7 @@ import struct
 import threading
 import warnings
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -324,3 +325,12 @@ def test_shipped_model_sees_transparent_cut_outs_as_the_fashion_mnist_images_the
     for k, path in enumerate(paths):  # on white (transparency dropped) all three were taken for a bag
         line = next(line for line in lines if line.startswith(str(path)))
         assert line.split(": ", 1)[1].startswith(ds.classes[int(ds.labels[k])] + " ")
+
+
+def test_figure_names_step_over_symlink_loops_in_the_inputs_and_the_out_folder(tmp_path):
+    from bcosvit.explain_files import figure_paths
+
+    (tmp_path / "x.explained.png").symlink_to("x.explained.png")  # a link to itself
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    names = figure_paths([Path("x.png")], tmp_path, [tmp_path / "loop.png", tmp_path / "x.png"])
+    assert names == [tmp_path / "x-2.explained.png"]

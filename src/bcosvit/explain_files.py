@@ -71,7 +71,7 @@ def _file_identities(paths: list[Path]) -> set:
     """Resolved paths and (device, inode) pairs of ``paths``, to recognise them under other names."""
     identities: set = set()
     for path in paths:
-        identities.add(path.resolve())
+        identities.add(os.path.realpath(path))
         try:
             info = path.stat()
         except OSError:
@@ -82,7 +82,7 @@ def _file_identities(paths: list[Path]) -> set:
 
 def _may_hold_a_figure(path: Path, protected: set) -> bool:
     """True if a figure may be written at ``path``: nothing there, or a bcosvit figure that is not protected."""
-    if path.resolve() in protected:
+    if os.path.realpath(path) in protected:  # realpath, unlike resolve, accepts symlink loops
         return False
     if not os.path.lexists(path):
         return True
