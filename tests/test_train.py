@@ -61,6 +61,23 @@ def test_run_folder_holds_weights_metadata_metrics_and_plot(tmp_path):
     assert model.is_bcos and model.config.class_names[0] == "T-shirt/top"
 
 
+def test_explanation_figure_of_a_run_shows_class_names_with_dollar_signs_literally(tmp_path):
+    from PIL import Image
+
+    from bcosvit.checkpoint import save_weights
+    from bcosvit.train.main_job import write_explanation_figure
+
+    classes = ["a$x^2$", r"b$\foo$"]  # folder names that matplotlib would read as (broken) mathtext
+    for k, name in enumerate(classes):
+        (tmp_path / "data" / "val" / name).mkdir(parents=True)
+        Image.new("RGB", (12, 12), (200 * k, 90, 30)).save(tmp_path / "data" / "val" / name / "x.png")
+    model = create_model("bcos_vit_nano_patch4_28", in_chans=3, num_classes=2, image_size=8, depth=1)
+    save_weights(model, tmp_path / "run" / "model.safetensors", {"model_name": "bcos_vit_nano_patch4_28"})
+    config = TrainConfig(dataset="folder", data_dir=str(tmp_path / "data"), image_size=8)
+    figure = write_explanation_figure(tmp_path / "run", config)  # raised ValueError from mathtext
+    assert figure == tmp_path / "run" / "explanations.png" and figure.is_file()
+
+
 def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
     config = tiny_config(epochs=3, randaugment=3)
     train(config, tmp_path / "straight", progress=False)

@@ -402,3 +402,30 @@ def test_explanation_figure_bad_input(nano_explanation):
         explanation_figure(images, {"weights": expl.weights})
     with pytest.raises(ValueError, match="save_figure needs a matplotlib Figure"):
         save_figure("not a figure", "x.png")
+
+
+def shown_text(text) -> str:
+    """What matplotlib draws for a Text artist: the string after mathtext handling; fails if it is mathtext."""
+    shown, is_math = text._preprocess_math(text.get_text())
+    assert not is_math, f"{text.get_text()!r} is rendered as mathtext"
+    return shown
+
+
+def test_explanation_figure_shows_dollar_signs_in_class_names_and_row_labels_literally(nano_explanation, tmp_path):
+    images, expl = nano_explanation
+    names = [f"class{k}" for k in range(expl.logits.shape[1])]
+    names[0], names[3] = "a$x^2$", r"b$\foo$"  # mathtext that renders wrongly / fails to parse
+    fig = explanation_figure(images, expl, class_names=names, row_labels=["true: $_$", "cost $5"])
+    save_figure(fig, tmp_path / "dollars.png")  # draws every text: raised ValueError for b$\foo$
+    assert shown_text(fig.axes[1].title).startswith("a$x^2$: p=")
+    assert shown_text(fig.axes[5 + 3].title).startswith(r"b$\foo$: p=")
+    assert shown_text(fig.axes[0].yaxis.label) == "true: $_$"
+    assert shown_text(fig.axes[5].yaxis.label) == "cost $5"
+
+
+def test_save_figure_marks_png_figures_as_written_by_bcosvit(tmp_path):
+    from PIL import Image
+
+    fig = Figure()
+    path = save_figure(fig, tmp_path / "figure.png")
+    assert Image.open(path).info["Software"] == visualize.FIGURE_SOFTWARE == "bcosvit"

@@ -91,7 +91,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         f"explaining {len(args.images)} file(s) with {source} "
         f"({model.in_chans}x{model.image_size}x{model.image_size} inputs, {model.num_classes} classes)"
     )
-    results, failed = explain_files(model, args.images, args.out, target=args.target, topk=args.topk)
+    results, failed = explain_files(
+        model, args.images, args.out, target=args.target, topk=args.topk, background=args.background
+    )
     print(f"\nwrote {len(results)} figure(s) to {args.out}/" + (f"; {len(failed)} file(s) skipped" if failed else ""))
     return 0 if results and not failed else (1 if results else 2)
 
@@ -151,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
         "explain",
         help="explain image files with a B-cos model (one figure per image)",
         description="Reads PNG/JPEG/... in any colour mode and size, converts them to the model's "
-        "input and writes input, colour explanation and contribution map per class.",
+        "input and writes input, colour explanation and contribution map per class. The figure of x.png is "
+        "OUT/x.explained.png; a name that is taken gets the next free suffix (x-2.explained.png, ...): names "
+        "of earlier images of the same call, the input files, and existing files not written by bcosvit, "
+        "which are never replaced (figures of an earlier run are).",
     )
     p.add_argument("images", nargs="+", help="image files")
     source = p.add_mutually_exclusive_group()
@@ -161,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--target", help="class index or name to explain (default: the top classes)")
     which.add_argument("--topk", type=int, default=2, help="explain the K most likely classes (default 2)")
     p.add_argument("--out", default="explanations", help="output folder (default: explanations/)")
+    p.add_argument(
+        "--background",
+        type=float,
+        default=0.0,
+        help="grey level in [0, 1] that transparent pixels are composited on (default 0: black, the "
+        "background of the shipped Fashion-MNIST models)",
+    )
     p.set_defaults(func=cmd_explain)
 
     from .attribution import METHODS

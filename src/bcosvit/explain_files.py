@@ -1,17 +1,30 @@
-"""``bcosvit explain``: explain image files with a B-cos model and write one figure per image."""
+"""``bcosvit explain``: explain image files with a B-cos model and write one figure per image.
+
+Figure names: the figure of ``x.png`` is ``<out>/x.explained.png``. When that name is taken it gets
+the next free suffix, ``x-2.explained.png``, ``x-3.explained.png``, ...: taken are names already
+given to an earlier image of the same call, the input files themselves, and existing files that
+bcosvit did not write (PNGs without the ``Software: bcosvit`` text chunk of ``save_figure``, links,
+folders). Those are never replaced; an existing bcosvit figure is (a rerun updates its figures).
+"""
 
 from __future__ import annotations
 
+import itertools
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from .errors import ConfigError, InputError
 from .explain import explain
-from .imageio import LoadedImage, load_image
+from .imageio import LoadedImage, load_image, open_regular_file
 from .models.vit import VisionTransformer
-from .visualize import explanation_figure, save_figure
+from .visualize import FIGURE_SOFTWARE, explanation_figure, literal_text, save_figure
+
+FIGURE_SUFFIX = ".explained.png"
 
 
 @dataclass
@@ -37,6 +50,61 @@ def resolve_target(target: str, class_names: list[str] | None, num_classes: int)
     return index
 
 
+def figure_paths(images: list[Path], out: Path, inputs: list[Path]) -> list[Path]:
+    """Where the figure of each of ``images`` goes under ``out`` (see the module docstring for the
+    rule): distinct paths, none of them one of ``inputs`` or a file that bcosvit did not write."""
+    protected = _file_identities(inputs)
+    taken: set[str] = set()
+    paths = []
+    for image in images:
+        for n in itertools.count(1):
+            candidate = out / f"{image.stem}{'' if n == 1 else f'-{n}'}{FIGURE_SUFFIX}"
+            # casefold: x.png and X.png must not share a figure on case-insensitive file systems
+            if candidate.name.casefold() not in taken and _may_hold_a_figure(candidate, protected):
+                break
+        taken.add(candidate.name.casefold())
+        paths.append(candidate)
+    return paths
+
+
+def _file_identities(paths: list[Path]) -> set:
+    """Resolved paths and (device, inode) pairs of ``paths``, to recognise them under other names."""
+    identities: set = set()
+    for path in paths:
+        identities.add(os.path.realpath(path))
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        identities.add((info.st_dev, info.st_ino))
+    return identities
+
+
+def _may_hold_a_figure(path: Path, protected: set) -> bool:
+    """True if a figure may be written at ``path``: nothing there, or a bcosvit figure that is not protected."""
+    if os.path.realpath(path) in protected:  # realpath, unlike resolve, accepts symlink loops
+        return False
+    if not os.path.lexists(path):
+        return True
+    if not written_by_bcosvit(path):  # also false for links, folders and whatever else is not ours
+        return False
+    info = path.stat()
+    return (info.st_dev, info.st_ino) not in protected  # an input hard-linked under this name
+
+
+def written_by_bcosvit(path: Path) -> bool:
+    """True for a regular file (not a link) that is a PNG with the ``Software: bcosvit`` text chunk."""
+    if path.is_symlink():
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with open_regular_file(path) as file, Image.open(file, formats=["PNG"]) as image:
+                return image.info.get("Software") == FIGURE_SOFTWARE  # read from the header, nothing decoded
+    except Exception:  # unreadable, not a PNG, too large, a folder, ...: not one of ours
+        return False
+
+
 def explain_files(
     model: VisionTransformer,
     paths: list[str | Path],
@@ -44,9 +112,11 @@ def explain_files(
     target: str | None = None,
     topk: int = 2,
     batch_size: int = 32,
+    background: float = 0.0,
 ) -> tuple[list[FileExplanation], list[tuple[Path, str]]]:
     """Explain each readable image in ``paths``; returns the explanations and the (path, error)
-    pairs of files that could not be read. Prints what it did for every file."""
+    pairs of files that could not be read. Prints what it did for every file. Transparent pixels
+    are composited on the grey level ``background`` in [0, 1] (see ``load_image``)."""
     if not model.is_bcos:
         raise ConfigError("bcosvit explain needs a B-cos model; standard models get post-hoc attributions in evaluate")
     if topk < 1:
@@ -54,15 +124,18 @@ def explain_files(
     names = model.config.class_names or [str(i) for i in range(model.num_classes)]
     topk = min(topk, model.num_classes)
     fixed = resolve_target(target, model.config.class_names, model.num_classes) if target is not None else None
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; pass the folder to write the figures to")
     loaded: list[LoadedImage] = []
     failed: list[tuple[Path, str]] = []
     for path in paths:
         try:
-            loaded.append(load_image(path, model.in_chans, model.image_size))
+            loaded.append(load_image(path, model.in_chans, model.image_size, background))
         except InputError as exc:
             failed.append((Path(path), str(exc)))
             print(f"skipped {path}: {exc}")
-    out = Path(out)
+    figures = figure_paths([item.path for item in loaded], out, [Path(p) for p in paths])
     results: list[FileExplanation] = []
     for start in range(0, len(loaded), batch_size):
         chunk = loaded[start : start + batch_size]
@@ -74,8 +147,8 @@ def explain_files(
         probabilities = expl.probabilities.gather(1, targets)
         for i, item in enumerate(chunk):
             figure = explanation_figure(images[i : i + 1], expl[i], class_names=names)
-            figure.suptitle(item.path.name)
-            path = save_figure(figure, out / f"{item.path.stem}.png")
+            figure.suptitle(literal_text(item.path.name))
+            path = save_figure(figure, figures[start + i])
             classes = targets[i].tolist()
             probs = probabilities[i].tolist()
             error = float(expl.completeness_error[i].max())

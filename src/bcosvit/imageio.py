@@ -1,20 +1,29 @@
-"""Reading image files of any colour mode and size into what a model expects."""
+"""Reading image files of any colour mode, bit depth and size into what a model expects."""
 
 from __future__ import annotations
 
+import os
+import stat
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torchvision.transforms import v2
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 
 SUPPORTED_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# Pillow's own default, used when a program has switched its limit off (MAX_IMAGE_PIXELS = None)
+_DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 
 
 @dataclass
@@ -28,38 +37,173 @@ class LoadedImage:
     notes: list[str] = field(default_factory=list)
 
 
-def load_image(path: str | Path, in_chans: int, image_size: int) -> LoadedImage:
+def load_image(
+    path: str | Path, in_chans: int, image_size: int, background: float | Sequence[float] = 0.0
+) -> LoadedImage:
     """Read ``path`` and convert it to ``in_chans`` channels and ``image_size``×``image_size``.
 
-    Colour modes are converted with Pillow (greyscale, RGB or RGBA for 1, 3 or 4 channels); the
-    shorter side is resized to ``image_size`` and the centre cropped. Every change is recorded in
-    ``notes``. Raises ``InputError`` for directories, missing, unreadable or unsupported files.
+    * Only regular files are opened (a FIFO or device would block or never end); images with more
+      pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` are refused before they are decoded.
+    * The EXIF orientation is applied (a photo taken upright shows upright).
+    * High bit depths keep their levels: 16-bit greyscale is divided by 65535; float images (mode
+      ``F``) are used as they are when their values lie in [0, 1], otherwise min-max scaled.
+    * Transparent pixels (RGBA, LA, palette or greyscale with a transparent colour) are composited
+      on ``background`` unless the model takes 4 channels (RGBA), which keep their alpha.
+    * Colour modes are converted with Pillow (greyscale, RGB or RGBA for 1, 3 or 4 channels); the
+      shorter side is resized to ``image_size`` and the centre cropped.
+
+    Every change is recorded in ``notes``.
+
+    Args:
+        path: an image file Pillow can read.
+        in_chans: 1, 3 or 4 channels.
+        image_size: the side of the square output.
+        background: what transparent pixels show, a grey level or an RGB triple in [0, 1]; the
+            default black is what the shipped Fashion-MNIST models expect (light objects on black).
+
+    Raises:
+        InputError: for directories, missing, non-regular, oversized, unreadable or unsupported files.
+        ConfigError: for an unsupported ``in_chans`` or a ``background`` outside [0, 1].
     """
     path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path} is a directory; pass image files (e.g. {path}/*.png)")
-    if not path.exists():
-        raise InputError(f"{path} does not exist")
     if in_chans not in _MODES:
         raise InputError(f"cannot convert image files to {in_chans} channels (supported: 1, 3, 4)")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            mode, size = image.mode, image.size
-            converted = image.convert(_MODES[in_chans])
-    except UnidentifiedImageError as exc:
-        raise InputError(
-            f"{path} is not an image format Pillow can read (supported: {', '.join(SUPPORTED_SUFFIXES)})"
-        ) from exc
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc}") from exc
-    notes = []
-    if mode != converted.mode:
-        notes.append(f"converted colour mode {mode} -> {converted.mode}")
-    array = np.asarray(converted, dtype=np.uint8)
-    tensor = torch.from_numpy(array.copy())
-    tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-    if size != (image_size, image_size):
+    fill = _background_rgb(background)
+    with warnings.catch_warnings():
+        # oversized images are refused below with a message; Pillow's warning would only repeat it
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with open_regular_file(path) as file, Image.open(file) as image:
+                _check_pixel_count(path, image.size)
+                image.load()
+                mode, size = image.mode, image.size
+                upright, notes = _apply_orientation(image)
+                array, conversion_notes = _to_array(upright, _MODES[in_chans], fill)
+        except InputError:
+            raise
+        except UnidentifiedImageError as exc:
+            raise InputError(
+                f"{path} is not an image format Pillow can read (supported: {', '.join(SUPPORTED_SUFFIXES)})"
+            ) from exc
+        except Image.DecompressionBombError as exc:
+            raise InputError(f"{path} is too large to read safely: {exc}") from exc
+        except Exception as exc:  # a damaged file can fail anywhere in Pillow's decoders
+            raise InputError(f"cannot read {path}: {exc}") from exc
+    notes += conversion_notes
+    tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    height, width = tensor.shape[1:]
+    if (width, height) != (image_size, image_size):
         tensor = v2.functional.center_crop(v2.functional.resize(tensor, image_size, antialias=True), [image_size])
-        notes.append(f"resized {size[0]}x{size[1]} -> {image_size}x{image_size} (shorter side, centre crop)")
-    return LoadedImage(path, tensor.float() / 255, mode, size, notes)
+        tensor = tensor.clamp(0.0, 1.0)
+        notes.append(f"resized {width}x{height} -> {image_size}x{image_size} (shorter side, centre crop)")
+    return LoadedImage(path, tensor, mode, size, notes)
+
+
+def _background_rgb(background: float | Sequence[float]) -> tuple[int, int, int]:
+    """A grey level or RGB triple in [0, 1] as 8-bit RGB."""
+    values = [background] * 3 if isinstance(background, int | float) else list(background)
+    if len(values) != 3 or not all(isinstance(v, int | float) and 0.0 <= v <= 1.0 for v in values):
+        raise ConfigError(f"background must be a grey level or an (R, G, B) triple in [0, 1], got {background!r}")
+    return tuple(round(float(v) * 255) for v in values)
+
+
+def open_regular_file(path: Path) -> BinaryIO:
+    """``path`` opened for binary reading if it is a regular file (checked on the open file, so a
+    FIFO never blocks); ``InputError`` saying what it is otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO without a writer must not block
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist") from None
+    except OSError as exc:
+        try:  # sockets cannot be opened at all: say what the path is
+            problem = _not_a_regular_file(path, path.stat().st_mode)
+        except OSError:
+            problem = None
+        raise InputError(problem or f"cannot read {path}: {exc.strerror}") from exc
+    problem = _not_a_regular_file(path, os.fstat(fd).st_mode)
+    if problem:
+        os.close(fd)
+        raise InputError(problem)
+    return os.fdopen(fd, "rb")
+
+
+def _not_a_regular_file(path: Path, mode: int) -> str | None:
+    """Why ``path`` with ``st_mode`` ``mode`` cannot be read as an image; None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return f"{path} is a directory; pass image files (e.g. {path}/*.png)"
+    if stat.S_ISFIFO(mode):
+        kind = "a named pipe (FIFO)"
+    elif stat.S_ISSOCK(mode):
+        kind = "a socket"
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        kind = "a device"
+    else:
+        kind = "not a regular file"
+    return f"{path} is {kind}, not an image file; pass image files"
+
+
+def _check_pixel_count(path: Path, size: tuple[int, int]) -> None:
+    """Refuse images above Pillow's ``MAX_IMAGE_PIXELS`` (read from the header, before decoding)."""
+    limit = Image.MAX_IMAGE_PIXELS or _DEFAULT_MAX_PIXELS
+    width, height = size
+    if width * height > limit:
+        raise InputError(
+            f"{path} is {width}x{height} = {width * height} pixels, more than the {limit} allowed "
+            "(PIL.Image.MAX_IMAGE_PIXELS; a decompression bomb?); shrink the image first"
+        )
+
+
+def _apply_orientation(image: Image.Image) -> tuple[Image.Image, list[str]]:
+    """The image turned upright by its EXIF orientation tag (a copy) and a note if it was turned."""
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    upright = ImageOps.exif_transpose(image)
+    if orientation in range(2, 9):
+        return upright, [f"rotated/flipped upright by its EXIF orientation {orientation}"]
+    return upright, []
+
+
+def _to_array(image: Image.Image, target: str, fill: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
+    """``image`` as ``float32`` ``(H, W, C)`` in [0, 1] with the channels of mode ``target``, and notes."""
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        grey, notes = _high_depth_grey(image)
+        if target != "L":
+            notes.append(f"converted colour mode {image.mode} -> {target}")
+        channels = [grey] * (3 if target != "L" else 1) + ([np.ones_like(grey)] if target == "RGBA" else [])
+        return np.stack(channels, axis=-1), notes
+    converted, notes = _composite_transparency(image, fill) if target != "RGBA" else (image, [])
+    if image.mode != target:
+        notes.insert(0, f"converted colour mode {image.mode} -> {target}")
+    array = np.asarray(converted.convert(target), dtype=np.float32) / 255.0
+    return (array[..., None] if array.ndim == 2 else array), notes
+
+
+def _high_depth_grey(image: Image.Image) -> tuple[np.ndarray, list[str]]:
+    """A 16-bit, 32-bit integer or float greyscale image as ``float32`` ``(H, W)`` in [0, 1], and notes."""
+    values = np.asarray(image).astype(np.float64)
+    if image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and values.min() >= 0 and values.max() <= 65535):
+        return (values / 65535.0).astype(np.float32), [f"16-bit greyscale ({image.mode}) scaled by 1/65535"]
+    if not np.isfinite(values).all():
+        raise ValueError("it holds NaN or infinite values; save it with finite values")  # load_image adds the path
+    low, high = float(values.min()), float(values.max())
+    if image.mode == "F" and 0.0 <= low and high <= 1.0:
+        return values.astype(np.float32), []
+    kind = "float" if image.mode == "F" else "32-bit integer"
+    if high == low:
+        clipped = float(np.clip(low, 0.0, 1.0))
+        return np.full(values.shape, clipped, np.float32), [f"constant {kind} image {low:g} clipped to {clipped:g}"]
+    scaled = ((values - low) / (high - low)).astype(np.float32)
+    return scaled, [f"{kind} greyscale ({image.mode}) values in [{low:g}, {high:g}] min-max scaled to [0, 1]"]
+
+
+def _composite_transparency(image: Image.Image, fill: tuple[int, int, int]) -> tuple[Image.Image, list[str]]:
+    """``image`` with its transparent pixels composited on ``fill`` (RGB), and a note if any were."""
+    if image.mode not in _ALPHA_MODES and "transparency" not in image.info:
+        return image, []
+    rgba = image.convert("RGBA")
+    if rgba.getextrema()[3][0] == 255:  # fully opaque: nothing to composite
+        return image, []
+    composited = Image.alpha_composite(Image.new("RGBA", rgba.size, (*fill, 255)), rgba).convert("RGB")
+    name = {(0, 0, 0): "black", (255, 255, 255): "white"}.get(fill, f"RGB {fill}")
+    return composited, [f"transparency composited on a {name} background"]

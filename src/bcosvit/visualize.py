@@ -43,11 +43,13 @@ from .explain import Explanation
 from .fileio import atomic_write
 
 ArrayLike = np.ndarray | torch.Tensor
+FIGURE_SOFTWARE = "bcosvit"  # the Software text chunk of PNG figures written by save_figure
 
 __all__ = [
     "colour_explanation",
     "contribution_map",
     "explanation_figure",
+    "literal_text",
     "overlay",
     "save_figure",
     "save_png",
@@ -57,6 +59,17 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------
 # helpers
+
+
+def literal_text(text: object) -> str:
+    """``str(text)`` escaped so that matplotlib shows it as written: every ``$`` becomes ``\\$``.
+
+    Matplotlib reads text between two ``$`` as mathtext: ``a$x^2$.png`` would show a superscript
+    and ``a$\\foo$.png`` fails to render at all. Use this for every title and label built from user
+    data (file names, class names, row labels). With all dollars escaped the text is not mathtext
+    and matplotlib shows each ``\\$`` as ``$`` (there is no other escape outside math mode).
+    """
+    return str(text).replace("$", r"\$")
 
 
 def _to_numpy(value: ArrayLike, name: str) -> np.ndarray:
@@ -370,6 +383,9 @@ def save_png(array: ArrayLike, path: str | os.PathLike[str]) -> Path:
 def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 100) -> Path:
     """Save a figure atomically; the format follows the file suffix (PNG when there is none).
 
+    PNG files carry the text chunk ``Software: bcosvit`` (``FIGURE_SOFTWARE``), by which
+    ``bcosvit explain`` recognises its own figures (the only files it replaces).
+
     Returns:
         the path written.
     """
@@ -377,9 +393,10 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 100) -> Pa
         raise InputError(f"save_figure needs a matplotlib Figure, got {type(fig).__name__}")
     target = Path(path)
     fmt = target.suffix.lstrip(".").lower() or "png"
+    metadata = {"Software": FIGURE_SOFTWARE} if fmt == "png" else None
     if type(fig.canvas) is FigureCanvasBase:
         FigureCanvasAgg(fig)
-    return atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt))
+    return atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt, metadata=metadata))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,11 +479,11 @@ def explanation_figure(
         ax = axes[i, 0]
         ax.imshow(to_display_image(torch.from_numpy(np.ascontiguousarray(pictures[i]))))
         ax.set_title("input", fontsize=9)
-        ax.set_ylabel(row_labels[i] if row_labels is not None else f"image {i}", fontsize=9)
+        ax.set_ylabel(literal_text(row_labels[i]) if row_labels is not None else f"image {i}", fontsize=9)
         for t in range(num_targets):
             index = int(target[i, t])
             if class_names is not None and 0 <= index < len(class_names):
-                name = str(class_names[index])
+                name = literal_text(class_names[index])
             else:
                 name = str(index)
             if 0 <= index < num_classes:
