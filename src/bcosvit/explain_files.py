@@ -9,6 +9,7 @@ import torch
 
 from .errors import ConfigError, InputError
 from .explain import explain
+from .fileio import ensure_writable_dir
 from .imageio import LoadedImage, load_image
 from .models.vit import VisionTransformer
 from .visualize import explanation_figure, save_figure
@@ -54,6 +55,7 @@ def explain_files(
     names = model.config.class_names or [str(i) for i in range(model.num_classes)]
     topk = min(topk, model.num_classes)
     fixed = resolve_target(target, model.config.class_names, model.num_classes) if target is not None else None
+    ensure_writable_dir(out, "output folder (--out)")
     loaded: list[LoadedImage] = []
     failed: list[tuple[Path, str]] = []
     for path in paths:
