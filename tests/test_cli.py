@@ -4,7 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bcosvit.cli import main
+import pytest
+
+from bcosvit.cli import main, unique_labels
 
 SUBSET = str(Path(__file__).parent / "data" / "fashion-mnist")
 
@@ -60,3 +62,52 @@ def test_missing_dataset_gives_install_instructions(tmp_path):
 def test_unknown_preset_lists_the_available_ones(capsys):
     assert main(["train", "--preset", "nope"]) == 2
     assert "fmnist-demo" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--lr", "inf"], "lr must be a finite number, got inf"),
+        (["--lr", "nan"], "lr must be a finite number, got nan"),
+        (["--test-subset", "-1"], "test_subset must be >= 1"),
+        (["--test-subset", "0"], "test_subset must be >= 1"),
+        (["--stop-after", "0"], "--stop-after must be >= 1"),
+    ],
+)
+def test_train_rejects_bad_options_before_any_work(tmp_path, monkeypatch, capsys, options, message):
+    def reached(*args, **kwargs):
+        raise AssertionError("training started its work despite an invalid setting")
+
+    monkeypatch.setattr("bcosvit.train.loop._build_data", reached)
+    code = main(["train", "--preset", "fmnist-demo", "--data-dir", SUBSET, "--out", str(tmp_path / "run"), *options])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("bcosvit train: error: ") and message in err and "Traceback" not in err
+
+
+def test_explain_refuses_an_existing_file_as_out_before_reading_images(tmp_path, monkeypatch, capsys):
+    def reached(*args, **kwargs):
+        raise AssertionError("explain read the images despite an unusable --out")
+
+    monkeypatch.setattr("bcosvit.explain_files.load_image", reached)
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    assert main(["explain", str(tmp_path / "image.png"), "--out", str(taken)]) == 2
+    assert f"output folder (--out) {taken} is an existing file" in capsys.readouterr().err
+    assert taken.read_text() == "keep me"
+
+
+def test_labels_are_the_shortest_distinguishing_path_suffixes_then_numbered():
+    paths = [("/", "a", "model.safetensors"), ("/", "b", "model.safetensors"), ("/", "x", "run"), ("/", "y", "run")]
+    paths += [("/", "c", "other"), ("/", "x", "run"), ("/", "runs", "vitc"), ("vitc",), ("vitc",)]
+    assert unique_labels(paths) == [
+        "a/model.safetensors",
+        "b/model.safetensors",
+        "x/run",
+        "y/run",
+        "other",
+        "x/run#2",
+        "runs/vitc",
+        "vitc",
+        "vitc#2",
+    ]
+    assert unique_labels([("/", "run"), ("/", "a", "run")]) == ["/run", "a/run"]

@@ -92,3 +92,29 @@ def test_image_folder_tree_is_read(tmp_path):
 def test_missing_image_folder_is_reported(tmp_path):
     with pytest.raises(DataError, match="expected .*train,val"):
         load_image_folder("train", tmp_path)
+
+
+def test_image_folder_without_class_folders_is_reported(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DataError, match="find any class folder.*Expected .*/train/<class>/<image files>"):
+        load_image_folder("train", tmp_path)
+
+
+def test_image_folder_class_without_images_is_reported(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="no valid file for the classes cat"):
+        load_image_folder("train", tmp_path)
+
+
+def test_corrupt_image_in_a_folder_is_named_when_read(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "val" / "cat"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8), mode="L").save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    ds, _ = load_dataset("folder", "val", tmp_path, image_size=8)
+    assert ds[0][0].shape == (3, 8, 8)
+    with pytest.raises(DataError, match=r"cannot read image .*b\.png"):
+        ds[1]

@@ -1,13 +1,17 @@
 """``bcosvit evaluate`` on the shipped pair: metrics, figures and a report that renders in Chromium."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from bcosvit import create_model
+from bcosvit.checkpoint import save_weights
 from bcosvit.cli import main
+from bcosvit.data import FASHION_MNIST_CLASSES
 from bcosvit.errors import ConfigError
-from bcosvit.evaluate import EvalConfig, baseline_value
+from bcosvit.evaluate import EvalConfig, baseline_value, evaluate_models
 
 from .browser import check_page
 
@@ -57,6 +61,7 @@ def test_evaluation_writes_metrics_for_every_method_and_model(evaluation):
             assert entry["deletion"]["zero"]["baseline"] == 0.0
             assert entry["deletion"]["mean"]["baseline"] == [[[pytest.approx(0.286, abs=0.02)]]]  # Fashion-MNIST mean
     assert models["bcos_vitc_micro_28"]["completeness"]["abs_max"] < 1e-4
+    assert all(model["source"] == name for name, model in models.items())  # --model names: the name
 
 
 def test_methods_with_a_reference_are_also_measured_relative_to_each_baseline(evaluation):
@@ -92,11 +97,30 @@ def test_report_renders_with_every_figure_and_no_console_errors(evaluation):
         ({"baselines": ()}, "at least one deletion baseline"),
         ({"grids": (1,)}, "grid sizes must be >= 2"),
         ({"methods": ("lime",)}, "unknown method"),
+        ({"baselines": ("zero", "nan")}, "deletion baseline must be a finite number"),
+        ({"baselines": ("inf",)}, "deletion baseline must be a finite number"),
+        ({"test_subset": -5}, r"test_subset \(--test-subset\) must be >= 1"),
+        ({"test_subset": 0}, r"test_subset \(--test-subset\) must be >= 1"),
+        ({"seed": -1}, r"seed \(--seed\) must lie in \[0, 2\*\*32\)"),
+        ({"num_grids": 0}, r"num_grids \(--grids\) must be >= 1"),
+        ({"ig_steps": 0}, r"ig_steps \(--ig-steps\) must be >= 1"),
+        ({"faithfulness_images": -1}, r"faithfulness_images \(--faithfulness-images\) must be >= 1"),
     ],
 )
 def test_bad_evaluation_settings_are_rejected_with_the_reason(overrides, message):
     with pytest.raises(ConfigError, match=message):
         EvalConfig(**overrides).validate()
+
+
+def test_grids_with_more_cells_than_classes_are_rejected_before_any_work(tmp_path, monkeypatch, capsys):
+    with pytest.raises(
+        ConfigError, match=r"a 4x4 grid \(--grid-sizes\) needs 16 distinct classes but the models have 10"
+    ):
+        EvalConfig(grids=(2, 4)).validate(num_classes=10)
+    EvalConfig(grids=(2, 3)).validate(num_classes=10)
+    _fail_if_reached(monkeypatch, "bcosvit.evaluate.evaluate_model")
+    assert _evaluate(tmp_path, "--grid-sizes", "2", "4", "--test-subset", "8") == 2
+    assert "a 4x4 grid (--grid-sizes) needs 16 distinct classes" in capsys.readouterr().err
 
 
 def test_mean_baseline_is_the_per_channel_mean_of_the_images():
@@ -105,3 +129,110 @@ def test_mean_baseline_is_the_per_channel_mean_of_the_images():
     value = baseline_value("mean", images)
     assert value.shape == (3, 1, 1) and value.flatten().tolist() == [0.5, 0.5, 0.25]
     assert baseline_value("zero", images) == 0.0 and baseline_value("0.5", images) == 0.5
+
+
+def _fail_if_reached(monkeypatch, *targets):
+    """Make each of ``targets`` (dotted names) fail the test when called: the work must not start."""
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the evaluation started its work despite an invalid setting")
+
+    for target in targets:
+        monkeypatch.setattr(target, reached)
+
+
+def _evaluate(tmp_path, *options):
+    return main(
+        ["evaluate", "--model", "bcos_vitc_micro_28", "--data-dir", SUBSET, "--out", str(tmp_path / "out"), *options]
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--test-subset", "-5"], "test_subset (--test-subset) must be >= 1"),
+        (["--test-subset", "0"], "test_subset (--test-subset) must be >= 1"),
+        (["--grids", "0"], "num_grids (--grids) must be >= 1"),
+        (["--faithfulness-images", "-1"], "faithfulness_images (--faithfulness-images) must be >= 1"),
+        (["--ig-steps", "0"], "ig_steps (--ig-steps) must be >= 1"),
+        (["--grid-sizes", "1"], "grid sizes must be >= 2"),
+        (["--baselines", "nan"], "deletion baseline must be a finite number"),
+        (["--seed", "-1"], "seed (--seed) must lie in"),
+    ],
+)
+def test_evaluate_rejects_bad_options_before_loading_data(tmp_path, monkeypatch, capsys, options, message):
+    _fail_if_reached(monkeypatch, "bcosvit.data.load_dataset", "bcosvit.evaluate.evaluate_models")
+    assert _evaluate(tmp_path, *options) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bcosvit evaluate: error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("where", ["existing file", "under /proc", "parent is a file"])
+def test_evaluate_refuses_an_unwritable_out_before_any_work(tmp_path, monkeypatch, capsys, where):
+    _fail_if_reached(monkeypatch, "bcosvit.data.load_dataset", "bcosvit.evaluate.evaluate_model")
+    (tmp_path / "file").write_text("not a folder")
+    out = {
+        "existing file": tmp_path / "file",
+        "under /proc": Path("/proc/bcosvit-out"),
+        "parent is a file": tmp_path / "file" / "evaluation",
+    }[where]
+    code = main(["evaluate", "--model", "bcos_vitc_micro_28", "--data-dir", SUBSET, "--out", str(out)])
+    assert code == 2 and f"output folder (--out) {out}" in capsys.readouterr().err
+    images, labels = torch.rand(4, 1, 28, 28), torch.arange(4)
+    with pytest.raises(ConfigError, match=f"output folder \\(--out\\) {out}"):
+        evaluate_models({"m": create_model("bcos_vitc_micro_28")}, images, labels, out, EvalConfig())
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def _tiny_checkpoint(path: Path, num_classes: int = 10, train_config: dict | None = None) -> Path:
+    """A one-block B-cos model for 28x28 greyscale images saved like a training run's weights."""
+    classes = list(FASHION_MNIST_CLASSES) if num_classes == 10 else [f"class {i}" for i in range(num_classes)]
+    model = create_model(
+        "bcos_vit_nano_patch4_28", depth=1, embed_dim=16, num_heads=2, num_classes=num_classes, class_names=classes
+    )
+    meta = {"model_name": "bcos_vit_nano_patch4_28", "classes": classes, "train_config": train_config or {}}
+    return save_weights(model, path, meta)
+
+
+def test_a_model_for_other_classes_is_refused_saying_which_data_fits(tmp_path, monkeypatch, capsys):
+    _fail_if_reached(monkeypatch, "bcosvit.evaluate.evaluate_models")
+    weights = _tiny_checkpoint(
+        tmp_path / "run20" / "model.safetensors", 20, {"dataset": "folder", "data_dir": "/data/shapes"}
+    )
+    code = main(["evaluate", "--checkpoint", str(weights.parent), "--data-dir", SUBSET, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "run20" in err and "has 20 classes but the dataset has 10" in err
+    assert "trained with --dataset folder --data-dir /data/shapes" in err
+
+
+def test_models_with_the_same_file_or_folder_name_are_all_evaluated_under_distinct_labels(
+    tmp_path, monkeypatch, capsys
+):
+    seen = {}
+
+    def record(models, images, labels, out, config, dataset="", log=print, sources=None):
+        seen.update(models=models, sources=sources)
+
+    monkeypatch.setattr("bcosvit.evaluate.evaluate_models", record)
+    files = [_tiny_checkpoint(tmp_path / folder / "model.safetensors") for folder in ("a", "b")]
+    runs = [_tiny_checkpoint(tmp_path / parent / "run" / "model.safetensors").parent for parent in ("x", "y")]
+    checkpoints = [str(p) for p in files + runs]
+    names = ["bcos_vitc_micro_28", "bcos_vitc_micro_28"]
+    code = main(
+        ["evaluate", "--checkpoint", *checkpoints, "--model", *names, "--data-dir", SUBSET, "--test-subset", "8"]
+        + ["--out", str(tmp_path / "out")]
+    )
+    assert code == 0
+    labels = [
+        "a/model.safetensors",
+        "b/model.safetensors",
+        "x/run",
+        "y/run",
+        "bcos_vitc_micro_28",
+        "bcos_vitc_micro_28#2",
+    ]
+    assert list(seen["models"]) == labels
+    assert list(seen["sources"].values()) == checkpoints + names
+    out = capsys.readouterr().out
+    assert all(f"model {label}: {source}" in out for label, source in zip(labels, checkpoints + names))

@@ -126,14 +126,6 @@ def test_explain_never_replaces_a_file_it_did_not_write_but_updates_its_own_figu
     assert capsys.readouterr().out.count(f"| {ours}") == 2
 
 
-def test_explain_refuses_an_out_that_is_a_file_before_any_work(run, files, capsys):
-    before = (files / "boot.png").read_bytes()
-    args = ["explain", str(files / "wide.jpg"), "--checkpoint", str(run), "--out", str(files / "boot.png")]
-    assert main(args) == 2
-    assert "is a file, not a folder" in capsys.readouterr().err
-    assert (files / "boot.png").read_bytes() == before
-
-
 def test_explain_command_accepts_a_class_name_as_target(run, files, tmp_path, capsys):
     assert (
         main(

@@ -356,8 +356,53 @@ def test_presets_cover_every_small_and_published_model_and_resolve_the_published
         ({"energy_loss": 1.0}, "energy_loss acts on mosaic canvases only"),
         ({"energy_canvases": -1}, "energy_canvases must be >= 0"),
         ({"model": "vit_nano_patch4_28", "mosaic": 0.5, "energy_loss": 1.0}, "vit_nano_patch4_28 is a standard model"),
+        ({"test_subset": -1}, r"test_subset must be >= 1"),
+        ({"test_subset": 0}, r"test_subset must be >= 1"),
+        ({"train_subset": 0}, r"train_subset must be >= 1"),
+        ({"lr": float("inf")}, "lr must be a finite number, got inf"),
+        ({"lr": float("nan")}, "lr must be a finite number, got nan"),
+        ({"weight_decay": float("nan")}, "weight_decay must be a finite number"),
+        ({"clip_value": float("inf")}, "clip_value must be a finite number"),
+        ({"mixup": float("inf")}, "mixup must be a finite number"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"warmup_steps": -1}, "warmup_steps must be >= 0"),
+        ({"min_lr": -1e-4}, r"min_lr must lie in \[0, lr"),
+        ({"min_lr": 1.0}, r"min_lr must lie in \[0, lr"),
+        ({"agc_eps": 0.0}, "agc_eps must be positive"),
+        ({"clip_value": 0.0}, "clip_value must be positive"),
+        ({"image_size": 0}, "image_size must be >= 1"),
+        ({"seed": -1}, r"seed must lie in \[0, 2\*\*32\)"),
+        ({"seed": 2**64}, r"seed must lie in \[0, 2\*\*32\)"),
     ],
 )
 def test_bad_training_values_are_rejected_with_the_reason(overrides, message):
     with pytest.raises(ConfigError, match=message):
         tiny_config(**overrides).validate()
+
+
+def _fail_if_data_is_built(monkeypatch):
+    def reached(*args, **kwargs):
+        raise AssertionError("training started its work despite an invalid setting")
+
+    monkeypatch.setattr("bcosvit.train.loop._build_data", reached)
+
+
+@pytest.mark.parametrize("where", ["existing file", "under /proc", "parent is a file"])
+def test_train_refuses_an_unwritable_run_folder_before_any_work(tmp_path, monkeypatch, where):
+    _fail_if_data_is_built(monkeypatch)
+    (tmp_path / "file").write_text("not a folder")
+    out = {
+        "existing file": tmp_path / "file",
+        "under /proc": Path("/proc/bcosvit-out"),
+        "parent is a file": tmp_path / "file" / "run",
+    }[where]
+    with pytest.raises(ConfigError, match=f"run folder \\(--out\\) {out}"):
+        train(tiny_config(), out, progress=False)
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_stop_after_zero_epochs_is_rejected_before_any_work(tmp_path, monkeypatch):
+    _fail_if_data_is_built(monkeypatch)
+    with pytest.raises(ConfigError, match="--stop-after must be >= 1"):
+        train(tiny_config(), tmp_path / "run", progress=False, stop_after=0)
+    assert not (tmp_path / "run").exists()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -63,16 +65,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def unique_labels(paths: list[tuple[str, ...]]) -> list[str]:
+    """A distinct label for each path (given as its parts): its shortest suffix that no other path
+    shares, e.g. ``a/model.safetensors`` and ``b/model.safetensors`` for two files named alike; a
+    path given more than once gets ``#2``, ``#3``... appended from its second occurrence on."""
+
+    def suffix(parts: tuple[str, ...], k: int) -> str:
+        return str(Path(*parts[-k:]))
+
+    labels = []
+    for parts in paths:
+        others = [other for other in paths if other != parts]  # the same path twice is numbered below
+        k = next((k for k in range(1, len(parts) + 1) if all(suffix(parts, k) != suffix(o, k) for o in others)), 0)
+        labels.append(suffix(parts, k or len(parts)))
+    counts: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        counts[label] = counts.get(label, 0) + 1
+        if counts[label] > 1:
+            labels[i] = f"{label}#{counts[label]}"
+    return labels
+
+
+def cli_model_sources(checkpoints: list[str], names: list[str]) -> dict[str, str]:
+    """``label -> source`` for ``--checkpoint`` paths (source: the absolute path) then ``--model`` names
+    (source: the name), in that order, each label distinct (``unique_labels``)."""
+    paths = [os.path.abspath(path) for path in checkpoints]
+    labels = unique_labels([Path(path).parts for path in paths] + [(name,) for name in names])
+    return dict(zip(labels, paths + names))
+
+
 def load_cli_models(checkpoints: list[str], names: list[str], shipped_prefix: str = "") -> dict:
     """Models from ``--checkpoint`` paths (run folders or weights files) and ``--model`` names
-    (shipped weights), keyed by a display name; with neither, every shipped model whose name
-    starts with ``shipped_prefix``."""
+    (shipped weights), keyed by a distinct label (``cli_model_sources``); with neither, every shipped
+    model whose name starts with ``shipped_prefix``."""
     from .checkpoint import load_model
     from .errors import ConfigError
     from .models import create_model, list_pretrained
 
-    models = {Path(path).name: load_model(path) for path in checkpoints}
-    models.update({name: create_model(name, pretrained=True) for name in names})
+    sources = cli_model_sources(checkpoints, names)
+    loaders = [load_model] * len(checkpoints) + [partial(create_model, pretrained=True)] * len(names)
+    models = {label: load(source) for (label, source), load in zip(sources.items(), loaders)}
     if not models:
         shipped = [n for n in list_pretrained() if n.startswith(shipped_prefix)]
         if not shipped:
@@ -98,18 +130,45 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0 if results and not failed else (1 if results else 2)
 
 
+def _trained_with(source: str) -> str:
+    """The ``--dataset``/``--data-dir`` options the model at ``source`` (checkpoint path or shipped
+    name) was trained with, from its metadata; "" when the metadata does not say."""
+    from .checkpoint import read_metadata
+    from .models import list_pretrained
+    from .models.registry import weights_dir
+
+    path = weights_dir() / f"{source}.safetensors" if source in list_pretrained() else source
+    try:
+        train_config = read_metadata(path).get("train_config") or {}
+    except BcosVitError:
+        return ""
+    options = [
+        f"--{key.replace('_', '-')} {train_config[key]}" for key in ("dataset", "data_dir") if train_config.get(key)
+    ]
+    return " ".join(options)
+
+
+def check_models_fit_dataset(models: dict, sources: dict[str, str], spec, args: argparse.Namespace) -> None:
+    """Raise ``ConfigError`` for the first model that does not fit the dataset (classes, channels, size),
+    saying which ``--dataset``/``--data-dir`` it was trained with."""
+    from .errors import ConfigError
+    from .evaluate import dataset_mismatch
+
+    for label, model in models.items():
+        problem = dataset_mismatch(model, spec)
+        if problem:
+            data = args.dataset + (f" in {args.data_dir}" if args.data_dir else "")
+            trained = _trained_with(sources[label])
+            fix = f"it was trained with {trained}" if trained else "pass the --dataset and --data-dir it was trained on"
+            raise ConfigError(f"model {label} ({sources[label]}) {problem}: it does not fit {data}; {fix}")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import load_dataset
+    from .errors import DataError
     from .evaluate import EvalConfig, evaluate_models
+    from .fileio import ensure_writable_dir
 
-    models = load_cli_models(args.checkpoint or [], args.model or [])
-    first = next(iter(models.values()))
-    dataset, _ = load_dataset(
-        args.dataset, "test" if args.dataset != "folder" else "val", args.data_dir, first.image_size
-    )
-    count = min(len(dataset), args.test_subset or len(dataset))
-    images = torch.stack([dataset[i][0] for i in range(count)])
-    labels = torch.tensor([int(dataset[i][1]) for i in range(count)])
     config = EvalConfig(
         grids=tuple(args.grid_sizes),
         num_grids=args.grids,
@@ -118,9 +177,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         methods=tuple(args.methods),
         seed=args.seed,
         baselines=tuple(args.baselines),
+        test_subset=args.test_subset,
     )
+    config.validate()
+    models = load_cli_models(args.checkpoint or [], args.model or [])
+    ensure_writable_dir(args.out, "output folder (--out)")
+    sources = cli_model_sources(args.checkpoint or [], args.model or []) or {name: name for name in models}
+    for label, source in sources.items():
+        print(f"model {label}: {source}")
+    first = next(iter(models.values()))
+    split = "test" if args.dataset != "folder" else "val"
+    dataset, spec = load_dataset(args.dataset, split, args.data_dir, first.image_size)
+    check_models_fit_dataset(models, sources, spec, args)
+    count = min(len(dataset), config.test_subset or len(dataset))
+    if count == 0:
+        raise DataError(f"the {args.dataset} {split} split holds no images; check --data-dir")
+    images = torch.stack([dataset[i][0] for i in range(count)])
+    labels = torch.tensor([int(dataset[i][1]) for i in range(count)])
     print(f"evaluating {', '.join(models)} on {count} {args.dataset} test images")
-    evaluate_models(models, images, labels, args.out, config, dataset=args.dataset)
+    evaluate_models(models, images, labels, args.out, config, dataset=args.dataset, sources=sources)
     return 0
 
 

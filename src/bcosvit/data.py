@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
@@ -133,7 +134,19 @@ def load_image_folder(split: str, root: str | Path, transform=None) -> tv_datase
         if transform is not None
         else v2.Compose([decode, v2.ToDtype(torch.float32, scale=True)])
     )
-    return tv_datasets.ImageFolder(str(folder), transform=pipeline)
+    try:
+        return tv_datasets.ImageFolder(str(folder), transform=pipeline, loader=read_folder_image)
+    except OSError as exc:  # no class folders, a class folder without image files, or an unreadable folder
+        raise DataError(f"image folder {folder} is unusable: {exc} Expected {folder}/<class>/<image files>") from exc
+
+
+def read_folder_image(path: str) -> Image.Image:
+    """torchvision's loader (an RGB PIL image) with a ``DataError`` naming a file that cannot be decoded
+    (torchvision reads each file only when its item is first loaded)."""
+    try:
+        return tv_datasets.folder.default_loader(path)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL's errors for damaged files
+        raise DataError(f"cannot read image {path} ({exc}); remove or replace the file") from exc
 
 
 @dataclass

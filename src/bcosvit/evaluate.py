@@ -21,6 +21,7 @@ Protocols (all seeded):
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -35,9 +36,10 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from .attribution import METHODS, attribute
+from .data import DataSpec
 from .errors import ConfigError
 from .explain import explain
-from .fileio import write_json
+from .fileio import ensure_writable_dir, write_json
 from .metrics import (
     completeness_stats,
     compute_attributions,
@@ -73,14 +75,19 @@ class EvalConfig:
     batch_size: int = 32
     seed: int = 0
     baselines: tuple[str, ...] = ("zero", "mean")  # deletion/insertion replacement values (or numbers)
+    test_subset: int | None = None  # the command evaluates the first N test images (None: all of them)
 
-    def validate(self) -> None:
+    def validate(self, num_classes: int | None = None) -> None:
+        """Raise ``ConfigError`` naming the first invalid value; with ``num_classes`` (the models'), also
+        for grids with more cells than there are classes (each cell shows a different class)."""
         for name in self.baselines:
             if name not in ("zero", "mean"):
                 try:
-                    float(name)
+                    number = float(name)
                 except ValueError:
                     raise ConfigError(f"deletion baseline must be 'zero', 'mean' or a number, got {name!r}") from None
+                if not math.isfinite(number):
+                    raise ConfigError(f"deletion baseline must be a finite number, got {name!r}")
         if not self.baselines:
             raise ConfigError("give at least one deletion baseline ('zero', 'mean' or a number)")
         unknown = sorted(set(self.methods) - set(METHODS))
@@ -90,7 +97,49 @@ class EvalConfig:
             raise ConfigError(f"grid sizes must be >= 2, got {list(self.grids)}")
         for name in ("num_grids", "faithfulness_images", "steps", "ig_steps", "batch_size"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{_with_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.test_subset is not None and self.test_subset < 1:
+            raise ConfigError(
+                f"{_with_flag('test_subset')} must be >= 1 (or unset for the whole test set), got {self.test_subset}"
+            )
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"{_with_flag('seed')} must lie in [0, 2**32), got {self.seed}")
+        if num_classes is not None and max(self.grids, default=0) ** 2 > num_classes:
+            g = max(self.grids)
+            raise ConfigError(
+                f"a {g}x{g} grid (--grid-sizes) needs {g * g} distinct classes but the models have {num_classes}; "
+                f"use grid sizes up to {math.isqrt(num_classes)}"
+            )
+
+
+# The ``bcosvit evaluate`` flag of each EvalConfig field that has one (named in error messages).
+_FLAGS = {
+    "num_grids": "--grids",
+    "faithfulness_images": "--faithfulness-images",
+    "ig_steps": "--ig-steps",
+    "test_subset": "--test-subset",
+    "seed": "--seed",
+}
+
+
+def _with_flag(name: str) -> str:
+    """``"num_grids (--grids)"``: a field's name and its command-line flag, if it has one."""
+    return f"{name} ({_FLAGS[name]})" if name in _FLAGS else name
+
+
+def dataset_mismatch(model: VisionTransformer, spec: DataSpec) -> str | None:
+    """Why ``model`` cannot be evaluated on the dataset described by ``spec`` (None when it can):
+    a different number of classes, other class names (when the model stores them), channels or size."""
+    if model.num_classes != spec.num_classes:
+        return f"has {model.num_classes} classes but the dataset has {spec.num_classes}"
+    names = model.config.class_names
+    if names and list(names) != list(spec.classes):
+        return f"was trained on the classes {list(names)} but the dataset's are {list(spec.classes)}"
+    if model.in_chans != spec.in_chans:
+        return f"takes {model.in_chans}-channel images but the dataset's have {spec.in_chans}"
+    if model.image_size != spec.image_size:
+        return f"takes {model.image_size}x{model.image_size} images but the dataset is read at {spec.image_size}"
+    return None
 
 
 @dataclass
@@ -98,6 +147,7 @@ class ModelResult:
     name: str
     is_bcos: bool
     accuracy: dict[str, float]
+    source: str = ""  # where the model came from: a checkpoint path or a shipped model's name
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     completeness: dict[str, float] | None = None
     seconds: float = 0.0
@@ -189,13 +239,19 @@ def accuracy_from_logits(logits: Tensor, labels: Tensor) -> dict[str, float]:
 
 
 def evaluate_model(
-    name: str, model: VisionTransformer, images: Tensor, labels: Tensor, config: EvalConfig, log=print
+    name: str,
+    model: VisionTransformer,
+    images: Tensor,
+    labels: Tensor,
+    config: EvalConfig,
+    log=print,
+    source: str = "",
 ) -> ModelResult:
     """Every measurement for one model; post-hoc methods for any model, ``bcos`` for B-cos models."""
     started = time.perf_counter()
     model.eval()
     logits = predict_logits(model, images, config.batch_size)
-    result = ModelResult(name, model.is_bcos, accuracy_from_logits(logits, labels))
+    result = ModelResult(name, model.is_bcos, accuracy_from_logits(logits, labels), source)
     log(f"{name}: top-1 {result.accuracy['top1']:.2f}%, top-5 {result.accuracy['top5']:.2f}%")
     subset = images[: config.faithfulness_images]
     predicted = logits[: config.faithfulness_images].argmax(dim=1)
@@ -358,12 +414,21 @@ def evaluate_models(
     config: EvalConfig,
     dataset: str = "",
     log=print,
+    sources: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every model, write ``metrics.json``, figures and ``report.html`` to ``out``."""
-    config.validate()
-    out = Path(out)
+    """Evaluate every model, write ``metrics.json``, figures and ``report.html`` to ``out``.
+
+    ``sources``: where each model (by its key in ``models``) came from, e.g. its checkpoint path;
+    stored with its results.
+    """
+    config.validate(num_classes=min((model.num_classes for model in models.values()), default=None))
+    out = ensure_writable_dir(out, "output folder (--out)")
+    sources = sources or {}
     started = time.perf_counter()
-    results = [evaluate_model(name, model, images, labels, config, log) for name, model in models.items()]
+    results = [
+        evaluate_model(name, model, images, labels, config, log, source=sources.get(name, ""))
+        for name, model in models.items()
+    ]
     figures = {
         "examples.png": examples_figure(models, images, config),
         "grid_examples.png": grid_figure(models, images, labels, config),
@@ -394,8 +459,11 @@ def evaluate_models(
 
 def _sections(results: list[ModelResult], config: EvalConfig, paths: dict[str, Path]) -> list[Section]:
     accuracy = Table(
-        ["model", "family", "top-1 (%)", "top-5 (%)"],
-        [[r.name, "B-cos" if r.is_bcos else "standard", r.accuracy["top1"], r.accuracy["top5"]] for r in results],
+        ["model", "source", "family", "top-1 (%)", "top-5 (%)"],
+        [
+            [r.name, r.source, "B-cos" if r.is_bcos else "standard", r.accuracy["top1"], r.accuracy["top5"]]
+            for r in results
+        ],
         precision=2,
     )
     headers = (

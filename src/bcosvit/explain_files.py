@@ -20,6 +20,7 @@ from PIL import Image
 
 from .errors import ConfigError, InputError
 from .explain import explain
+from .fileio import ensure_writable_dir
 from .imageio import LoadedImage, load_image, open_regular_file
 from .models.vit import VisionTransformer
 from .visualize import FIGURE_SOFTWARE, explanation_figure, literal_text, save_figure
@@ -124,9 +125,7 @@ def explain_files(
     names = model.config.class_names or [str(i) for i in range(model.num_classes)]
     topk = min(topk, model.num_classes)
     fixed = resolve_target(target, model.config.class_names, model.num_classes) if target is not None else None
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder; pass the folder to write the figures to")
+    out = ensure_writable_dir(out, "output folder (--out)")
     loaded: list[LoadedImage] = []
     failed: list[tuple[Path, str]] = []
     for path in paths:

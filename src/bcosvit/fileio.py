@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it to ``path``.
@@ -36,3 +38,25 @@ def write_json(path: str | Path, data: Any) -> Path:
     """Write ``data`` as indented JSON, atomically."""
     text = json.dumps(data, indent=2, default=str)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+
+
+def ensure_writable_dir(path: str | Path, what: str) -> Path:
+    """Create the folder ``path`` if needed and prove that files can be written in it (a probe file is
+    created and removed), so that a run fails before its work rather than when it saves the results.
+
+    ``what`` names the folder in the error, e.g. ``"output folder (--out)"``. Raises ``ConfigError``
+    for an existing file, a folder that cannot be created (parent is a file, read-only or virtual file
+    system such as /proc) or one without write permission.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} is an existing file, not a folder; choose a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".bcosvit-write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"cannot write to {what} {path} ({reason}); choose a folder you can write to") from exc
+    return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -59,6 +60,10 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the first invalid value."""
         model_config(self.model, **self.model_options)  # unknown names/options fail clearly
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
         checks = [
             (self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
@@ -72,7 +77,9 @@ class TrainConfig:
             (self.loss in ("auto", "bce", "ce"), f"loss must be auto, bce or ce, got {self.loss!r}"),
             (self.clip in ("auto", "agc", "norm", "none"), f"clip must be auto, agc, norm or none, got {self.clip!r}"),
             (self.clip_value is None or self.clip_value > 0, f"clip_value must be positive, got {self.clip_value}"),
+            (self.agc_eps > 0, f"agc_eps must be positive, got {self.agc_eps}"),
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (0 <= self.min_lr <= self.lr, f"min_lr must lie in [0, lr = {self.lr}], got {self.min_lr}"),
             (0 <= self.randaugment <= 30, f"randaugment magnitude must lie in [0, 30], got {self.randaugment}"),
             (
                 self.crop_padding is None or self.crop_padding >= 0,
@@ -96,6 +103,15 @@ class TrainConfig:
                 self.train_subset is None or self.train_subset >= 1,
                 f"train_subset must be >= 1, got {self.train_subset}",
             ),
+            (
+                self.test_subset is None or self.test_subset >= 1,
+                f"test_subset must be >= 1 (or unset for the whole test set), got {self.test_subset}",
+            ),
+            (
+                self.image_size is None or self.image_size >= 1,
+                f"image_size must be >= 1 (or unset for the dataset's own size), got {self.image_size}",
+            ),
+            (0 <= self.seed < 2**32, f"seed must lie in [0, 2**32), got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:

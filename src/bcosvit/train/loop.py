@@ -29,7 +29,7 @@ from ..checkpoint import load_state_dict, save_weights
 from ..data import load_dataset
 from ..errors import CheckpointError, ConfigError
 from ..explain import explain
-from ..fileio import atomic_write
+from ..fileio import atomic_write, ensure_writable_dir
 from ..models.registry import create_model
 from ..models.vit import VisionTransformer
 from ..precision import autocast, compile_available, resolve_precision
@@ -383,6 +383,8 @@ def train(
     fit a time-limited session; the schedule still follows ``config.epochs``.
     """
     config.validate()
+    if stop_after is not None and stop_after < 1:
+        raise ConfigError(f"--stop-after must be >= 1 epoch, got {stop_after}")
     rt = setup_distributed()
     choice = resolve_precision(config.precision, rt.device)
     recipe = dataclasses.replace(config.resolved(), precision=choice.precision)
@@ -398,6 +400,8 @@ def train(
             f"process, but the batch gives {config.batch_size // rt.world_size}; "
             "raise --batch-size or lower --mosaic-grid"
         )
+    if rt.is_main:
+        ensure_writable_dir(out, "run folder (--out)")  # fail now, not when the first epoch is saved
     data = _build_data(config, rt)
     steps_per_epoch = len(data.train_loader)
 
