@@ -270,6 +270,56 @@ def test_bcos_method_refuses_a_standard_model():
         attribute("bcos", _float32_model("vit_nano_patch4_28"), torch.rand(1, 1, 28, 28), [0])
 
 
+def test_bcos_method_with_a_baseline_is_explain_with_that_baseline(build, images):
+    model = build("bcos_vit_nano_patch4_28")
+    x = images(3, 1, 28)
+    expected = bcosvit.explain(model, x, _targets(), baseline=0.4).contributions
+    torch.testing.assert_close(attribute("bcos", model, x, _targets(), baseline=0.4), expected.float())
+
+
+# --- Inputs from other toolkits ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_attribute_computes_float64_numpy_images_in_the_models_dtype(method):
+    model = _float32_model("bcos_vit_nano_patch4_28")  # Quantus and Captum's metrics pass float64 numpy arrays
+    x = torch.rand(3, 1, 28, 28, dtype=torch.float64)
+    expected = attribute(method, model, x.float(), _targets())
+    maps = attribute(method, model, x.numpy(), _targets())
+    assert isinstance(maps, torch.Tensor) and maps.dtype == torch.float32 and maps.shape == (3, 28, 28)
+    torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attribute(method, model, x, _targets()), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_attribute_scales_uint8_images_and_refuses_floats_in_0_255():
+    model = _float32_model("vit_nano_patch4_28")
+    pixels = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    expected = attribute("gradient", model, pixels.float() / 255, [1, 2])
+    torch.testing.assert_close(attribute("gradient", model, pixels, [1, 2]), expected, rtol=0, atol=0)
+    with pytest.raises(bcosvit.InputError, match="divide 8-bit images .* by 255"):
+        attribute("integrated_gradients", model, pixels.float(), [1, 2])
+
+
+def test_attribute_accepts_class_names_when_the_model_has_them():
+    names = [f"class {i}" for i in range(10)]
+    model = _float32_model("vit_nano_patch4_28", class_names=names)
+    x = torch.rand(2, 1, 28, 28)
+    expected = attribute("input_x_gradient", model, x, [3, 7])
+    torch.testing.assert_close(attribute("input_x_gradient", model, x, ["class 3", "Class 7"]), expected)
+    with pytest.raises(bcosvit.InputError, match="no class names"):
+        attribute("gradient", _float32_model("vit_nano_patch4_28"), x, "class 3")
+
+
+def test_gradient_methods_under_inference_mode_say_they_need_autograd():
+    model = _float32_model("vit_nano_patch4_28")
+    x = torch.rand(2, 1, 28, 28)
+    with torch.inference_mode():
+        with pytest.raises(bcosvit.ConfigError, match="need autograd"):
+            attribute("integrated_gradients", model, x, [1, 2])
+        maps = attribute("rollout", model, x)  # attention maps only: no gradients needed
+    assert maps.shape == (2, 28, 28)
+
+
 # --- Errors --------------------------------------------------------------------------------------
 
 

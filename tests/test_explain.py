@@ -436,3 +436,129 @@ def test_indexing_an_explanation_selects_images_and_keeps_the_batch_axis(tiny, i
     torch.testing.assert_close(one.weights[0], e.weights[1])
     assert one.target.tolist() == [[2, 3]] and one.logit_bias == e.logit_bias
     assert len(e[torch.tensor([0, 2])]) == 2 and len(e[-1]) == 1
+
+
+# --- Inputs: array-likes, dtypes, ranges, class names, autograd --------------------------------
+
+
+def test_explain_computes_numpy_lists_and_other_dtypes_in_the_models_dtype(build, images):
+    model = build("bcos_vit_nano_patch4_28", dtype=torch.float32, image_size=8, depth=1, embed_dim=16, num_heads=2)
+    x = images(2, 1, 8)  # float64, as Quantus and Captum's metrics pass them
+    reference = bcosvit.explain(model, x.float(), target=[1, 2])
+    for given in (x, x.numpy(), x.tolist(), x.half()):
+        e = bcosvit.explain(model, given, target=[1, 2])
+        assert e.weights.dtype == e.contributions.dtype == e.logits.dtype == torch.float32
+        tolerance = 2e-3 if isinstance(given, torch.Tensor) and given.dtype == torch.float16 else 1e-6
+        torch.testing.assert_close(e.contributions, reference.contributions, rtol=tolerance, atol=tolerance)
+    unit = bcosvit.explain_unit(model, x.numpy(), 1, 0, 3)
+    assert unit.weights.dtype == torch.float32
+    tokens = bcosvit.token_contributions(model, x.numpy(), target=[1, 2])
+    assert tokens.dtype == torch.float32 and tokens.shape == (2, 2, 2)
+
+
+def test_explain_scales_uint8_images_by_255(tiny):
+    pixels = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    from_uint8 = bcosvit.explain(tiny, pixels, target=[1, 2])
+    from_floats = bcosvit.explain(tiny, pixels.double() / 255, target=[1, 2])
+    torch.testing.assert_close(from_uint8.weights, from_floats.weights, rtol=0, atol=0)
+    torch.testing.assert_close(from_uint8.inputs[:, :1], pixels.double() / 255, rtol=0, atol=0)
+
+
+def test_explain_refuses_float_images_in_0_255_saying_to_divide_by_255(tiny, images):
+    with pytest.raises(bcosvit.InputError, match="divide 8-bit images .* by 255"):
+        bcosvit.explain(tiny, images(2, 1, 8) * 255)
+    with pytest.raises(bcosvit.InputError, match="divide 8-bit images .* by 255"):
+        bcosvit.token_contributions(tiny, (images(2, 1, 8) * 255).numpy())
+
+
+@pytest.mark.parametrize("given", [torch.zeros(1, 1, 8, 8, dtype=torch.long), "images", [[["a"]]]])
+def test_images_that_are_not_numbers_in_0_1_are_a_clear_input_error(tiny, given):
+    with pytest.raises(bcosvit.InputError, match="expected"):
+        bcosvit.explain(tiny, given)
+
+
+def test_explain_under_inference_mode_says_explanations_need_autograd(tiny, images):
+    x = images(2, 1, 8)
+    with torch.inference_mode():
+        for fn in (
+            lambda: bcosvit.explain(tiny, x),
+            lambda: bcosvit.explain_unit(tiny, x, 1, 0, 3),
+            lambda: bcosvit.token_contributions(tiny, x),
+        ):
+            with pytest.raises(bcosvit.ConfigError, match=r"need autograd.*outside the inference_mode block"):
+                fn()
+        made_in_inference_mode = images(2, 1, 8)
+    e = bcosvit.explain(tiny, made_in_inference_mode)  # its tensor, used outside the block, is fine
+    assert (e.completeness_error / e.outputs.abs()).max() < 1e-10
+
+
+def test_targets_may_be_class_names_when_the_model_has_them(build, images):
+    names = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
+    model = build("bcos_vit_nano_patch4_28", image_size=8, depth=1, embed_dim=16, num_heads=2, class_names=names)
+    x = images(2, 1, 8)
+    by_index = bcosvit.explain(model, x, target=[[8, 4], [8, 4]])
+    by_name = bcosvit.explain(model, x, target=[["Bag", "coat"], ["bag", "Coat"]])
+    assert by_name.target.tolist() == [[8, 4], [8, 4]]
+    torch.testing.assert_close(by_name.weights, by_index.weights, rtol=0, atol=0)
+    assert bcosvit.explain(model, x, target="Bag").target.tolist() == [8, 8]
+    assert bcosvit.token_contributions(model, x, target=["Bag", "Boot"]).shape == (2, 2, 2)
+    with pytest.raises(bcosvit.InputError, match=r"unknown class 'Hat'; classes: \['T-shirt'"):
+        bcosvit.explain(model, x, target="Hat")
+
+
+def test_class_name_target_for_a_model_without_class_names_is_a_clear_input_error(tiny, images):
+    with pytest.raises(bcosvit.InputError, match=r"'Bag' is a class name, but this model has no class names.*\[0, 9\]"):
+        bcosvit.explain(tiny, images(2, 1, 8), target="Bag")
+
+
+# --- Relative to a baseline; signed weights ---------------------------------------------------
+
+
+@pytest.mark.parametrize("baseline", [0.0, 0.5, "per-pixel"])
+def test_explain_with_a_baseline_contributions_sum_to_the_logit_minus_the_map_at_the_baseline(build, images, baseline):
+    model = build("bcos_vit_nano_patch4_28", depth=2, image_size=8, in_chans=3)
+    x = images(2, 3, 8)
+    if baseline == "per-pixel":
+        baseline = images(1, 3, 8)[0]
+    b = torch.as_tensor(baseline, dtype=x.dtype).expand(x.shape[1:])
+    x[1, :, :4] = b[:, :4]  # pixels already at the baseline contribute nothing
+    plain = bcosvit.explain(model, x, target=[[1, 2], [3, 4]])
+    relative = bcosvit.explain(model, x, target=[[1, 2], [3, 4]], baseline=baseline)
+
+    encoded_b = _encoded(b[None])[:, None]  # (1, 1, 2C, H, W)
+    torch.testing.assert_close(relative.weights, plain.weights, rtol=0, atol=0)
+    torch.testing.assert_close(
+        relative.contributions, (plain.weights * (_encoded(x)[:, None] - encoded_b)).sum(2), rtol=1e-12, atol=1e-12
+    )
+    map_at_baseline = (plain.weights * encoded_b).flatten(2).sum(2) + plain.positional + plain.logit_bias
+    torch.testing.assert_close(relative.at_baseline, map_at_baseline, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        relative.contributions.flatten(2).sum(2), relative.outputs - map_at_baseline, rtol=1e-10, atol=1e-10
+    )
+    assert (relative.completeness_error / relative.outputs.abs()).max() < 1e-10
+    assert (relative.contributions[1, :, :4] == 0).all()
+    torch.testing.assert_close(plain.at_baseline, plain.positional + plain.logit_bias, rtol=0, atol=0)
+
+
+def test_explain_rejects_a_baseline_that_does_not_fit_the_images(tiny, images):
+    with pytest.raises(bcosvit.InputError, match=r"broadcastable to \(C, H, W\)"):
+        bcosvit.explain(tiny, images(1, 1, 8), baseline=torch.zeros(3, 1, 1))
+    with pytest.raises(bcosvit.InputError, match="divide 8-bit images"):
+        bcosvit.explain(tiny, images(1, 1, 8), baseline=128.0)
+
+
+def test_signed_weights_give_the_change_of_the_linear_map_for_a_change_of_the_image(build, images):
+    model = build("bcos_vit_nano_patch4_28", depth=1, image_size=8, in_chans=3)
+    x = images(2, 3, 8)
+    e = bcosvit.explain(model, x, target=[[1, 2], [3, 4]])
+    signed = e.signed_weights
+    assert signed.shape == (2, 2, 3, 8, 8)
+    torch.testing.assert_close(signed, e.weights[:, :, :3] - e.weights[:, :, 3:], rtol=0, atol=0)
+    dx = 1e-3 * torch.randn_like(x)
+    linear_change = (e.weights * (_encoded(x + dx) - _encoded(x))[:, None]).flatten(2).sum(2)
+    torch.testing.assert_close((signed * dx[:, None]).flatten(2).sum(2), linear_change, rtol=1e-10, atol=1e-15)
+    # It is the gradient of the logit with respect to the image when w(x) is held fixed (explanation mode).
+    leaf = x.clone().requires_grad_(True)
+    with bcosvit.explanation_mode(model):
+        (grad,) = torch.autograd.grad(model(leaf)[:, 1].sum(), leaf)
+    torch.testing.assert_close(grad[0], signed[0, 0], rtol=1e-10, atol=1e-12)

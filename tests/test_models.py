@@ -289,6 +289,26 @@ def test_other_bad_inputs_are_input_errors(build, images):
         model(torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
 
 
+@pytest.mark.parametrize("family", ["bcos_", ""])
+def test_images_in_0_255_are_an_input_error_saying_to_divide_by_255(build, images, family):
+    model = build(f"{family}vit_nano_patch4_28", depth=1)
+    with pytest.raises(bcosvit.InputError, match=r"expects images in \[0, 1\]: divide 8-bit images .* by 255"):
+        model(images(2, 1, 8) * 255)
+
+
+def test_mean_std_normalised_images_are_an_input_error(build, images):
+    model = build("bcos_vit_nano_patch4_28", depth=1)
+    with pytest.raises(bcosvit.InputError, match=r"lie in \[-2.1.*without mean/std normalisation"):
+        model((images(2, 1, 8) - 0.485) / 0.229 - 0.01)
+
+
+def test_augmented_images_near_0_1_are_accepted(build, images):
+    model = build("bcos_vit_nano_patch4_28", depth=1)
+    noisy = images(2, 1, 8) + 0.15 * torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    noisy[0, 0, 0, :2] = torch.tensor([-1.0, 2.0])  # the edges of the accepted range
+    assert torch.isfinite(model(noisy)).all()
+
+
 def test_unknown_model_name_suggests_close_names():
     with pytest.raises(
         bcosvit.ConfigError, match="unknown model name 'bcos_vit_tiny_patch16'.*did you mean.*bcos_vit_tiny_patch16_224"

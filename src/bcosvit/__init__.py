@@ -1,5 +1,15 @@
-"""bcosvit: holistically explainable B-cos Vision Transformers."""
+"""bcosvit: holistically explainable B-cos Vision Transformers.
 
+The sub-modules that pull in heavier libraries (``attribution``: Captum; ``visualize``, ``report``:
+matplotlib; ``train``, ``data``, ``metrics``, ...) are imported on first use, so ``import bcosvit``
+stays light while ``bcosvit.attribution.attribute(...)`` works without importing the module first.
+``bcosvit.explain`` is the function; its module is ``from bcosvit.explain import ...``.
+"""
+
+import importlib
+from types import ModuleType
+
+from .checkpoint import load_model
 from .errors import BcosVitError, CheckpointError, ConfigError, DataError, InputError
 from .explain import Explanation, explain, explain_unit, token_contributions
 from .layers import explanation_mode
@@ -22,5 +32,19 @@ __all__ = [
     "explanation_mode",
     "list_models",
     "list_pretrained",
+    "load_model",
     "token_contributions",
 ]
+
+_LAZY_SUBMODULES = frozenset({"attribution", "data", "evaluate", "imageio", "metrics", "report", "train", "visualize"})
+
+
+def __getattr__(name: str) -> ModuleType:
+    """Import the sub-module ``bcosvit.<name>`` on first attribute access (PEP 562)."""
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LAZY_SUBMODULES)

@@ -4,8 +4,11 @@ One call, in the spirit of Captum's ``attribute(inputs, target=...)``::
 
     maps = bcosvit.attribution.attribute("integrated_gradients", model, images, target)
 
-``images`` are ``(N, C, H, W)`` in [0, 1] and ``maps`` are ``(N, H, W)`` float32 attribution maps at
-input resolution, detached, on the images' device. Every method explains the whole batch at once.
+``images`` are ``(N, C, H, W)`` in [0, 1]: a tensor or an array-like (numpy, lists) of any float
+dtype, or uint8 in [0, 255], computed in the model's dtype on the model's device (the same
+conversion and checks as ``bcosvit.explain``). ``target`` may name classes when the model has
+``config.class_names``. ``maps`` are ``(N, H, W)`` float32 torch tensors at input resolution,
+detached, on the model's device. Every method explains the whole batch at once.
 
 Methods (``METHODS``):
 
@@ -28,7 +31,8 @@ Methods (``METHODS``):
   (ICCV 2021), for self-attention: ``Ā_l = mean_heads (∇A_l ⊙ A_l)^+``, ``R = I``,
   ``R ← R + Ā_l R`` for blocks ``l = 1 .. L``. (Not the LRP-based method of their CVPR 2021 paper.)
 - ``"bcos"``: the exact explanation of a B-cos model, ``bcosvit.explain(...).contributions``; with
-  ``baseline=b``, the same weights applied to the change from the constant image ``b``.
+  ``baseline=b``, ``bcosvit.explain(..., baseline=b).contributions``: the same weights applied to the
+  change from the baseline image ``b``.
 
 Token relevance without a class token: these models pool by averaging the tokens, so the logit
 sees every output token equally. For ``rollout`` and ``transformer_attribution`` the relevance of
@@ -52,7 +56,16 @@ from captum.attr import InputXGradient, IntegratedGradients, Saliency
 from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
-from .explain import TargetLike, attribution_state, explain, normalize_target
+from .explain import (
+    BaselineLike,
+    ImagesLike,
+    TargetLike,
+    as_model_input,
+    attribution_state,
+    baseline_image,
+    explain,
+    normalize_target,
+)
 from .models.vit import VisionTransformer
 
 AttributionFn = Callable[..., Tensor]
@@ -82,16 +95,21 @@ def _require_vit(model: nn.Module) -> VisionTransformer:
     return model
 
 
+def _prepare(model: nn.Module, images: ImagesLike) -> tuple[VisionTransformer, Tensor]:
+    """The model, checked, and ``images`` as the tensor it computes with (``explain.as_model_input``)."""
+    model = _require_vit(model)
+    return model, as_model_input(model, images)
+
+
 def _targets(model: VisionTransformer, images: Tensor, target: TargetLike) -> Tensor:
     """``(N,)`` long targets on the images' device; None: the predicted classes."""
-    model.check_input(images)
     n = images.shape[0]
     if target is None:
         with torch.no_grad():
             default = model(images).argmax(dim=1)
     else:
         default = torch.zeros(n, dtype=torch.long, device=images.device)
-    t = normalize_target(target, default, model.num_classes)
+    t = normalize_target(target, default, model.num_classes, "class", model.config.class_names)
     if t.ndim != 1:
         raise InputError(
             f"attribution explains one class per image: target must have shape ({n},), got {tuple(t.shape)}"
@@ -119,9 +137,9 @@ def _target_logits(model: VisionTransformer, tokens: Tensor, target: Tensor) -> 
 # --- Captum methods on the input pixels ----------------------------------------------------------
 
 
-def input_x_gradient(model: nn.Module, images: Tensor, target: TargetLike = None) -> Tensor:
+def input_x_gradient(model: nn.Module, images: ImagesLike, target: TargetLike = None) -> Tensor:
     """``(x · ∂logit_target/∂x)`` summed over channels: images ``(N, C, H, W)`` -> ``(N, H, W)``."""
-    model = _require_vit(model)
+    model, images = _prepare(model, images)
     with attribution_state(model, explanation=False):
         target = _targets(model, images, target)
         attr = InputXGradient(model).attribute(images.detach().requires_grad_(True), target=target)
@@ -130,12 +148,12 @@ def input_x_gradient(model: nn.Module, images: Tensor, target: TargetLike = None
 
 def integrated_gradients(
     model: nn.Module,
-    images: Tensor,
+    images: ImagesLike,
     target: TargetLike = None,
     *,
     n_steps: int = 20,
     internal_batch_size: int | None = 64,
-    baseline: float | Tensor = 0.0,
+    baseline: BaselineLike = 0.0,
 ) -> Tensor:
     """Integrated gradients from a constant image (default: black, all zeros), summed over channels.
 
@@ -152,7 +170,7 @@ def integrated_gradients(
     Returns:
         ``(N, H, W)``; its sum approximates ``logit(x) - logit(baseline)``.
     """
-    model = _require_vit(model)
+    model, images = _prepare(model, images)
     if n_steps < 1:
         raise ConfigError(f"n_steps must be a positive integer, got {n_steps}")
     with attribution_state(model, explanation=False):
@@ -160,7 +178,7 @@ def integrated_gradients(
         batch = None if internal_batch_size is None else max(int(internal_batch_size), images.shape[0])
         attr = IntegratedGradients(model).attribute(
             images.detach().requires_grad_(True),
-            baselines=_baseline_image(baseline, images).expand_as(images),
+            baselines=baseline_image(baseline, images).expand_as(images),
             target=target,
             n_steps=n_steps,
             internal_batch_size=batch,
@@ -168,9 +186,9 @@ def integrated_gradients(
     return _finish(attr.sum(dim=1))
 
 
-def gradient(model: nn.Module, images: Tensor, target: TargetLike = None, *, abs: bool = True) -> Tensor:
+def gradient(model: nn.Module, images: ImagesLike, target: TargetLike = None, *, abs: bool = True) -> Tensor:
     """Saliency: ``|∂logit_target/∂x|`` (signed with ``abs=False``) summed over channels -> ``(N, H, W)``."""
-    model = _require_vit(model)
+    model, images = _prepare(model, images)
     with attribution_state(model, explanation=False):
         target = _targets(model, images, target)
         attr = Saliency(model).attribute(images.detach().requires_grad_(True), target=target, abs=abs)
@@ -180,9 +198,9 @@ def gradient(model: nn.Module, images: Tensor, target: TargetLike = None, *, abs
 # --- Token-based methods -------------------------------------------------------------------------
 
 
-def gradcam(model: nn.Module, images: Tensor, target: TargetLike = None) -> Tensor:
+def gradcam(model: nn.Module, images: ImagesLike, target: TargetLike = None) -> Tensor:
     """Grad-CAM on the last block's tokens: images ``(N, C, H, W)`` -> non-negative ``(N, H, W)``."""
-    model = _require_vit(model)
+    model, images = _prepare(model, images)
     with attribution_state(model, explanation=False):
         target = _targets(model, images, target)
         tokens = model.forward_features(images.detach().requires_grad_(True))  # (N, L, D)
@@ -210,15 +228,14 @@ def attention_rollout(attentions: list[Tensor]) -> Tensor:
     return rollout
 
 
-def rollout(model: nn.Module, images: Tensor, target: TargetLike = None) -> Tensor:
+def rollout(model: nn.Module, images: ImagesLike, target: TargetLike = None) -> Tensor:
     """Attention rollout, class-agnostic (``target`` is ignored): ``(N, C, H, W)`` -> ``(N, H, W)``.
 
     Token relevance is the mean over output tokens (rows) of the rollout matrix (no class token);
     it sums to 1 over the tokens.
     """
-    model = _require_vit(model)
-    with attribution_state(model, explanation=False), torch.no_grad():
-        model.check_input(images)
+    model, images = _prepare(model, images)
+    with attribution_state(model, explanation=False, gradients=False):
         _, attentions = model.forward_features_with_attn(images)
         relevance = attention_rollout(attentions).mean(dim=1)  # (N, L)
     return _finish(_to_pixels(relevance, images, model.patch_size))
@@ -248,7 +265,7 @@ def transformer_attribution_matrix(attentions: list[Tensor], gradients: list[Ten
     return relevance
 
 
-def transformer_attribution(model: nn.Module, images: Tensor, target: TargetLike = None) -> Tensor:
+def transformer_attribution(model: nn.Module, images: ImagesLike, target: TargetLike = None) -> Tensor:
     """Gradient-weighted attention rollout (Chefer et al., ICCV 2021): ``(N, C, H, W)`` -> ``(N, H, W)``.
 
     One backward pass gives ``∂logit_target/∂A_l`` for every block; token relevance is the mean over
@@ -256,7 +273,7 @@ def transformer_attribution(model: nn.Module, images: Tensor, target: TargetLike
     every token the same share 1/L whatever the class; a class-token model's map leaves it out too
     (it reads ``R[cls, patches]``), so it is left out here.
     """
-    model = _require_vit(model)
+    model, images = _prepare(model, images)
     with attribution_state(model, explanation=False):
         target = _targets(model, images, target)
         tokens, attentions = model.forward_features_with_attn(images.detach().requires_grad_(True))
@@ -271,21 +288,21 @@ def transformer_attribution(model: nn.Module, images: Tensor, target: TargetLike
 
 
 def bcos(
-    model: nn.Module, images: Tensor, target: TargetLike = None, *, baseline: float | Tensor | None = None
+    model: nn.Module, images: ImagesLike, target: TargetLike = None, *, baseline: BaselineLike | None = None
 ) -> Tensor:
     """Exact B-cos contributions ``w(x) · [x, 1 - x]`` summed over channels -> ``(N, H, W)``.
 
-    With ``baseline`` (a pixel value, or an image broadcastable to ``(C, H, W)``, in [0, 1]) the
-    same weights apply to the change from the baseline instead: ``w(x) · ([x, 1 - x] - [b, 1 - b])``.
-    That map sums to the target logit minus the explanation's linear map evaluated at the baseline
-    image, ``w(x) · [b, 1 - b]`` (``positional`` and the logit bias cancel), so it is the explanation's
-    own account of what replacing pixels by ``b`` takes away; a pixel already equal to ``b`` gets 0.
-    The plain contributions (no baseline) are relative to the encoded input ``0``, which no image
-    encodes to: a black pixel is ``[0, 1]``.
+    ``bcosvit.explain(model, images, target, baseline=baseline).contributions`` as float32. With
+    ``baseline`` (a pixel value, or an image broadcastable to ``(C, H, W)``, in [0, 1]) the same weights
+    apply to the change from the baseline instead: ``w(x) · ([x, 1 - x] - [b, 1 - b])``. That map sums to
+    the target logit minus the explanation's linear map evaluated at the baseline image (``positional``
+    and the logit bias cancel), so it is the explanation's own account of what replacing pixels by
+    ``b`` takes away; a pixel already equal to ``b`` gets 0. The plain contributions (no baseline) are
+    relative to the encoded input ``0``, which no image encodes to: a black pixel is ``[0, 1]``.
 
     B-cos models only; a standard model raises ``ConfigError``.
     """
-    model = _require_vit(model)
+    model, images = _prepare(model, images)
     if not model.is_bcos:
         raise ConfigError(
             "the 'bcos' attribution method is the exact explanation of B-cos models; this is a standard model "
@@ -293,25 +310,8 @@ def bcos(
         )
     with attribution_state(model, explanation=False):
         target = _targets(model, images, target)  # the predicted class (when None) in eval mode
-    expl = explain(model, images, target)  # explain() restores the model's state
-    if baseline is None:
-        return _finish(expl.contributions)
-    reference = _baseline_image(baseline, images)
-    with torch.no_grad():
-        encoded = model.encode(reference)
-    return _finish((expl.weights * (expl.inputs - encoded)).sum(dim=1))
-
-
-def _baseline_image(baseline: float | Tensor, images: Tensor) -> Tensor:
-    """``baseline`` (a number, or a tensor broadcastable to ``(C, H, W)``) as an image like ``images``."""
-    value = torch.as_tensor(baseline, dtype=images.dtype, device=images.device)
-    try:
-        return value.expand(images.shape[1:]).unsqueeze(0)
-    except RuntimeError:
-        raise InputError(
-            f"baseline of shape {tuple(value.shape)} does not broadcast to the images' {tuple(images.shape[1:])}; "
-            "give a number or a tensor broadcastable to (C, H, W)"
-        ) from None
+    expl = explain(model, images, target, baseline=baseline)  # explain() restores the model's state
+    return _finish(expl.contributions)
 
 
 # --- Registry and the uniform entry point --------------------------------------------------------
@@ -328,19 +328,24 @@ ATTRIBUTION_METHODS: dict[str, AttributionFn] = {
 METHODS: tuple[str, ...] = tuple(ATTRIBUTION_METHODS)
 
 
-def attribute(method: str, model: nn.Module, images: Tensor, target: TargetLike = None, **options) -> Tensor:
+def attribute(method: str, model: nn.Module, images: ImagesLike, target: TargetLike = None, **options) -> Tensor:
     """Attribution maps of ``model`` for ``images`` by the named method.
 
     Args:
         method: one of ``METHODS``.
         model: any ``bcosvit.VisionTransformer`` (B-cos or standard; ``"bcos"`` needs a B-cos model).
-        images: ``(N, C, H, W)`` in [0, 1], on the model's device and dtype.
-        target: ``(N,)`` classes to explain (also an int or a list); None: the predicted classes.
+        images: ``(N, C, H, W)`` in [0, 1] (any float dtype, or uint8 in [0, 255]), a tensor or an
+            array-like (numpy, lists); computed in the model's dtype on the model's device.
+        target: ``(N,)`` classes to explain (also an int or a list; class names when the model has
+            ``config.class_names``); None: the predicted classes.
         **options: method-specific keywords (``n_steps``, ``internal_batch_size``, ``baseline`` for
             integrated gradients; ``abs`` for gradient; ``baseline`` for bcos).
 
     Returns:
-        ``(N, H, W)`` float32, detached, on the images' device.
+        ``(N, H, W)`` float32 torch tensor, detached, on the model's device.
+
+    Raises ``ConfigError`` under ``torch.inference_mode()`` for every method but ``rollout``: they
+    need autograd (they work under ``torch.no_grad()``).
     """
     fn = ATTRIBUTION_METHODS.get(method)
     if fn is None:

@@ -5,6 +5,10 @@ of its encoded input ``z = [x, 1 - x]``. The gradient of the logit with respect 
 ``w(x)``; the gradient with respect to the embedded tokens, multiplied with the additive
 positional embedding, is the positional term. Both come from the same backward pass, for the
 whole batch at once, and once per explained class when several classes are asked for.
+
+Every function here takes images as a tensor or an array-like (numpy array, nested lists) of shape
+``(N, C, H, W)``: floats in [0, 1] of any dtype, or uint8 in [0, 255]. They are converted to the
+model's dtype and device (``as_model_input``) and every tensor returned is in that dtype, on that device.
 """
 
 from __future__ import annotations
@@ -12,33 +16,45 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
 from .layers import explanation_mode
-from .models.vit import VisionTransformer
+from .models.vit import VisionTransformer, check_pixel_values
 
-TargetLike = int | Sequence[int] | Sequence[Sequence[int]] | Tensor | None
+TargetLike = int | str | Sequence[int | str] | Sequence[Sequence[int | str]] | Tensor | None
+ImagesLike = Any  # a Tensor, numpy array or nested lists of shape (N, C, H, W); see as_model_input
+BaselineLike = Any  # a pixel value in [0, 1], or a tensor/array broadcastable to (C, H, W)
 
 
 @dataclass
 class Explanation:
     """The dynamic linear explanation of a batch.
 
-    ``[T,]`` marks the axis present when several targets per image were asked for.
+    ``[T,]`` marks the axis present when several targets per image were asked for. Tensors are in
+    the model's dtype and on its device, except ``target`` (long) and ``completeness_error`` (float64).
+
+    Channel order: the encoded input is ``[x, 1 - x]`` along the channel axis, so of the ``2C``
+    channels of ``inputs`` and ``weights`` the first ``C`` belong to the image ``x`` and the last
+    ``C`` to its inverse ``1 - x``; ``signed_weights`` folds them into one weight per image channel.
 
     Attributes:
         logits: ``(N, K)`` model outputs.
         target: ``(N,)`` or ``(N, T)`` explained classes (or units, for intermediate explanations).
         outputs: ``(N, [T])`` the explained values (the target logits, or the intermediate units).
         inputs: ``(N, 2C, H, W)`` encoded input ``[x, 1 - x]`` the weights apply to.
-        weights: ``(N, [T,] 2C, H, W)`` dynamic linear weights ``w(x)``.
-        contributions: ``(N, [T,] H, W)`` = ``(weights * inputs).sum`` over channels.
+        weights: ``(N, [T,] 2C, H, W)`` dynamic linear weights ``w(x)`` (channels ``[x, 1 - x]``).
+        contributions: ``(N, [T,] H, W)`` = ``(weights * (inputs - [b, 1 - b])).sum`` over channels, with
+            ``b`` the baseline image (``explain(..., baseline=b)``); without a baseline ``(weights * inputs).sum``.
         positional: ``(N, [T])`` contribution of the additive positional embedding (0 when none).
         logit_bias: the constant added to every logit (0 for intermediate units).
-        completeness_error: ``(N, [T])`` ``|outputs - contributions.sum - positional - logit_bias|``, float64.
+        at_baseline: ``(N, [T])`` the explanation's linear map at the baseline image,
+            ``w(x)·[b, 1 - b] + positional + logit_bias`` (without a baseline: at the encoded input 0,
+            ``positional + logit_bias``). ``contributions`` sum to ``outputs - at_baseline``.
+        completeness_error: ``(N, [T])`` ``|outputs - contributions.sum - at_baseline|``, in float64.
     """
 
     logits: Tensor
@@ -49,7 +65,18 @@ class Explanation:
     contributions: Tensor
     positional: Tensor
     logit_bias: float
+    at_baseline: Tensor
     completeness_error: Tensor
+
+    @property
+    def signed_weights(self) -> Tensor:
+        """``(N, [T,] C, H, W)`` ``w_x - w_(1-x)``: the weight of brightening each pixel of each channel.
+
+        The linear map changes by ``(signed_weights * dx).sum()`` when the image changes by ``dx``
+        (``[x + dx, 1 - x - dx]`` moves the two halves of the encoding in opposite directions).
+        """
+        image_part, inverse_part = self.weights.chunk(2, dim=-3)
+        return image_part - inverse_part
 
     @property
     def probabilities(self) -> Tensor:
@@ -86,15 +113,58 @@ def _require_bcos(model: nn.Module) -> VisionTransformer:
 _PLURAL = {"class": "classes", "token": "tokens", "channel": "channels"}
 
 
-def normalize_target(target: TargetLike, default: Tensor, num_outputs: int, what: str = "class") -> Tensor:
-    """Turn ``target`` into a long tensor ``(N,)`` or ``(N, T)``; ``default`` ``(N,)`` is used for None."""
+def resolve_target(target: str | int, class_names: Sequence[str] | None, num_classes: int) -> int:
+    """A class index from a class name (case-insensitive) or an index (an int or a string of digits)."""
+    if isinstance(target, str) and not target.lstrip("-").isdigit():
+        lookup = {name.lower(): i for i, name in enumerate(class_names or [])}
+        if not class_names:
+            raise InputError(
+                f"target {target!r} is a class name, but this model has no class names (config.class_names is "
+                f"None); give class indices in [0, {num_classes - 1}]"
+            )
+        if target.lower() not in lookup:
+            raise InputError(f"unknown class {target!r}; classes: {list(class_names)}")
+        return lookup[target.lower()]
+    index = int(target)
+    if not 0 <= index < num_classes:
+        raise InputError(f"class index {index} out of range [0, {num_classes - 1}]")
+    return index
+
+
+def _class_names_to_indices(target: Any, class_names: Sequence[str] | None, num_classes: int) -> Any:
+    """``target`` with every class name (a str, also inside lists and tuples) replaced by its index."""
+    if isinstance(target, str):
+        return resolve_target(target, class_names, num_classes)
+    if isinstance(target, (list, tuple)):
+        return [_class_names_to_indices(t, class_names, num_classes) for t in target]
+    return target
+
+
+def normalize_target(
+    target: TargetLike,
+    default: Tensor,
+    num_outputs: int,
+    what: str = "class",
+    class_names: Sequence[str] | None = None,
+) -> Tensor:
+    """Turn ``target`` into a long tensor ``(N,)`` or ``(N, T)``; ``default`` ``(N,)`` is used for None.
+
+    For ``what="class"``, class names (``str``, alone or in lists) are looked up in ``class_names``.
+    """
     n = default.shape[0]
     if target is None:
         return default
+    if what == "class":
+        target = _class_names_to_indices(target, class_names, num_outputs)
     if isinstance(target, int):
         t = torch.full((n,), target, dtype=torch.long)
     else:
-        t = torch.as_tensor(target)
+        try:
+            t = torch.as_tensor(target)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(
+                f"{what} targets must be integers: an int, a sequence or an (N, T) tensor; got {target!r} ({exc})"
+            ) from None
         if t.is_floating_point():
             raise InputError(f"{what} targets must be integers, got dtype {t.dtype}")
         t = t.long()
@@ -112,15 +182,77 @@ def normalize_target(target: TargetLike, default: Tensor, num_outputs: int, what
     return t.to(default.device)
 
 
+def as_model_input(model: VisionTransformer, images: ImagesLike) -> Tensor:
+    """``images`` as the checked ``(N, C, H, W)`` tensor ``model`` computes with.
+
+    Accepts a tensor or an array-like (numpy array, nested lists) of floats in [0, 1] of any float
+    dtype, or of uint8 in [0, 255] (divided by 255). Returns a tensor in the model's dtype on the
+    model's device (``images`` itself when it already is one). Raises ``InputError`` for other dtypes
+    and for what ``model.check_input`` rejects (shape, channels, NaN/Inf, values far outside [0, 1]).
+    """
+    if not isinstance(images, Tensor):
+        try:
+            images = torch.as_tensor(images)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(
+                f"expected images as a tensor or an array of shape (N, C, H, W), got {type(images).__name__} ({exc})"
+            ) from None
+    if images.is_inference():
+        images = images.clone()  # a tensor made under torch.inference_mode() cannot be saved for backward
+    if not images.is_floating_point() and images.dtype != torch.uint8:
+        raise InputError(
+            f"expected float images in [0, 1] or uint8 images in [0, 255], got dtype {images.dtype}; "
+            "convert them to float and divide by their maximum value (255 for 8-bit images)"
+        )
+    param = model.norm.weight
+    converted = images.to(device=param.device, dtype=param.dtype)
+    if images.dtype == torch.uint8:
+        converted = converted / 255
+    model.check_input(converted)
+    return converted
+
+
+def baseline_image(baseline: BaselineLike, images: Tensor) -> Tensor:
+    """``baseline`` (a pixel value, or a tensor/array broadcastable to ``(C, H, W)``, in [0, 1]) as an
+    image ``(1, C, H, W)`` in the dtype and on the device of ``images`` ``(N, C, H, W)``."""
+    try:
+        value = torch.as_tensor(baseline, dtype=images.dtype, device=images.device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(
+            f"baseline must be a number or a tensor broadcastable to (C, H, W); got {baseline!r} ({exc})"
+        ) from None
+    try:
+        image = value.expand(images.shape[1:]).unsqueeze(0)
+    except RuntimeError:
+        raise InputError(
+            f"baseline of shape {tuple(value.shape)} does not broadcast to the images' {tuple(images.shape[1:])}; "
+            "give a number or a tensor broadcastable to (C, H, W)"
+        ) from None
+    check_pixel_values(image)
+    return image
+
+
+def _require_autograd() -> None:
+    if torch.is_inference_mode_enabled():
+        raise ConfigError(
+            "explanations and gradient-based attributions need autograd, which torch.inference_mode() switches off; "
+            "call them outside the inference_mode block (torch.no_grad() around them is fine: they switch "
+            "gradients on themselves)"
+        )
+
+
 @contextlib.contextmanager
-def attribution_state(model: VisionTransformer, explanation: bool = True) -> Iterator[None]:
-    """Eval mode, gradients on, no gradient checkpointing, explanation mode on (exact explanations)
-    or off (post-hoc gradients); the model's previous states are restored on exit."""
+def attribution_state(model: VisionTransformer, explanation: bool = True, gradients: bool = True) -> Iterator[None]:
+    """Eval mode, gradients on (off with ``gradients=False``), no gradient checkpointing, explanation
+    mode on (exact explanations) or off (post-hoc gradients); the model's previous states are restored
+    on exit. Raises ``ConfigError`` under ``torch.inference_mode()`` when gradients are asked for."""
+    if gradients:
+        _require_autograd()
     was_training, checkpointing = model.training, model.grad_checkpointing
     model.eval()
     model.grad_checkpointing = False
     try:
-        with explanation_mode(model, enabled=explanation), torch.enable_grad():
+        with explanation_mode(model, enabled=explanation), torch.set_grad_enabled(gradients):
             yield
     finally:
         model.train(was_training)
@@ -206,21 +338,37 @@ def _backward(
 
 
 def _assemble(
-    logits: Tensor, target: Tensor, outputs: Tensor, state: _Pass, weights: Tensor, positional: Tensor, bias: float
+    logits: Tensor,
+    target: Tensor,
+    outputs: Tensor,
+    state: _Pass,
+    weights: Tensor,
+    positional: Tensor,
+    bias: float,
+    encoded_baseline: Tensor | None = None,
 ) -> Explanation:
+    """The ``Explanation`` from the passes' results ``(N, T, ...)``; ``encoded_baseline`` ``(1, 2C, H, W)``
+    is ``[b, 1 - b]`` of the baseline image (None: contributions relative to the encoded input 0)."""
     detach = not weights.requires_grad
     inputs = state.inputs.detach() if detach else state.inputs
-    contributions = (weights * inputs.unsqueeze(1)).sum(dim=2)
+    if encoded_baseline is None:
+        contributions = (weights * inputs.unsqueeze(1)).sum(dim=2)
+        baseline_term = torch.zeros_like(positional)
+    else:
+        contributions = (weights * (inputs - encoded_baseline).unsqueeze(1)).sum(dim=2)
+        baseline_term = (weights * encoded_baseline.unsqueeze(1)).flatten(2).sum(dim=2)
     # In float64, so that a float32 model's error is not rounded away against the logit bias.
     error = (
         outputs.detach().double()
         - contributions.detach().double().flatten(2).sum(dim=2)
+        - baseline_term.detach().double()
         - positional.detach().double()
         - bias
     ).abs()
+    at_baseline = baseline_term + positional + bias
     if target.ndim == 1:
-        outputs, weights, contributions, positional, error = (
-            t.squeeze(1) for t in (outputs, weights, contributions, positional, error)
+        outputs, weights, contributions, positional, at_baseline, error = (
+            t.squeeze(1) for t in (outputs, weights, contributions, positional, at_baseline, error)
         )
     return Explanation(
         logits=logits.detach() if detach else logits,
@@ -231,34 +379,62 @@ def _assemble(
         contributions=contributions,
         positional=positional.detach() if detach else positional,
         logit_bias=bias,
+        at_baseline=at_baseline.detach() if detach else at_baseline,
         completeness_error=error,
     )
 
 
-def explain(model: nn.Module, images: Tensor, target: TargetLike = None, *, create_graph: bool = False) -> Explanation:
+def _class_targets(model: VisionTransformer, logits: Tensor, target: TargetLike) -> tuple[Tensor, Tensor]:
+    """The classes to explain, ``(N,)`` or ``(N, T)`` (None: the predicted ones), and their logits ``(N, T)``."""
+    default = logits.argmax(dim=1).detach()
+    target = normalize_target(target, default, logits.shape[1], "class", model.config.class_names)
+    return target, logits.gather(1, target if target.ndim == 2 else target[:, None])
+
+
+def explain(
+    model: nn.Module,
+    images: ImagesLike,
+    target: TargetLike = None,
+    *,
+    baseline: BaselineLike | None = None,
+    create_graph: bool = False,
+) -> Explanation:
     """Exact explanations ``w(x)`` of a B-cos model for a batch of images.
 
     Args:
         model: a B-cos ``VisionTransformer``.
-        images: ``(N, C, H, W)`` in [0, 1].
+        images: ``(N, C, H, W)`` in [0, 1] (any float dtype, or uint8 in [0, 255]), a tensor or an
+            array-like (numpy, lists); computed in the model's dtype on the model's device.
         target: None (the predicted class), an int (the same class for every image), a sequence of
-            N classes, or an ``(N, T)`` tensor of T classes per image. One forward pass serves all
-            targets; each target costs one backward pass for the whole batch.
+            N classes, or an ``(N, T)`` tensor of T classes per image. Classes may be given by name
+            (a str, or lists of them) when the model has ``config.class_names``. One forward pass
+            serves all targets; each target costs one backward pass for the whole batch.
+        baseline: None, or the baseline image's pixel value in [0, 1] or a tensor broadcastable to
+            ``(C, H, W)`` (e.g. per-channel means ``(C, 1, 1)``): the contributions are then the
+            weights applied to the change from the baseline, ``w(x)·([x, 1 - x] - [b, 1 - b])``, and
+            sum to the target logit minus the explanation's linear map at the baseline image
+            (``at_baseline``; the positional term and the logit bias cancel). A pixel equal to the
+            baseline contributes 0. Without a baseline the contributions are relative to the encoded
+            input 0, which no image encodes to (a black pixel is ``[0, 1]``).
         create_graph: keep the graph so the weights can be differentiated again (explanation-
             regularised training); parameter gradients are otherwise never touched.
 
     Returns:
-        an ``Explanation``; its ``completeness_error`` checks ``logit = w·z + positional + bias``.
+        an ``Explanation`` in the model's dtype and on its device; its ``completeness_error`` checks
+        ``logit = contributions.sum + at_baseline``, i.e. ``w·z + positional + bias``.
+
+    Raises ``ConfigError`` under ``torch.inference_mode()`` (explanations need autograd; they work
+    under ``torch.no_grad()``).
     """
     model = _require_bcos(model)
+    images = as_model_input(model, images)
+    encoded_baseline = None if baseline is None else model.encode(baseline_image(baseline, images))
     with attribution_state(model):
         state = _forward(model, images, layer=None)
         logits = state.logits
-        target = normalize_target(target, logits.argmax(dim=1).detach(), logits.shape[1])
-        index = target if target.ndim == 2 else target[:, None]
-        outputs = logits.gather(1, index)
+        target, outputs = _class_targets(model, logits, target)
         weights, positional, _ = _backward(outputs, state, None, create_graph)
-    return _assemble(logits, target, outputs, state, weights, positional, model.logit_bias_value)
+    return _assemble(logits, target, outputs, state, weights, positional, model.logit_bias_value, encoded_baseline)
 
 
 def _check_layer(model: VisionTransformer, layer: int) -> int:
@@ -269,7 +445,7 @@ def _check_layer(model: VisionTransformer, layer: int) -> int:
 
 
 def explain_unit(
-    model: nn.Module, images: Tensor, layer: int, token: int | Sequence[int] | Tensor, channel: TargetLike
+    model: nn.Module, images: ImagesLike, layer: int, token: int | Sequence[int] | Tensor, channel: TargetLike
 ) -> Explanation:
     """Explain intermediate units: ``W_{1->layer}(x)`` for channel(s) of one token per image.
 
@@ -280,10 +456,12 @@ def explain_unit(
         channel: the channel(s) of that token to explain, in the same forms as ``explain``'s target.
 
     Returns:
-        an ``Explanation`` whose ``outputs`` are the unit values and ``target`` the channels.
+        an ``Explanation`` whose ``outputs`` are the unit values and ``target`` the channels, in the
+        model's dtype and on its device (``images`` as in ``explain``).
     """
     model = _require_bcos(model)
     layer = _check_layer(model, layer)
+    images = as_model_input(model, images)
     with attribution_state(model):
         state = _forward(model, images, layer)
         tokens = state.layer_tokens
@@ -305,7 +483,7 @@ def explain_unit(
     return _assemble(state.logits.detach(), channels, outputs, state, weights, positional, 0.0)
 
 
-def token_contributions(model: nn.Module, images: Tensor, target: TargetLike = None, layer: int = -1) -> Tensor:
+def token_contributions(model: nn.Module, images: ImagesLike, target: TargetLike = None, layer: int = -1) -> Tensor:
     """Per-token contributions to the target logits at a chosen layer.
 
     Everything after ``layer`` is bias-free and dynamic linear, so the contributions of the tokens
@@ -316,16 +494,16 @@ def token_contributions(model: nn.Module, images: Tensor, target: TargetLike = N
         layer: 0 for the embedded tokens, ``k`` for the output of block ``k``, -1 for the last.
 
     Returns:
-        ``(N, [T,] rows, cols)`` contributions on the token grid.
+        ``(N, [T,] rows, cols)`` contributions on the token grid, in the model's dtype and on its
+        device (``images`` and ``target`` as in ``explain``).
     """
     model = _require_bcos(model)
     layer = _check_layer(model, layer)
+    images = as_model_input(model, images)
     with attribution_state(model):
         state = _forward(model, images, layer)
         logits = state.logits
-        target = normalize_target(target, logits.argmax(dim=1).detach(), logits.shape[1])
-        index = target if target.ndim == 2 else target[:, None]
-        outputs = logits.gather(1, index)
+        target, outputs = _class_targets(model, logits, target)
         _, _, token_grads = _backward(outputs, state, state.layer_tokens, create_graph=False)
     per_token = (token_grads * state.layer_tokens.detach().unsqueeze(1)).sum(dim=-1)  # (N, T, L)
     rows = images.shape[-2] // model.patch_size

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from .errors import ConfigError, InputError
-from .explain import explain
+from .explain import explain, resolve_target
 from .fileio import ensure_writable_dir
 from .imageio import LoadedImage, load_image, open_regular_file
 from .models.vit import VisionTransformer
@@ -35,20 +35,6 @@ class FileExplanation:
     classes: list[int]
     probabilities: list[float]
     completeness_error: float
-
-
-def resolve_target(target: str, class_names: list[str] | None, num_classes: int) -> int:
-    """A class index from ``target``: an integer or a class name (case-insensitive)."""
-    if target.lstrip("-").isdigit():
-        index = int(target)
-    else:
-        lookup = {name.lower(): i for i, name in enumerate(class_names or [])}
-        if target.lower() not in lookup:
-            raise ConfigError(f"unknown class {target!r}; classes: {class_names or list(range(num_classes))}")
-        index = lookup[target.lower()]
-    if not 0 <= index < num_classes:
-        raise ConfigError(f"class index {index} out of range [0, {num_classes - 1}]")
-    return index
 
 
 def figure_paths(images: list[Path], out: Path, inputs: list[Path]) -> list[Path]:

@@ -9,6 +9,7 @@ gives the ordinary ViT with the same shapes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -112,6 +113,34 @@ class ViTConfig:
             value = getattr(self, name)
             if value is not None and len(value) != self.in_chans:
                 raise ConfigError(f"{name} needs {self.in_chans} values (one per channel), got {len(value)}")
+
+
+# Pixel values the models accept. Images are meant to be in [0, 1]; the margin of 1 on either side
+# leaves room for what legitimately reaches the model near that range: mixup, RandAugment and
+# attribution paths (from a baseline image to the image) stay inside [0, 1], and additive Gaussian
+# noise of sigma up to 0.15 crosses the margin with probability ~1e-11 per pixel (6.7 sigma). 8-bit
+# values (up to 255) and ImageNet mean/std-normalised images (-2.1 to 2.6) fall outside it unless the
+# image is nearly black.
+PIXEL_RANGE = (-1.0, 2.0)
+
+
+def check_pixel_values(x: Tensor) -> None:
+    """Raise ``InputError`` when the float images ``x`` ``(N, C, H, W)`` hold NaN/Inf values or values
+    outside ``PIXEL_RANGE`` (images in [0, 255], or normalised images, instead of [0, 1])."""
+    if x.numel() == 0:
+        return
+    low, high = torch.aminmax(x.detach())
+    low, high = float(low), float(high)  # NaN propagates into both; Inf into one of them
+    if not (math.isfinite(low) and math.isfinite(high)):
+        bad = (~torch.isfinite(x.detach()).flatten(1).all(dim=1)).nonzero().flatten().tolist()
+        raise InputError(f"images {bad[:10]} contain NaN or Inf values; clean or drop them before calling the model")
+    if low < PIXEL_RANGE[0] or high > PIXEL_RANGE[1]:
+        hint = (  # values well below 0 come from a mean/std normalisation, never from 8-bit images
+            "pass them without mean/std normalisation (the model encodes its input itself)"
+            if low < PIXEL_RANGE[0]
+            else "divide 8-bit images (0-255) by 255"
+        )
+        raise InputError(f"image values lie in [{low:.4g}, {high:.4g}], but the model expects images in [0, 1]: {hint}")
 
 
 class PatchEmbed(nn.Module):
@@ -297,12 +326,7 @@ class VisionTransformer(nn.Module):
             raise InputError(
                 f"images have dtype {x.dtype} but the model has {param.dtype}; convert with images.to({param.dtype})"
             )
-        finite = torch.isfinite(x).flatten(1).all(dim=1)
-        if not bool(finite.all()):
-            bad = (~finite).nonzero().flatten().tolist()
-            raise InputError(
-                f"images {bad[:10]} contain NaN or Inf values; clean or drop them before calling the model"
-            )
+        check_pixel_values(x)
 
     def forward_tokens(self, x: Tensor) -> tuple[Tensor, Grid]:
         """Encode, tokenise and add position: images ``(N, C, H, W)`` -> tokens ``(N, L, D)``, grid."""
