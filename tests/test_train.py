@@ -82,6 +82,41 @@ def test_resume_refuses_different_settings_and_new_runs_refuse_existing_folders(
         train(tiny_config(epochs=1), tmp_path, progress=False)
 
 
+class _WritesAMarker:
+    """Unpickling this runs code: it creates the file ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def test_resume_refuses_a_state_file_that_would_run_code_without_running_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    torch.save({"epoch": 1, "payload": _WritesAMarker(marker)}, tmp_path / "state.pt")
+    with pytest.raises(CheckpointError, match="state.pt is corrupt or holds more than tensors"):
+        train(tiny_config(), tmp_path, resume=True, progress=False)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"epoch": "1"}, "'epoch' must be int"),
+        ({"optimizer": None}, "'optimizer' must be dict"),
+        ({"config": {**tiny_config().to_dict(), "lr": "0.001"}}, "lr must be float"),
+        ({"config": {**tiny_config().to_dict(), "flip": 1}}, "flip must be bool"),
+    ],
+    ids=["epoch text", "no optimizer", "lr text", "flip number"],
+)
+def test_resume_refuses_a_state_file_with_wrong_types_naming_the_entry(tmp_path, change, field):
+    state = {"epoch": 1, "config": tiny_config().to_dict(), "history": [], "model": {}, "optimizer": {}, "ema": None}
+    torch.save({**state, **change}, tmp_path / "state.pt")
+    with pytest.raises(CheckpointError, match=field):
+        train(tiny_config(), tmp_path, resume=True, progress=False)
+
+
 def test_standard_twin_trains_with_ema_mixup_and_bf16(tmp_path):
     metrics = train(
         tiny_config(model="vit_nano_patch4_28", epochs=1, ema=0.9, mixup=0.2, precision="bf16"),
@@ -333,6 +368,7 @@ def test_presets_cover_every_small_and_published_model_and_resolve_the_published
         ({"precision": "fp8"}, "precision must be fp32 or bf16"),
         ({"model": "bcos_vit_huge"}, "unknown model name"),
         ({"model_options": {"pos_embed": "spiral"}}, "pos_embed must be one of"),
+        ({"model_options": {"num_classes": 3}}, "model_options may not set num_classes"),
         ({"mosaic": 1.5}, "mosaic probability must lie in"),
         ({"mosaic_grid": 1}, "mosaic_grid must be >= 2"),
         ({"mosaic": 0.5, "energy_loss": -1.0}, "energy_loss must be >= 0"),

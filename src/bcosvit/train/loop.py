@@ -213,14 +213,20 @@ def _save_run(
 
 
 def _load_resume_state(out: Path, config: TrainConfig) -> dict[str, Any]:
+    """The checked contents of ``out/state.pt``; read with ``weights_only=True``, so a crafted file
+    cannot run code (only tensors, dicts, lists, tuples, numbers and strings are unpickled)."""
     path = out / "state.pt"
     if not path.exists():
         raise CheckpointError(f"--resume: no state.pt in {out}; start a new run without --resume")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for a damaged pickle
-        raise CheckpointError(f"--resume: {path} is corrupt ({exc}); start a new run in a fresh folder") from exc
-    stored = dict(state.get("config", {}))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged or refused pickle
+        raise CheckpointError(
+            f"--resume: {path} is corrupt or holds more than tensors and plain values ({exc}); "
+            "start a new run in a fresh folder"
+        ) from exc
+    _check_resume_state(state, path)
+    stored = state["config"]
     current = config.to_dict()
     differs = sorted(
         k for k in current if k not in ("epochs", "num_workers", "explain_examples") and stored.get(k) != current[k]
@@ -231,6 +237,50 @@ def _load_resume_state(out: Path, config: TrainConfig) -> dict[str, Any]:
             f"(stored: {[stored.get(k) for k in differs]}); resume with the same settings or use a new --out"
         )
     return state
+
+
+_RESUME_STATE_TYPES: dict[str, tuple[type, ...]] = {
+    "epoch": (int,),
+    "config": (dict,),
+    "history": (list,),
+    "model": (dict,),
+    "optimizer": (dict,),
+    "ema": (dict, type(None)),
+}
+
+
+def _check_resume_state(state: Any, path: Path) -> None:
+    """Raise ``CheckpointError`` naming the first entry of a loaded ``state.pt`` that ``_save_run``
+    would not have written (wrong type, missing, or a stored config with invalid values)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"--resume: {path} holds a {type(state).__name__}, not a run state; use a fresh folder")
+    for key, types in _RESUME_STATE_TYPES.items():
+        value = state.get(key)
+        if key not in state or not isinstance(value, types) or isinstance(value, bool):
+            raise CheckpointError(
+                f"--resume: {path}: '{key}' must be {' or '.join(t.__name__ for t in types)}, got {value!r:.60}; "
+                "the file was not written by bcosvit train; start a new run in a fresh folder"
+            )
+    if state["epoch"] < 0 or not all(isinstance(h, dict) for h in state["history"]):
+        raise CheckpointError(f"--resume: {path}: 'epoch' or 'history' is invalid; start a new run in a fresh folder")
+    try:
+        TrainConfig.from_dict(state["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"--resume: {path}: stored 'config' is invalid: {exc}") from exc
+
+
+def _restore_resume_state(state: dict[str, Any], model: nn.Module, optimizer, ema, out: Path) -> None:
+    """Load the model, optimizer and EMA states; a state that does not fit them is a ``CheckpointError``."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state["ema"] is not None:
+            ema.load_state_dict(state["ema"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        raise CheckpointError(
+            f"--resume: the state in {out / 'state.pt'} does not fit the model or optimizer ({str(exc)[:300]}); "
+            "start a new run in a fresh folder"
+        ) from exc
 
 
 @dataclasses.dataclass
@@ -412,10 +462,7 @@ def train(
     start_epoch = 1
     if resume:
         state = _load_resume_state(out, config)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
+        _restore_resume_state(state, model, optimizer, ema, out)
         history = list(state["history"])
         start_epoch = int(state["epoch"]) + 1
         if rt.is_main:
