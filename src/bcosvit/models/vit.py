@@ -124,9 +124,7 @@ class ViTConfig:
         if self.input_std is not None and min(self.input_std) <= 0:
             raise ConfigError(f"input_std must be positive, got {self.input_std}")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
-            raise ConfigError(
-                f"class_names needs one name per class ({self.num_classes}), got {len(self.class_names)}"
-            )
+            raise ConfigError(f"class_names needs one name per class ({self.num_classes}), got {len(self.class_names)}")
 
     def _validate_types(self) -> None:
         """Raise ``ConfigError`` naming the first field whose value has the wrong type."""
