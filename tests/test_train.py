@@ -45,12 +45,21 @@ def tiny_config(**overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
+def leave_stale_temporaries(folder: Path) -> list[Path]:
+    """What a run killed while saving leaves: atomic_write's temporary files (and a user's own files)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (".model.safetensors.k2x_9q1z.tmp", ".state.pt.abcdefgh.tmp", "notes.tmp", ".notes.tmp"):
+        (folder / name).write_bytes(b"partial")
+    return [folder / "notes.tmp", folder / ".notes.tmp"]
+
+
 def test_run_folder_holds_weights_metadata_metrics_and_plot(tmp_path):
+    users_files = leave_stale_temporaries(tmp_path)
     metrics = train(tiny_config(), tmp_path, progress=False)
     assert {"model.safetensors", "model.json", "state.pt", "metrics.jsonl", "curves.png"} <= {
         p.name for p in tmp_path.iterdir()
     }
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert sorted(p for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == sorted(users_files)
     meta = json.loads((tmp_path / "model.json").read_text())
     assert meta["model_name"] == "bcos_vit_nano_patch4_28" and meta["epoch"] == 2
     assert meta["classes"][9] == "Ankle boot" and meta["train_config"]["batch_size"] == 64
@@ -66,7 +75,9 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path
     train(config, tmp_path / "straight", progress=False)
     train(config, tmp_path / "resumed", progress=False, stop_after=1)
     assert json.loads((tmp_path / "resumed" / "model.json").read_text())["epoch"] == 1
+    users_files = leave_stale_temporaries(tmp_path / "resumed")
     train(config, tmp_path / "resumed", progress=False, resume=True)
+    assert sorted(p for p in (tmp_path / "resumed").iterdir() if p.name.endswith(".tmp")) == sorted(users_files)
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert a.keys() == b.keys()

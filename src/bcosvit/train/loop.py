@@ -30,7 +30,7 @@ from ..checkpoint import load_state_dict, save_weights
 from ..data import load_dataset
 from ..errors import CheckpointError, ConfigError
 from ..explain import explain
-from ..fileio import atomic_write
+from ..fileio import atomic_write, remove_stale_temporaries
 from ..models.registry import create_model
 from ..models.vit import VisionTransformer
 from .config import TrainConfig
@@ -439,6 +439,8 @@ def train(
     out = Path(out)
     if rt.is_main and not resume and (out / "state.pt").exists():
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if rt.is_main:
+        remove_stale_temporaries(out)  # left by a run killed while it saved
     if config.batch_size % rt.world_size:
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by the {rt.world_size} processes")
     tiles = config.mosaic or (config.energy_loss and config.energy_canvases)  # canvases are built only then
