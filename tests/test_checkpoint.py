@@ -1,13 +1,17 @@
 """Weights files: round trip, and clear errors for missing, corrupt or mismatched files."""
 
 import json
+import shutil
+import time
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import bcosvit
-from bcosvit import CheckpointError, ConfigError
+from bcosvit import CheckpointError, ConfigError, checkpoint
 from bcosvit.checkpoint import load_model, load_state_dict, save_weights
+from bcosvit.train import TrainConfig
 
 
 def saved_model(tmp_path, name="bcos_vit_nano_patch4_28", **overrides):
@@ -69,3 +73,94 @@ def test_pretrained_without_shipped_weights_says_what_exists():
     assert name not in bcosvit.list_pretrained()
     with pytest.raises(ConfigError, match="no shipped weights"):
         bcosvit.create_model(name, pretrained=True)
+
+
+def edit_metadata(folder, change):
+    """Rewrite ``folder/model.json`` with ``change(meta)`` applied (it returns the new JSON value)."""
+    path = folder / "model.json"
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+def test_edited_architecture_fails_on_the_weights_header_before_the_model_is_built(tmp_path):
+    saved_model(tmp_path)
+    edit_metadata(tmp_path, lambda m: {**m, "architecture": {**m["architecture"], "embed_dim": 16777216}})
+    started = time.perf_counter()
+    # building this model would need about a petabyte: only its meta-device shapes may be made
+    with pytest.raises(CheckpointError, match=r"architecture in model.json: shape mismatch .*vs model \(16777216"):
+        load_model(tmp_path)
+    assert time.perf_counter() - started < 5
+
+
+def test_a_consistent_pair_larger_than_the_bound_is_refused(tmp_path, monkeypatch):
+    saved_model(tmp_path)
+    monkeypatch.setattr(checkpoint, "MAX_MODEL_VALUES", 10_000)
+    with pytest.raises(CheckpointError, match="needs [0-9,]+ values, more than the 10,000 a checkpoint may ask for"):
+        load_model(tmp_path)
+
+
+def _with_architecture(**change):
+    return lambda m: {**m, "architecture": {**m["architecture"], **change}}
+
+
+def _with_train_config(**change):
+    return lambda m: {**m, "train_config": {**TrainConfig().to_dict(), **change}}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: [m], "must hold a JSON object, got list"),
+        (lambda m: None, "must hold a JSON object, got NoneType"),
+        (lambda m: {k: v for k, v in m.items() if k != "architecture"}, "has no 'architecture'"),
+        (lambda m: {**m, "notes": "x"}, r"unknown field\(s\) \['notes'\]"),
+        (lambda m: {**m, "epoch": "3"}, "'epoch' must be of type int"),
+        (lambda m: {**m, "ema": 1}, "'ema' must be of type bool"),
+        (lambda m: {**m, "metrics": {"test_top1": "90%"}}, "'metrics' must map names to numbers"),
+        (lambda m: {**m, "classes": ["a", "b"]}, "'classes' must be 10 strings"),
+        (lambda m: {**m, "classes": list(range(10))}, "'classes' must be 10 strings"),
+        (_with_architecture(num_classes="10"), "num_classes must be a positive integer, got '10'"),
+        (_with_architecture(embed_dim=64.0), "embed_dim must be a positive integer"),
+        (_with_architecture(mlp_ratio="4"), "mlp_ratio must be a finite number"),
+        (_with_architecture(bcos="yes"), "bcos must be true or false"),
+        (_with_architecture(stem_channels=[32, "64"]), "stem_channels must be null or a list of positive integers"),
+        (_with_architecture(class_names=["a", "b"]), r"class_names needs one name per class \(10\), got 2"),
+        (_with_architecture(class_names=[str(i) for i in range(9)] + [9]), "class_names must be null or a list of str"),
+        (_with_architecture(depth=10**9), "asks for depth 1000000000"),
+        (_with_architecture(heads=2), r"unknown architecture option\(s\) \['heads'\]"),
+        (_with_train_config(lr="0.001"), "train_config.*lr must be float"),
+        (_with_train_config(flip=None), "train_config.*flip must be bool"),
+        (_with_train_config(model_options={"num_classes": 3}), "train_config.*model_options may not set num_classes"),
+        (_with_train_config(learning_rate=0.1), r"train_config.*unknown training option\(s\) \['learning_rate'\]"),
+    ],
+)
+def test_hand_edited_metadata_is_refused_naming_the_field(tmp_path, change, message):
+    saved_model(tmp_path)
+    edit_metadata(tmp_path, change)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(tmp_path)
+
+
+def test_metadata_that_repeats_a_field_is_refused_naming_it(tmp_path):
+    saved_model(tmp_path)
+    path = tmp_path / "model.json"
+    path.write_text(path.read_text().replace('"num_classes": 10', '"num_classes": 10, "num_classes": 12'))
+    with pytest.raises(CheckpointError, match=r"repeats the field\(s\) \['num_classes'\]"):
+        load_model(tmp_path)
+
+
+def test_weights_and_metadata_from_different_saves_are_detected(tmp_path):
+    # the crash window of a save: model.safetensors already renamed, model.json still the old one
+    saved_model(tmp_path / "epoch3")
+    torch.manual_seed(1)
+    save_weights(bcosvit.create_model("bcos_vit_nano_patch4_28"), tmp_path / "epoch4" / "model.safetensors", {})
+    shutil.copy(tmp_path / "epoch4" / "model.safetensors", tmp_path / "epoch3" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="come from different saves.*--resume"):
+        load_model(tmp_path / "epoch3")
+
+
+def test_pairs_written_before_weights_ids_still_load(tmp_path):
+    model = saved_model(tmp_path)
+    save_file(load_file(str(tmp_path / "model.safetensors")), str(tmp_path / "model.safetensors"))  # no header id
+    edit_metadata(tmp_path, lambda m: {k: v for k, v in m.items() if k != "weights_id"})
+    x = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(load_model(tmp_path)(x), model.eval()(x), rtol=0, atol=0)

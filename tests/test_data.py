@@ -70,6 +70,51 @@ def test_cifar10_batches_are_read(tmp_path):
     assert len(ds) == 4 and spec.in_chans == 3 and spec.num_classes == 10
 
 
+def test_cifar10_batches_in_the_original_python2_format_are_read(tmp_path):
+    # the published files are protocol-2 pickles that name numpy.core.multiarray (numpy 1.x)
+    batch = {"batch_label": "testing batch 1 of 1", "labels": [9, 0], "data": np.ones((2, 3072), np.uint8)}
+    batch["filenames"] = ["a.png", "b.png"]
+    raw = pickle.dumps(batch, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    (tmp_path / "test_batch").write_bytes(raw)
+    ds = load_cifar10("test", tmp_path)
+    assert len(ds) == 2 and ds.labels.tolist() == [9, 0] and ds.images.dtype == torch.uint8
+
+
+class _WritesAMarker:
+    """Unpickling this runs code: it creates the file ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def test_cifar10_batch_that_would_run_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump({"data": np.zeros((1, 3072), np.uint8), "labels": [0], "x": _WritesAMarker(marker)}, f)
+    with pytest.raises(DataError, match="refused to load builtins.exec"):
+        load_cifar10("test", tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        ([1, 2], "'data' as uint8 rows"),
+        ({"data": np.zeros((1, 3072), np.float32), "labels": [0]}, "'data' as uint8 rows"),
+        ({"data": np.zeros((1, 3072), np.uint8), "labels": [10]}, "'labels' as 1 integers in \\[0, 9\\]"),
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": [0]}, "'labels' as 2 integers"),
+    ],
+    ids=["not a dict", "float data", "label out of range", "too few labels"],
+)
+def test_cifar10_batch_with_foreign_contents_is_reported(tmp_path, batch, message):
+    (tmp_path / "test_batch").write_bytes(pickle.dumps(batch))
+    with pytest.raises(DataError, match=message):
+        load_cifar10("test", tmp_path)
+
+
 def test_missing_cifar10_says_where_to_get_it(tmp_path):
     with pytest.raises(DataError, match="cifar-10-python.tar.gz"):
         load_cifar10("train", tmp_path)

@@ -45,12 +45,21 @@ def tiny_config(**overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
+def leave_stale_temporaries(folder: Path) -> list[Path]:
+    """What a run killed while saving leaves: atomic_write's temporary files (and a user's own files)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (".model.safetensors.k2x_9q1z.tmp", ".state.pt.abcdefgh.tmp", "notes.tmp", ".notes.tmp"):
+        (folder / name).write_bytes(b"partial")
+    return [folder / "notes.tmp", folder / ".notes.tmp"]
+
+
 def test_run_folder_holds_weights_metadata_metrics_and_plot(tmp_path):
+    users_files = leave_stale_temporaries(tmp_path)
     metrics = train(tiny_config(), tmp_path, progress=False)
     assert {"model.safetensors", "model.json", "state.pt", "metrics.jsonl", "curves.png"} <= {
         p.name for p in tmp_path.iterdir()
     }
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert sorted(p for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == sorted(users_files)
     meta = json.loads((tmp_path / "model.json").read_text())
     assert meta["model_name"] == "bcos_vit_nano_patch4_28" and meta["epoch"] == 2
     assert meta["classes"][9] == "Ankle boot" and meta["train_config"]["batch_size"] == 64
@@ -83,7 +92,9 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path
     train(config, tmp_path / "straight", progress=False)
     train(config, tmp_path / "resumed", progress=False, stop_after=1)
     assert json.loads((tmp_path / "resumed" / "model.json").read_text())["epoch"] == 1
+    users_files = leave_stale_temporaries(tmp_path / "resumed")
     train(config, tmp_path / "resumed", progress=False, resume=True)
+    assert sorted(p for p in (tmp_path / "resumed").iterdir() if p.name.endswith(".tmp")) == sorted(users_files)
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -97,6 +108,41 @@ def test_resume_refuses_different_settings_and_new_runs_refuse_existing_folders(
         train(tiny_config(epochs=2, lr=0.5), tmp_path, resume=True, progress=False)
     with pytest.raises(ConfigError, match="--resume"):
         train(tiny_config(epochs=1), tmp_path, progress=False)
+
+
+class _WritesAMarker:
+    """Unpickling this runs code: it creates the file ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def test_resume_refuses_a_state_file_that_would_run_code_without_running_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    torch.save({"epoch": 1, "payload": _WritesAMarker(marker)}, tmp_path / "state.pt")
+    with pytest.raises(CheckpointError, match="state.pt is corrupt or holds more than tensors"):
+        train(tiny_config(), tmp_path, resume=True, progress=False)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"epoch": "1"}, "'epoch' must be int"),
+        ({"optimizer": None}, "'optimizer' must be dict"),
+        ({"config": {**tiny_config().to_dict(), "lr": "0.001"}}, "lr must be float"),
+        ({"config": {**tiny_config().to_dict(), "flip": 1}}, "flip must be bool"),
+    ],
+    ids=["epoch text", "no optimizer", "lr text", "flip number"],
+)
+def test_resume_refuses_a_state_file_with_wrong_types_naming_the_entry(tmp_path, change, field):
+    state = {"epoch": 1, "config": tiny_config().to_dict(), "history": [], "model": {}, "optimizer": {}, "ema": None}
+    torch.save({**state, **change}, tmp_path / "state.pt")
+    with pytest.raises(CheckpointError, match=field):
+        train(tiny_config(), tmp_path, resume=True, progress=False)
 
 
 def test_standard_twin_trains_with_ema_mixup_and_bf16(tmp_path):
@@ -350,6 +396,7 @@ def test_presets_cover_every_small_and_published_model_and_resolve_the_published
         ({"precision": "fp8"}, "precision must be auto, fp32 or bf16"),
         ({"model": "bcos_vit_huge"}, "unknown model name"),
         ({"model_options": {"pos_embed": "spiral"}}, "pos_embed must be one of"),
+        ({"model_options": {"num_classes": 3}}, "model_options may not set num_classes"),
         ({"mosaic": 1.5}, "mosaic probability must lie in"),
         ({"mosaic_grid": 1}, "mosaic_grid must be >= 2"),
         ({"mosaic": 0.5, "energy_loss": -1.0}, "energy_loss must be >= 0"),

@@ -2,17 +2,21 @@
 
 A run folder (or the package's ``weights/`` folder) holds ``<stem>.safetensors`` and
 ``<stem>.json`` (model name, architecture, class names, epoch, metrics). Every file is written to
-a temporary name and renamed, so an interrupted write never leaves a half-written file.
+a temporary name and renamed, so an interrupted write never leaves a half-written file; both files
+carry the id of the save that wrote them, so a pair mixed by an interrupted save is detected.
+Files from elsewhere are untrusted: the metadata is validated and compared with the weights'
+header before a model is built.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError, ConfigError
@@ -20,27 +24,115 @@ from .fileio import atomic_write, write_json
 from .models.registry import list_pretrained, model_config, weights_dir
 from .models.vit import VisionTransformer, ViTConfig
 
+# Bounds on what a checkpoint may ask for, checked on a model built on the "meta" device (no memory)
+# before anything is allocated: far above every published ViT (ViT-L/16: 0.3 G values, 24 blocks).
+MAX_MODEL_VALUES = 2**31  # parameters and buffers (8 GiB in float32)
+MAX_DEPTH = 1024
+MAX_METADATA_BYTES = 16 * 2**20
+# The safetensors header entry and the model.json field that tie a weights file to its metadata file
+# (the same random id in both, written by one save_weights call).
+WEIGHTS_ID_KEY = "bcosvit_weights_id"
+# model.json fields and their types (bool is no int here); "architecture" is always written
+METADATA_FIELDS: dict[str, type] = {
+    "architecture": dict,
+    "weights_id": str,
+    "model_name": str,
+    "classes": list,
+    "epoch": int,
+    "metrics": dict,
+    "ema": bool,
+    "train_config": dict,
+    "shipped_from": str,
+}
+
 
 def save_weights(model: VisionTransformer, path: str | Path, metadata: dict[str, Any]) -> Path:
     """Save ``model``'s weights to ``path`` (``.safetensors``) and ``metadata`` plus the model's
-    name and architecture to the ``.json`` beside it."""
+    name and architecture to the ``.json`` beside it.
+
+    ``metadata`` may hold the fields of ``METADATA_FIELDS`` (``model_name``, ``classes``, ``epoch``,
+    ...). Both files carry the same new ``weights_id``, so a reader can tell a pair written by one
+    call from one mixed by an interrupted save (the weights are renamed into place first).
+    """
     path = Path(path).with_suffix(".safetensors")
+    weights_id = uuid.uuid4().hex
+    info = {**metadata, "architecture": model.config.to_dict(), "weights_id": weights_id}
+    check_metadata(info, path.with_suffix(".json"))
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))
-    info = {"architecture": model.config.to_dict(), **metadata}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={WEIGHTS_ID_KEY: weights_id}))
     write_json(path.with_suffix(".json"), info)
     return path
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata stored beside a ``.safetensors`` weights file (or a run folder's model)."""
+    """The checked JSON metadata stored beside a ``.safetensors`` weights file (or a run folder's model)."""
     path = resolve_weights(path).with_suffix(".json")
     try:
-        return json.loads(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_METADATA_BYTES:
+            raise CheckpointError(
+                f"metadata file {path} is {size} bytes, more than the {MAX_METADATA_BYTES} a bcosvit model.json "
+                "can need; it was not written by bcosvit"
+            )
+        meta = json.loads(path.read_text(), object_pairs_hook=_refuse_repeated_keys)
     except FileNotFoundError as exc:
         raise CheckpointError(f"metadata file {path} is missing; it is written beside the weights by training") from exc
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"metadata file {path} is corrupt ({exc}); re-train or restore it") from exc
+    check_metadata(meta, path)
+    return meta
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json`` hook: a key given twice in one object is an error (json would keep the last silently)."""
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise CheckpointError(f"metadata repeats the field(s) {repeated}; each may appear once")
+    return dict(pairs)
+
+
+def check_metadata(meta: Any, path: Path) -> None:
+    """Raise ``CheckpointError`` naming the first field of a ``model.json`` that bcosvit would not
+    have written: unknown fields, wrong types, an invalid architecture or training config, or
+    ``classes`` that are not one string per class. The one place the metadata is validated."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"metadata file {path} must hold a JSON object, got {type(meta).__name__}")
+    unknown = sorted(set(meta) - set(METADATA_FIELDS), key=str)
+    if unknown:
+        raise CheckpointError(f"metadata file {path} has unknown field(s) {unknown}; known: {list(METADATA_FIELDS)}")
+    if "architecture" not in meta:
+        raise CheckpointError(f"metadata file {path} has no 'architecture'; it was not written by bcosvit")
+    for name, kind in METADATA_FIELDS.items():
+        value = meta.get(name)
+        if name in meta and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise CheckpointError(f"metadata file {path}: '{name}' must be of type {kind.__name__}, got {value!r:.60}")
+    try:
+        config = ViTConfig.from_dict(meta["architecture"])
+    except ConfigError as exc:
+        raise CheckpointError(f"metadata file {path}: invalid 'architecture': {exc}") from exc
+    classes = meta.get("classes")
+    if classes is not None and (len(classes) != config.num_classes or not all(isinstance(c, str) for c in classes)):
+        raise CheckpointError(
+            f"metadata file {path}: 'classes' must be {config.num_classes} strings (num_classes), got {classes!r:.80}"
+        )
+    if meta.get("epoch", 0) < 0:
+        raise CheckpointError(f"metadata file {path}: 'epoch' must be >= 0, got {meta['epoch']}")
+    metrics = meta.get("metrics", {})
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()):
+        raise CheckpointError(f"metadata file {path}: 'metrics' must map names to numbers, got {metrics!r:.80}")
+    _check_train_config(meta.get("train_config"), path)
+
+
+def _check_train_config(stored: dict | None, path: Path) -> None:
+    from .train.config import TrainConfig  # a module-level import would be circular (train imports checkpoint)
+
+    if stored is None:
+        return
+    try:
+        TrainConfig.from_dict(stored)
+    except ConfigError as exc:
+        raise CheckpointError(f"metadata file {path}: invalid 'train_config': {exc}") from exc
 
 
 def resolve_weights(path: str | Path) -> Path:
@@ -57,17 +149,24 @@ def resolve_weights(path: str | Path) -> Path:
     return path
 
 
-def load_state_dict(model: torch.nn.Module, path: str | Path) -> None:
-    """Load a safetensors file into ``model``, failing clearly on corrupt files or mismatches."""
-    path = resolve_weights(path)
+def read_weights_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """The tensor shapes and the string metadata of a safetensors file, read from its header alone
+    (no tensor is loaded)."""
     try:
-        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"weights file {path} is corrupt or unreadable ({exc}); re-train or restore it") from exc
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
+
+
+def check_shapes(
+    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], path: Path, subject: str = "the model"
+) -> None:
+    """Raise ``CheckpointError`` listing missing, unexpected and differently shaped tensors
+    (``expected``: what ``subject`` needs; ``found``: what the weights file ``path`` holds)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
     if missing or unexpected or wrong:
         details = []
         if missing:
@@ -77,34 +176,82 @@ def load_state_dict(model: torch.nn.Module, path: str | Path) -> None:
         if wrong:
             details.append(
                 "shape mismatch "
-                + ", ".join(
-                    f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:5]
-                )
+                + ", ".join(f"{k}: file {tuple(found[k])} vs model {tuple(expected[k])}" for k in wrong[:5])
             )
-        raise CheckpointError(f"weights in {path} do not match the model: {'; '.join(details)}")
+        raise CheckpointError(f"weights in {path} do not match {subject}: {'; '.join(details)}")
+
+
+def load_state_dict(model: torch.nn.Module, path: str | Path) -> None:
+    """Load a safetensors file into ``model``, failing clearly on corrupt files or mismatches
+    (the shapes are compared from the file's header before any tensor is read)."""
+    path = resolve_weights(path)
+    shapes, _ = read_weights_header(path)
+    check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"weights file {path} is corrupt or unreadable ({exc}); re-train or restore it") from exc
     model.load_state_dict(tensors)
+
+
+def _check_same_save(meta: dict[str, Any], header: dict[str, str], path: Path) -> None:
+    """Raise ``CheckpointError`` when the weights and their metadata come from different saves
+    (files from before weights ids existed carry none on either side and pass)."""
+    if meta.get("weights_id") != header.get(WEIGHTS_ID_KEY):
+        raise CheckpointError(
+            f"{path} and {path.with_suffix('.json')} come from different saves (a save was interrupted, or one "
+            "file was replaced); for a run folder, continue it with `bcosvit train --resume` to rewrite both, "
+            "or restore the two files together"
+        )
+
+
+def _meta_model(config: ViTConfig, path: Path, tensors_in_file: int) -> VisionTransformer:
+    """The model ``config`` describes, built on the "meta" device: shapes without memory."""
+    if config.depth > min(MAX_DEPTH, tensors_in_file):
+        raise CheckpointError(
+            f"the architecture in {path.with_suffix('.json')} asks for depth {config.depth}, but the weights file "
+            f"holds {tensors_in_file} tensors (and at most {MAX_DEPTH} blocks are accepted); the files do not match"
+        )
+    with torch.device("meta"):
+        return VisionTransformer(config)
+
+
+def _check_model_size(skeleton: VisionTransformer, path: Path) -> None:
+    """Raise ``CheckpointError`` when a model would hold more than ``MAX_MODEL_VALUES`` values."""
+    values = sum(t.numel() for t in [*skeleton.parameters(), *skeleton.buffers()])
+    if values > MAX_MODEL_VALUES:
+        config = skeleton.config
+        raise CheckpointError(
+            f"the architecture in {path.with_suffix('.json')} needs {values:,} values, more than the "
+            f"{MAX_MODEL_VALUES:,} a checkpoint may ask for (embed_dim {config.embed_dim}, depth {config.depth}, "
+            f"image_size {config.image_size}); the metadata was edited or is not from bcosvit"
+        )
 
 
 def load_model(path: str | Path, **overrides) -> VisionTransformer:
     """Rebuild the model stored at ``path`` (run folder or ``.safetensors``) and load its weights.
 
     ``overrides`` may change the input size only (``image_size``); the architecture comes from the file.
+    The metadata is checked against the weights file's header (shapes, and the id of the save) before
+    the model is built, so an edited or mismatched file fails fast without allocating the model.
     """
-    meta = read_metadata(path)
-    arch = dict(meta.get("architecture") or {})
-    if not arch:
-        raise CheckpointError(f"metadata of {path} has no 'architecture'; it was not written by bcosvit")
+    weights = resolve_weights(path)
+    meta = read_metadata(weights)
+    arch = dict(meta["architecture"])
     allowed = {"image_size"}
     bad = sorted(k for k, v in overrides.items() if v is not None and k not in allowed and arch.get(k) != v)
     if bad:
         raise ConfigError(f"cannot override {bad} of a trained model (only {sorted(allowed)} may change)")
     arch.update({k: v for k, v in overrides.items() if k in allowed and v is not None})
-    try:
-        config = ViTConfig(**arch)
-    except TypeError as exc:
-        raise CheckpointError(f"metadata of {path} has an invalid architecture ({exc})") from exc
+    config = ViTConfig.from_dict(arch)
+    shapes, header = read_weights_header(weights)
+    _check_same_save(meta, header, weights)
+    skeleton = _meta_model(config, weights, len(shapes))
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    check_shapes(expected, shapes, weights, f"the architecture in {weights.with_suffix('.json').name}")
+    _check_model_size(skeleton, weights)
     model = VisionTransformer(config)
-    load_state_dict(model, path)
+    load_state_dict(model, weights)
     model.eval()
     return model
 

@@ -98,6 +98,64 @@ def load_fashion_mnist(split: str, root: str | Path | None = None, transform=Non
     return TensorImageDataset(images, labels, list(FASHION_MNIST_CLASSES), transform)
 
 
+def _plain_dtype(*args) -> np.dtype:
+    """``numpy.dtype`` for the unpickler, refusing dtypes that hold Python objects."""
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"an array of Python objects ({dtype}) is no CIFAR-10 data")
+    return dtype
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles use it for bytes: a str to latin-1 only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refused _codecs.encode({type(text).__name__}, {encoding!r})")
+    return text.encode("latin1")
+
+
+# The globals a CIFAR-10 batch pickle refers to (numpy's array reconstruction under either module
+# name); taken from numpy itself so they match the installed version.
+_CIFAR_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _plain_dtype,
+    ("_codecs", "encode"): _latin1_encode,
+    **{(m, "_reconstruct"): np.empty(0).__reduce__()[0] for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(m, "_frombuffer"): np.empty(0).__reduce_ex__(5)[0] for m in ("numpy.core.numeric", "numpy._core.numeric")},
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles plain values and numpy arrays only; any other global (code) is refused."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR-10 batch holds only arrays")
+        return _CIFAR_GLOBALS[module, name]
+
+
+def read_cifar10_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    """One python-format CIFAR-10 batch: uint8 images ``(N, 3, 32, 32)`` and labels in [0, 9].
+
+    The file is a pickle: it is read with an unpickler that rebuilds only dicts, lists, strings,
+    numbers and numpy arrays, so a crafted file cannot run code; anything else is a ``DataError``.
+    """
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+        raise DataError(f"cannot read CIFAR-10 batch {path}: {exc}; re-extract cifar-10-python.tar.gz") from exc
+    if isinstance(batch, dict):
+        batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    data = batch.get("data") if isinstance(batch, dict) else None
+    labels = batch.get("labels") if isinstance(batch, dict) else None
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{path} is not a CIFAR-10 batch: expected 'data' as uint8 rows of 3072 pixels")
+    valid_labels = isinstance(labels, list) and len(labels) == len(data)
+    if not valid_labels or not all(type(v) is int and 0 <= v < len(CIFAR10_CLASSES) for v in labels):
+        raise DataError(f"{path} is not a CIFAR-10 batch: expected 'labels' as {len(data)} integers in [0, 9]")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
 def load_cifar10(split: str, root: str | Path, transform=None) -> TensorImageDataset:
     """CIFAR-10 ``split`` from the python-format batches in ``root`` (``cifar-10-batches-py``)."""
     root = Path(root)
@@ -111,13 +169,9 @@ def load_cifar10(split: str, root: str | Path, transform=None) -> TensorImageDat
         )
     images, labels = [], []
     for name in names:
-        try:
-            with open(root / name, "rb") as f:
-                batch = pickle.load(f, encoding="latin1")
-        except (OSError, pickle.UnpicklingError, EOFError) as exc:
-            raise DataError(f"cannot read CIFAR-10 batch {root / name}: {exc}") from exc
-        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(batch["labels"])
+        batch_images, batch_labels = read_cifar10_batch(root / name)
+        images.append(batch_images)
+        labels.extend(batch_labels)
     return TensorImageDataset(
         torch.from_numpy(np.concatenate(images)), torch.tensor(labels), list(CIFAR10_CLASSES), transform
     )

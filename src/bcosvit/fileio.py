@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+
+_TMP_SUFFIX = ".tmp"
+# what atomic_write's temporary files look like: ".<target name>.<8 characters of mkstemp>.tmp"
+_TMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(_TMP_SUFFIX))
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -20,7 +25,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
     os.close(fd)
     try:
         write(tmp)
@@ -60,3 +65,15 @@ def ensure_writable_dir(path: str | Path, what: str) -> Path:
         reason = exc.strerror or str(exc)
         raise ConfigError(f"cannot write to {what} {path} ({reason}); choose a folder you can write to") from exc
     return path
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files ``atomic_write`` left in ``folder`` when a process was killed
+    mid-write (only names of its pattern; nothing else is touched). Returns the removed paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if _TMP_NAME.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale

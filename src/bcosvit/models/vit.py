@@ -69,12 +69,22 @@ class ViTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> ViTConfig:
+        """A validated config from stored values (a checkpoint's ``architecture``); ``ConfigError``
+        names an unknown key or the first invalid value. Missing keys take their defaults."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"an architecture must be a mapping of option names to values, got {data!r:.60}")
+        unknown = sorted(set(data) - set(cls.option_names()), key=str)
+        if unknown:
+            raise ConfigError(f"unknown architecture option(s) {unknown}; valid options are {cls.option_names()}")
+        config = cls(**data)
+        config.validate()
+        return config
+
     def validate(self) -> None:
-        """Raise ``ConfigError`` naming the first invalid value."""
-        for name in ("image_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "max_out"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        """Raise ``ConfigError`` naming the first invalid value (types first, then ranges)."""
+        self._validate_types()
         if self.num_classes < 2:
             raise ConfigError(f"num_classes must be at least 2, got {self.num_classes}")
         if self.embed_dim % self.num_heads:
@@ -113,6 +123,48 @@ class ViTConfig:
             value = getattr(self, name)
             if value is not None and len(value) != self.in_chans:
                 raise ConfigError(f"{name} needs {self.in_chans} values (one per channel), got {len(value)}")
+        if self.input_std is not None and min(self.input_std) <= 0:
+            raise ConfigError(f"input_std must be positive, got {self.input_std}")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ConfigError(f"class_names needs one name per class ({self.num_classes}), got {len(self.class_names)}")
+
+    def _validate_types(self) -> None:
+        """Raise ``ConfigError`` naming the first field whose value has the wrong type."""
+        for name in ("image_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r:.60}")
+        if not _is_int(self.max_out) or self.max_out < 1:
+            raise ConfigError(f"max_out must be a positive integer, got {self.max_out!r:.60}")
+        if not isinstance(self.bcos, bool):
+            raise ConfigError(f"bcos must be true or false, got {self.bcos!r:.60}")
+        for name in ("mlp_ratio", "b"):  # attn_distance_penalty: checked with its range below
+            if not _is_number(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)!r:.60}")
+        if not isinstance(self.pos_embed, str):
+            raise ConfigError(f"pos_embed must be one of {POS_EMBED_SCHEMES}, got {self.pos_embed!r:.60}")
+        for name, is_item, what in (
+            ("stem_channels", _is_positive_int, "positive integers"),
+            ("stem_strides", _is_positive_int, "positive integers"),
+            ("input_mean", _is_number, "finite numbers"),
+            ("input_std", _is_number, "finite numbers"),
+            ("class_names", lambda v: isinstance(v, str), "strings"),
+        ):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (list, tuple)) or not all(map(is_item, value))):
+                raise ConfigError(f"{name} must be null or a list of {what}, got {value!r:.60}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive_int(value: object) -> bool:
+    return _is_int(value) and value >= 1
+
+
+def _is_number(value: object) -> bool:
+    """A finite int or float (bools are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # Pixel values the models accept. Images are meant to be in [0, 1]; the margin of 1 on either side

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from ..data import DATASETS
 from ..errors import ConfigError
 from ..models.registry import list_models, model_config
+from ..models.vit import ViTConfig
 from ..precision import PRECISIONS
 
 
@@ -59,6 +60,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the first invalid value."""
+        _check_model_option_names(self.model_options)
         model_config(self.model, **self.model_options)  # unknown names/options fail clearly
         for f in fields(self):
             value = getattr(self, f.name)
@@ -148,10 +150,49 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        """A config from stored values (a run's ``model.json`` or ``state.pt``); ``ConfigError``
+        names the first unknown option or value of the wrong type. Ranges are ``validate``'s job."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a training config must be a mapping of option names to values, got {data!r:.60}")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)}, key=str)
         if unknown:
             raise ConfigError(f"unknown training option(s) {unknown}")
+        hints = typing.get_type_hints(cls)
+        for name, value in data.items():
+            kinds = typing.get_args(hints[name]) or (hints[name],)
+            if not any(_fits(value, kind) for kind in kinds):
+                expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+                raise ConfigError(f"training option {name} must be {expected}, got {value!r:.60}")
+        _check_model_option_names(data.get("model_options", {}))
         return cls(**data)
+
+
+# set from the dataset when the model is built, so a run may not choose them
+DATASET_MODEL_OPTIONS = ("num_classes", "class_names")
+
+
+def _check_model_option_names(options: dict) -> None:
+    """Raise ``ConfigError`` for a ``model_options`` key that is no ``ViTConfig`` option a run may set."""
+    for key in options:
+        if key in DATASET_MODEL_OPTIONS:
+            raise ConfigError(
+                f"model_options may not set {key}: the dataset decides it (got model_options {options!r:.80})"
+            )
+        if key not in ViTConfig.option_names() or key == "bcos":
+            raise ConfigError(f"unknown model option {key!r} in model_options; the model name decides 'bcos'")
+
+
+def _fits(value: object, kind: type) -> bool:
+    """Whether a stored ``value`` has the field type ``kind`` (bools are not numbers; floats are finite)."""
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, kind)
 
 
 # --- Presets --------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from ..checkpoint import load_state_dict, save_weights
 from ..data import load_dataset
 from ..errors import CheckpointError, ConfigError
 from ..explain import explain
-from ..fileio import atomic_write, ensure_writable_dir
+from ..fileio import atomic_write, ensure_writable_dir, remove_stale_temporaries
 from ..models.registry import create_model
 from ..models.vit import VisionTransformer
 from ..precision import autocast, compile_available, resolve_precision
@@ -212,14 +212,20 @@ _RESUMABLE_CHANGES = ("epochs", "num_workers", "explain_examples", "precision", 
 
 
 def _load_resume_state(out: Path, config: TrainConfig) -> dict[str, Any]:
+    """The checked contents of ``out/state.pt``; read with ``weights_only=True``, so a crafted file
+    cannot run code (only tensors, dicts, lists, tuples, numbers and strings are unpickled)."""
     path = out / "state.pt"
     if not path.exists():
         raise CheckpointError(f"--resume: no state.pt in {out}; start a new run without --resume")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for a damaged pickle
-        raise CheckpointError(f"--resume: {path} is corrupt ({exc}); start a new run in a fresh folder") from exc
-    stored = dict(state.get("config", {}))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged or refused pickle
+        raise CheckpointError(
+            f"--resume: {path} is corrupt or holds more than tensors and plain values ({exc}); "
+            "start a new run in a fresh folder"
+        ) from exc
+    _check_resume_state(state, path)
+    stored = state["config"]
     current = config.to_dict()
     differs = sorted(
         k for k in current if k not in _RESUMABLE_CHANGES and stored.get(k) != current[k]
@@ -230,6 +236,50 @@ def _load_resume_state(out: Path, config: TrainConfig) -> dict[str, Any]:
             f"(stored: {[stored.get(k) for k in differs]}); resume with the same settings or use a new --out"
         )
     return state
+
+
+_RESUME_STATE_TYPES: dict[str, tuple[type, ...]] = {
+    "epoch": (int,),
+    "config": (dict,),
+    "history": (list,),
+    "model": (dict,),
+    "optimizer": (dict,),
+    "ema": (dict, type(None)),
+}
+
+
+def _check_resume_state(state: Any, path: Path) -> None:
+    """Raise ``CheckpointError`` naming the first entry of a loaded ``state.pt`` that ``_save_run``
+    would not have written (wrong type, missing, or a stored config with invalid values)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"--resume: {path} holds a {type(state).__name__}, not a run state; use a fresh folder")
+    for key, types in _RESUME_STATE_TYPES.items():
+        value = state.get(key)
+        if key not in state or not isinstance(value, types) or isinstance(value, bool):
+            raise CheckpointError(
+                f"--resume: {path}: '{key}' must be {' or '.join(t.__name__ for t in types)}, got {value!r:.60}; "
+                "the file was not written by bcosvit train; start a new run in a fresh folder"
+            )
+    if state["epoch"] < 0 or not all(isinstance(h, dict) for h in state["history"]):
+        raise CheckpointError(f"--resume: {path}: 'epoch' or 'history' is invalid; start a new run in a fresh folder")
+    try:
+        TrainConfig.from_dict(state["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"--resume: {path}: stored 'config' is invalid: {exc}") from exc
+
+
+def _restore_resume_state(state: dict[str, Any], model: nn.Module, optimizer, ema, out: Path) -> None:
+    """Load the model, optimizer and EMA states; a state that does not fit them is a ``CheckpointError``."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state["ema"] is not None:
+            ema.load_state_dict(state["ema"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        raise CheckpointError(
+            f"--resume: the state in {out / 'state.pt'} does not fit the model or optimizer ({str(exc)[:300]}); "
+            "start a new run in a fresh folder"
+        ) from exc
 
 
 @dataclasses.dataclass
@@ -391,6 +441,8 @@ def train(
     out = Path(out)
     if rt.is_main and not resume and (out / "state.pt").exists():
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if rt.is_main:
+        remove_stale_temporaries(out)  # left by a run killed while it saved
     if config.batch_size % rt.world_size:
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by the {rt.world_size} processes")
     tiles = config.mosaic or (config.energy_loss and config.energy_canvases)  # canvases are built only then
@@ -416,10 +468,7 @@ def train(
     start_epoch = 1
     if resume:
         state = _load_resume_state(out, config)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
+        _restore_resume_state(state, model, optimizer, ema, out)
         history = list(state["history"])
         start_epoch = int(state["epoch"]) + 1
         if rt.is_main:
