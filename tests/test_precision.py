@@ -1,6 +1,6 @@
 """Precision chosen by the hardware: bf16 autocast only where bfloat16 is native."""
 
-from pathlib import Path
+import json
 
 import pytest
 import torch
@@ -10,8 +10,13 @@ from bcosvit.precision import resolve_precision
 from bcosvit.train import PRESETS, TrainConfig, train
 from bcosvit.train import loop as train_loop
 
-SUBSET = str(Path(__file__).parent / "data" / "fashion-mnist")
+from .test_train import tiny_config
+
 CPU = torch.device("cpu")
+
+
+def one_short_epoch(**overrides) -> TrainConfig:
+    return tiny_config(train_subset=64, test_subset=32, epochs=1, batch_size=32, warmup_steps=1, **overrides)
 
 
 @pytest.fixture
@@ -54,20 +59,11 @@ def test_training_prints_and_records_the_chosen_precision(avx2_only, monkeypatch
     used = []
     real = precision.autocast
     monkeypatch.setattr(train_loop, "autocast", lambda p, d: used.append(p) or real(p, d))
-    config = TrainConfig(
-        model="bcos_vit_nano_patch4_28",
-        data_dir=SUBSET,
-        train_subset=64,
-        test_subset=32,
-        epochs=1,
-        batch_size=32,
-        warmup_steps=1,
-        explain_examples=False,
-    )
+    config = one_short_epoch()
     assert config.precision == "auto"
-    metrics = train(config, tmp_path, progress=False)
+    train(config, tmp_path, progress=False)
     assert "precision fp32 (auto: no native bfloat16" in capsys.readouterr().out
-    assert metrics["precision"] == "fp32"
+    assert json.loads((tmp_path / "model.json").read_text())["precision"] == "fp32"
     assert used and set(used) == {"fp32"}
 
 
@@ -75,18 +71,7 @@ def test_compile_is_skipped_with_a_message_where_no_compiler_exists(monkeypatch,
     monkeypatch.setattr(precision.shutil, "which", lambda name: None)
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda net, **kw: compiled.append(net) or net)
-    config = TrainConfig(
-        model="bcos_vit_nano_patch4_28",
-        data_dir=SUBSET,
-        train_subset=64,
-        test_subset=32,
-        epochs=1,
-        batch_size=32,
-        warmup_steps=1,
-        compile=True,
-        precision="fp32",
-        explain_examples=False,
-    )
+    config = one_short_epoch(compile=True, precision="fp32")
     train(config, tmp_path, progress=False)
     assert "torch.compile skipped: no C++ compiler" in capsys.readouterr().out
     assert not compiled

@@ -41,6 +41,7 @@ METADATA_FIELDS: dict[str, type] = {
     "epoch": int,
     "metrics": dict,
     "ema": bool,
+    "precision": str,
     "train_config": dict,
     "shipped_from": str,
 }
@@ -281,5 +282,6 @@ def ship_weights(run: str | Path, name: str | None = None, dest: str | Path | No
     model_config(name)  # must be a registered name
     model = load_model(source)  # proves the files load before they are shipped
     folder = Path(dest) if dest is not None else weights_dir()
-    keep = {k: meta[k] for k in ("model_name", "classes", "epoch", "metrics", "ema", "train_config") if k in meta}
+    kept = ("model_name", "classes", "epoch", "metrics", "ema", "precision", "train_config")
+    keep = {k: meta[k] for k in kept if k in meta}
     return save_weights(model, folder / f"{name}.safetensors", {**keep, "model_name": name, "shipped_from": str(run)})

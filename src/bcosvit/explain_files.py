@@ -21,7 +21,7 @@ from PIL import Image
 from .errors import ConfigError, InputError
 from .explain import explain, resolve_target
 from .fileio import ensure_writable_dir
-from .imageio import LoadedImage, load_image, open_regular_file
+from .imageio import LoadedImage, background_rgb, load_image, open_regular_file
 from .models.vit import VisionTransformer
 from .visualize import FIGURE_SOFTWARE, explanation_figure, literal_text, save_figure
 
@@ -111,6 +111,7 @@ def explain_files(
     names = model.config.class_names or [str(i) for i in range(model.num_classes)]
     topk = min(topk, model.num_classes)
     fixed = resolve_target(target, model.config.class_names, model.num_classes) if target is not None else None
+    background_rgb(background)  # a bad value fails before the output folder is created
     out = ensure_writable_dir(out, "output folder (--out)")
     loaded: list[LoadedImage] = []
     failed: list[tuple[Path, str]] = []

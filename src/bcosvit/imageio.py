@@ -68,7 +68,7 @@ def load_image(
     path = Path(path)
     if in_chans not in _MODES:
         raise InputError(f"cannot convert image files to {in_chans} channels (supported: 1, 3, 4)")
-    fill = _background_rgb(background)
+    fill = background_rgb(background)
     with warnings.catch_warnings():
         # oversized images are refused below with a message; Pillow's warning would only repeat it
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -99,7 +99,7 @@ def load_image(
     return LoadedImage(path, tensor, mode, size, notes)
 
 
-def _background_rgb(background: float | Sequence[float]) -> tuple[int, int, int]:
+def background_rgb(background: float | Sequence[float]) -> tuple[int, int, int]:
     """A grey level or RGB triple in [0, 1] as 8-bit RGB."""
     values = [background] * 3 if isinstance(background, int | float) else list(background)
     if len(values) != 3 or not all(isinstance(v, int | float) and 0.0 <= v <= 1.0 for v in values):

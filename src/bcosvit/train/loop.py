@@ -180,6 +180,7 @@ def _save_run(
     epoch: int,
     history: list[dict[str, Any]],
     classes: list[str],
+    precision: str,
 ) -> None:
     save_weights(
         unwrap(eval_model),
@@ -190,6 +191,7 @@ def _save_run(
             "epoch": epoch,
             "metrics": history[-1],
             "ema": ema is not None,
+            "precision": precision,  # what "auto" resolved to on this machine
             "train_config": config.to_dict(),
         },
     )
@@ -531,7 +533,6 @@ def train(
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_seconds": elapsed,
             "train_images_per_s": steps_per_epoch * config.batch_size / elapsed,
-            "precision": recipe.precision,
         }
         check_replicas_in_sync(model, f"after epoch {epoch}")
         energy = trainer.pop_energy()
@@ -540,7 +541,8 @@ def train(
         if rt.is_main:
             metrics.update(evaluate(eval_model, data.test_loader, recipe, rt.device))
             history.append(metrics)
-            _save_run(out, model, eval_model, optimizer, ema, config, epoch, history, list(data.spec.classes))
+            classes = list(data.spec.classes)
+            _save_run(out, model, eval_model, optimizer, ema, config, epoch, history, classes, recipe.precision)
             print(
                 f"epoch {epoch}/{config.epochs}: train loss {metrics['train_loss']:.4f} "
                 f"acc {metrics['train_top1']:.2f}% | "
