@@ -14,12 +14,10 @@ and the precision that ``--precision auto`` (the default of ``bcosvit train``) p
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from throughput import (
     Row,
     Setting,
@@ -30,6 +28,7 @@ from throughput import (
     machine_line,
     non_negative_int,
     positive_int,
+    run_record,
     write_results,
 )
 
@@ -79,15 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(format_table(rows))
     print(f"\nbcosvit train --precision auto picks: {machine['precision_auto']}")
-    command = shlex.join([sys.executable, *(sys.argv if argv is None else [sys.argv[0], *argv])])
     write_results(
         args.json,
         {
-            "command": command,
-            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            **run_record(args, argv),
             "machine": machine,
             "setting": setting.describe(batch),
-            "torch_threads": torch.get_num_threads(),
             "rows": [row.to_dict() for row in rows],
         },
     )

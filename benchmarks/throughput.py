@@ -469,6 +469,12 @@ def format_targets(targets: Sequence[dict[str, Any]], quick: bool) -> str:
     return "\n".join(lines)
 
 
+def run_record(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
+    """The command line that produced a result file and its parsed options, for the JSON."""
+    command = shlex.join([sys.executable, *(sys.argv if argv is None else [sys.argv[0], *argv])])
+    return {"command": command, "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+
+
 def write_results(path: Path, data: dict[str, Any]) -> None:
     text = json.dumps(data, indent=2) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
@@ -557,12 +563,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(format_targets(targets, args.quick))
 
-    command = shlex.join([sys.executable, *(sys.argv if argv is None else [sys.argv[0], *argv])])
     write_results(
         args.json,
         {
-            "command": command,
-            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            **run_record(args, argv),
             "machine": machine,
             "settings": setting_info,
             "rows": [row.to_dict() for row in rows],
