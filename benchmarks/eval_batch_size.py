@@ -27,8 +27,8 @@ from einops import rearrange
 from throughput import machine_info, machine_line
 
 import bcosvit
+from bcosvit.app.data import load_fashion_mnist
 from bcosvit.attribution import attribute
-from bcosvit.data import load_fashion_mnist
 from bcosvit.fileio import write_json
 from bcosvit.metrics import deletion_insertion
 

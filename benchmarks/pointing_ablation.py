@@ -40,10 +40,10 @@ from torch import Tensor
 
 import bcosvit
 from bcosvit import metrics
+from bcosvit.app.data import load_fashion_mnist
+from bcosvit.app.evaluation import accuracy_from_logits
 from bcosvit.checkpoint import load_model
-from bcosvit.data import load_fashion_mnist
 from bcosvit.errors import InputError
-from bcosvit.evaluate import accuracy_from_logits
 from bcosvit.fileio import write_json
 from bcosvit.layers import DistancePenalty
 from bcosvit.layers.attention import Attention

@@ -32,7 +32,7 @@ from throughput import (
     write_results,
 )
 
-from bcosvit.train import get_preset
+from bcosvit.app.training import get_preset
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "precision.json"
 

@@ -46,10 +46,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bcosvit
+from bcosvit.app.precision import autocast, cpu_features, native_bf16, resolve_precision
+from bcosvit.app.training.recipe import adaptive_clip_grad_, bce_uniform_off_labels
 from bcosvit.fileio import atomic_write
 from bcosvit.models.registry import twin_name
-from bcosvit.precision import autocast, cpu_features, native_bf16, resolve_precision
-from bcosvit.train.recipe import adaptive_clip_grad_, bce_uniform_off_labels
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "throughput.json"
 SEED = 0

@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 import bcosvit
 from bcosvit import CheckpointError, ConfigError, checkpoint
 from bcosvit.checkpoint import load_model, load_state_dict, save_weights
-from bcosvit.train import TrainConfig
 
 
 def saved_model(tmp_path, name="bcos_vit_nano_patch4_28", **overrides):
@@ -102,10 +101,6 @@ def _with_architecture(**change):
     return lambda m: {**m, "architecture": {**m["architecture"], **change}}
 
 
-def _with_train_config(**change):
-    return lambda m: {**m, "train_config": {**TrainConfig().to_dict(), **change}}
-
-
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -127,10 +122,6 @@ def _with_train_config(**change):
         (_with_architecture(class_names=[str(i) for i in range(9)] + [9]), "class_names must be null or a list of str"),
         (_with_architecture(depth=10**9), "asks for depth 1000000000"),
         (_with_architecture(heads=2), r"unknown architecture option\(s\) \['heads'\]"),
-        (_with_train_config(lr="0.001"), "train_config.*lr must be float"),
-        (_with_train_config(flip=None), "train_config.*flip must be bool"),
-        (_with_train_config(model_options={"num_classes": 3}), "train_config.*model_options may not set num_classes"),
-        (_with_train_config(learning_rate=0.1), r"train_config.*unknown training option\(s\) \['learning_rate'\]"),
     ],
 )
 def test_hand_edited_metadata_is_refused_naming_the_field(tmp_path, change, message):

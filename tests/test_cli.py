@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bcosvit.cli import main, unique_labels
+from bcosvit.app.cli import main, unique_labels
 
 SUBSET = str(Path(__file__).parent / "data" / "fashion-mnist")
 
@@ -78,7 +78,7 @@ def test_train_rejects_bad_options_before_any_work(tmp_path, monkeypatch, capsys
     def reached(*args, **kwargs):
         raise AssertionError("training started its work despite an invalid setting")
 
-    monkeypatch.setattr("bcosvit.train.loop._build_data", reached)
+    monkeypatch.setattr("bcosvit.app.training.loop._build_data", reached)
     code = main(["train", "--preset", "fmnist-demo", "--data-dir", SUBSET, "--out", str(tmp_path / "run"), *options])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("bcosvit train: error: ") and message in err and "Traceback" not in err
@@ -88,7 +88,7 @@ def test_explain_refuses_an_existing_file_as_out_before_reading_images(tmp_path,
     def reached(*args, **kwargs):
         raise AssertionError("explain read the images despite an unusable --out")
 
-    monkeypatch.setattr("bcosvit.explain_files.load_image", reached)
+    monkeypatch.setattr("bcosvit.app.explain_files.load_image", reached)
     taken = tmp_path / "taken"
     taken.write_text("keep me")
     assert main(["explain", str(tmp_path / "image.png"), "--out", str(taken)]) == 2

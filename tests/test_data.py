@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from bcosvit.data import build_transforms, load_cifar10, load_dataset, load_fashion_mnist, load_image_folder, read_idx
+from bcosvit.app.data import (
+    build_transforms,
+    load_cifar10,
+    load_dataset,
+    load_fashion_mnist,
+    load_image_folder,
+    read_idx,
+)
 from bcosvit.errors import DataError
 
 SUBSET = Path(__file__).parent / "data" / "fashion-mnist"

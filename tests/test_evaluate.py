@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from bcosvit import create_model
+from bcosvit.app.cli import main
+from bcosvit.app.data import FASHION_MNIST_CLASSES
+from bcosvit.app.evaluation import EvalConfig, baseline_value, evaluate_models
 from bcosvit.checkpoint import save_weights
-from bcosvit.cli import main
-from bcosvit.data import FASHION_MNIST_CLASSES
 from bcosvit.errors import ConfigError
-from bcosvit.evaluate import EvalConfig, baseline_value, evaluate_models
 
 from .browser import check_page
 
@@ -118,7 +118,7 @@ def test_grids_with_more_cells_than_classes_are_rejected_before_any_work(tmp_pat
     ):
         EvalConfig(grids=(2, 4)).validate(num_classes=10)
     EvalConfig(grids=(2, 3)).validate(num_classes=10)
-    _fail_if_reached(monkeypatch, "bcosvit.evaluate.evaluate_model")
+    _fail_if_reached(monkeypatch, "bcosvit.app.evaluation.evaluate_model")
     assert _evaluate(tmp_path, "--grid-sizes", "2", "4", "--test-subset", "8") == 2
     assert "a 4x4 grid (--grid-sizes) needs 16 distinct classes" in capsys.readouterr().err
 
@@ -161,7 +161,7 @@ def _evaluate(tmp_path, *options):
     ],
 )
 def test_evaluate_rejects_bad_options_before_loading_data(tmp_path, monkeypatch, capsys, options, message):
-    _fail_if_reached(monkeypatch, "bcosvit.data.load_dataset", "bcosvit.evaluate.evaluate_models")
+    _fail_if_reached(monkeypatch, "bcosvit.app.data.load_dataset", "bcosvit.app.evaluation.evaluate_models")
     assert _evaluate(tmp_path, *options) == 2
     err = capsys.readouterr().err
     assert err.startswith("bcosvit evaluate: error: ") and message in err and "Traceback" not in err
@@ -169,7 +169,7 @@ def test_evaluate_rejects_bad_options_before_loading_data(tmp_path, monkeypatch,
 
 @pytest.mark.parametrize("where", ["existing file", "under /proc", "parent is a file"])
 def test_evaluate_refuses_an_unwritable_out_before_any_work(tmp_path, monkeypatch, capsys, where):
-    _fail_if_reached(monkeypatch, "bcosvit.data.load_dataset", "bcosvit.evaluate.evaluate_model")
+    _fail_if_reached(monkeypatch, "bcosvit.app.data.load_dataset", "bcosvit.app.evaluation.evaluate_model")
     (tmp_path / "file").write_text("not a folder")
     out = {
         "existing file": tmp_path / "file",
@@ -195,7 +195,7 @@ def _tiny_checkpoint(path: Path, num_classes: int = 10, train_config: dict | Non
 
 
 def test_a_model_for_other_classes_is_refused_saying_which_data_fits(tmp_path, monkeypatch, capsys):
-    _fail_if_reached(monkeypatch, "bcosvit.evaluate.evaluate_models")
+    _fail_if_reached(monkeypatch, "bcosvit.app.evaluation.evaluate_models")
     weights = _tiny_checkpoint(
         tmp_path / "run20" / "model.safetensors", 20, {"dataset": "folder", "data_dir": "/data/shapes"}
     )
@@ -214,7 +214,7 @@ def test_models_with_the_same_file_or_folder_name_are_all_evaluated_under_distin
     def record(models, images, labels, out, config, dataset="", log=print, sources=None):
         seen.update(models=models, sources=sources)
 
-    monkeypatch.setattr("bcosvit.evaluate.evaluate_models", record)
+    monkeypatch.setattr("bcosvit.app.evaluation.evaluate_models", record)
     files = [_tiny_checkpoint(tmp_path / folder / "model.safetensors") for folder in ("a", "b")]
     runs = [_tiny_checkpoint(tmp_path / parent / "run" / "model.safetensors").parent for parent in ("x", "y")]
     checkpoints = [str(p) for p in files + runs]

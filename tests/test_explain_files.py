@@ -15,10 +15,10 @@ from PIL import Image
 
 import bcosvit
 from bcosvit import InputError
+from bcosvit.app.cli import main
+from bcosvit.app.data import load_fashion_mnist
+from bcosvit.app.imageio import load_image
 from bcosvit.checkpoint import save_weights
-from bcosvit.cli import main
-from bcosvit.data import load_fashion_mnist
-from bcosvit.imageio import load_image
 
 SUBSET = "tests/data/fashion-mnist"
 
@@ -162,7 +162,7 @@ def test_explanation_of_a_file_is_complete(run, files):
 
 
 def test_explain_shows_a_file_name_with_dollar_signs_literally(run, files, tmp_path, monkeypatch, capsys):
-    from bcosvit import explain_files as module
+    from bcosvit.app import explain_files as module
 
     titles = []
 
@@ -320,7 +320,7 @@ def test_shipped_model_sees_transparent_cut_outs_as_the_fashion_mnist_images_the
 
 
 def test_figure_names_step_over_symlink_loops_in_the_inputs_and_the_out_folder(tmp_path):
-    from bcosvit.explain_files import figure_paths
+    from bcosvit.app.explain_files import figure_paths
 
     (tmp_path / "x.explained.png").symlink_to("x.explained.png")  # a link to itself
     (tmp_path / "loop.png").symlink_to("loop.png")

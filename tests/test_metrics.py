@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 import bcosvit
 from bcosvit import metrics
-from bcosvit.data import load_fashion_mnist
+from bcosvit.app.data import load_fashion_mnist
 from bcosvit.errors import ConfigError, InputError
 
 DATA = Path(__file__).parent / "data" / "fashion-mnist"

@@ -27,16 +27,30 @@ def test_every_bcosvit_name_the_readme_uses_resolves_after_a_plain_import():
     assert len(result.stdout.splitlines()) == len(names)
 
 
-def test_the_explain_function_and_the_explain_module_both_stay_reachable():
-    code = (
-        "import bcosvit\n"
-        "from bcosvit.explain import Explanation, normalize_target\n"
-        "import bcosvit.explain\n"
-        "assert callable(bcosvit.explain) and bcosvit.explain.__name__ == 'explain'\n"
-        "assert bcosvit.Explanation is Explanation\n"
-    )
+def test_no_module_is_shadowed_by_a_function_of_the_same_name():
+    package = Path(bcosvit.__file__).parent
+    modules = {p.stem for p in package.rglob("*.py")} | {p.name for p in package.rglob("*") if p.is_dir()}
+    shadowed = sorted(name for name in bcosvit.__all__ if name in modules)
+    assert not shadowed, shadowed
+    assert callable(bcosvit.explain) and bcosvit.Explanation.__module__ == "bcosvit.explanation"
+
+
+def test_the_library_never_imports_the_application():
+    package = Path(bcosvit.__file__).parent
+    library = [p for p in package.rglob("*.py") if "app" not in p.relative_to(package).parts]
+    offenders = [
+        f"{p.relative_to(package)}: {line.strip()}"
+        for p in library
+        for line in p.read_text().splitlines()
+        if re.match(r"\s*(from|import)\s+(\.+app\b|bcosvit\.app\b)", line)
+    ]
+    assert len(library) > 10 and not offenders, offenders
+
+
+def test_importing_the_library_loads_no_application_module():
+    code = "import sys, bcosvit\nprint(sorted(m for m in sys.modules if m.startswith('bcosvit.app')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
 def test_load_model_is_exported():

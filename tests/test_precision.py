@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from bcosvit import precision
-from bcosvit.precision import resolve_precision
-from bcosvit.train import PRESETS, TrainConfig, train
-from bcosvit.train import loop as train_loop
+from bcosvit.app import precision
+from bcosvit.app.precision import resolve_precision
+from bcosvit.app.training import PRESETS, TrainConfig, train
+from bcosvit.app.training import loop as train_loop
 
 from .test_train import tiny_config
 

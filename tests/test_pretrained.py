@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import bcosvit
-from bcosvit.data import load_fashion_mnist
-from bcosvit.evaluate import topk_accuracy
+from bcosvit.app.data import load_fashion_mnist
+from bcosvit.app.evaluation import topk_accuracy
 
 SHIPPED = ("bcos_vitc_micro_28", "vitc_micro_28")
 

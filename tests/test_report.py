@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from bcosvit.report import Section, Table, render_html, write_report
+from bcosvit.app.report import Section, Table, render_html, write_report
 from bcosvit.visualize import save_png
 
 from .browser import check_page

@@ -13,11 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from bcosvit import ConfigError, create_model
-from bcosvit.checkpoint import load_model
-from bcosvit.errors import CheckpointError
-from bcosvit.train import TrainConfig, get_preset, train
-from bcosvit.train.loop import _Trainer
-from bcosvit.train.recipe import (
+from bcosvit.app.training import TrainConfig, get_preset, train
+from bcosvit.app.training.loop import _Trainer
+from bcosvit.app.training.recipe import (
     adaptive_clip_grad_,
     bce_uniform_off_labels,
     energy_loss,
@@ -25,6 +23,8 @@ from bcosvit.train.recipe import (
     mosaic_targets,
     warmup_cosine,
 )
+from bcosvit.checkpoint import load_model
+from bcosvit.errors import CheckpointError
 
 SUBSET = str(Path(__file__).parent / "data" / "fashion-mnist")
 REPO = Path(__file__).resolve().parents[1]
@@ -73,8 +73,8 @@ def test_run_folder_holds_weights_metadata_metrics_and_plot(tmp_path):
 def test_explanation_figure_of_a_run_shows_class_names_with_dollar_signs_literally(tmp_path):
     from PIL import Image
 
+    from bcosvit.app.training.main_job import write_explanation_figure
     from bcosvit.checkpoint import save_weights
-    from bcosvit.train.main_job import write_explanation_figure
 
     classes = ["a$x^2$", r"b$\foo$"]  # folder names that matplotlib would read as (broken) mathtext
     for k, name in enumerate(classes):
@@ -227,7 +227,7 @@ def test_replica_check_stops_processes_whose_weights_drifted_apart(tmp_path):
     script = tmp_path / "drift.py"
     script.write_text(
         "import torch\n"
-        "from bcosvit.train.loop import check_replicas_in_sync, setup_distributed\n"
+        "from bcosvit.app.training.loop import check_replicas_in_sync, setup_distributed\n"
         "rt = setup_distributed()\n"
         "torch.manual_seed(0)\n"
         "model = torch.nn.Linear(4, 3)\n"
@@ -431,7 +431,7 @@ def _fail_if_data_is_built(monkeypatch):
     def reached(*args, **kwargs):
         raise AssertionError("training started its work despite an invalid setting")
 
-    monkeypatch.setattr("bcosvit.train.loop._build_data", reached)
+    monkeypatch.setattr("bcosvit.app.training.loop._build_data", reached)
 
 
 @pytest.mark.parametrize("where", ["existing file", "under /proc", "parent is a file"])

@@ -1,9 +1,14 @@
 """bcosvit: holistically explainable B-cos Vision Transformers.
 
-The sub-modules that pull in heavier libraries (``attribution``: Captum; ``visualize``, ``report``:
-matplotlib; ``train``, ``data``, ``metrics``, ...) are imported on first use, so ``import bcosvit``
-stays light while ``bcosvit.attribution.attribute(...)`` works without importing the module first.
-``bcosvit.explain`` is the function; its module is ``from bcosvit.explain import ...``.
+The library is everything under ``bcosvit`` except ``bcosvit.app``: ``layers``, ``models``,
+``explanation`` (``explain``, ``explain_unit``, ``token_contributions``), ``attribution``,
+``metrics``, ``visualize`` and ``checkpoint`` (weights files). ``bcosvit.app`` is the application
+built on it: the command line, the training loop and its recipes, the evaluation protocol, the
+report, datasets and image files. The library never imports the application.
+
+The sub-modules that pull in heavier libraries (``attribution``: Captum; ``visualize``: matplotlib;
+``metrics``, ``app``) are imported on first use, so ``import bcosvit`` stays light while
+``bcosvit.attribution.attribute(...)`` works without importing the module first.
 """
 
 import importlib
@@ -11,7 +16,7 @@ from types import ModuleType
 
 from .checkpoint import load_model
 from .errors import BcosVitError, CheckpointError, ConfigError, DataError, InputError
-from .explain import Explanation, explain, explain_unit, token_contributions
+from .explanation import Explanation, explain, explain_unit, token_contributions
 from .layers import explanation_mode
 from .models import VisionTransformer, ViTConfig, create_model, list_models, list_pretrained
 
@@ -36,7 +41,7 @@ __all__ = [
     "token_contributions",
 ]
 
-_LAZY_SUBMODULES = frozenset({"attribution", "data", "evaluate", "imageio", "metrics", "report", "train", "visualize"})
+_LAZY_SUBMODULES = frozenset({"app", "attribution", "metrics", "visualize"})
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -56,7 +56,7 @@ from captum.attr import InputXGradient, IntegratedGradients, Saliency
 from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
-from .explain import (
+from .explanation import (
     BaselineLike,
     ImagesLike,
     TargetLike,

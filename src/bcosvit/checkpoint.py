@@ -42,7 +42,7 @@ METADATA_FIELDS: dict[str, type] = {
     "metrics": dict,
     "ema": bool,
     "precision": str,
-    "train_config": dict,
+    "train_config": dict,  # the application's record of the run; bcosvit.app validates it where it reads it
     "shipped_from": str,
 }
 
@@ -122,18 +122,6 @@ def check_metadata(meta: Any, path: Path) -> None:
     metrics = meta.get("metrics", {})
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()):
         raise CheckpointError(f"metadata file {path}: 'metrics' must map names to numbers, got {metrics!r:.80}")
-    _check_train_config(meta.get("train_config"), path)
-
-
-def _check_train_config(stored: dict | None, path: Path) -> None:
-    from .train.config import TrainConfig  # a module-level import would be circular (train imports checkpoint)
-
-    if stored is None:
-        return
-    try:
-        TrainConfig.from_dict(stored)
-    except ConfigError as exc:
-        raise CheckpointError(f"metadata file {path}: invalid 'train_config': {exc}") from exc
 
 
 def resolve_weights(path: str | Path) -> Path:

@@ -39,7 +39,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .errors import ConfigError, InputError
-from .explain import Explanation
+from .explanation import Explanation
 from .fileio import atomic_write
 
 ArrayLike = np.ndarray | torch.Tensor

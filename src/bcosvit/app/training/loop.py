@@ -25,13 +25,13 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from ..checkpoint import load_state_dict, save_weights
+from ...checkpoint import load_state_dict, save_weights
+from ...errors import CheckpointError, ConfigError
+from ...explanation import explain
+from ...fileio import atomic_write, ensure_writable_dir, remove_stale_temporaries
+from ...models.registry import create_model
+from ...models.vit import VisionTransformer
 from ..data import load_dataset
-from ..errors import CheckpointError, ConfigError
-from ..explain import explain
-from ..fileio import atomic_write, ensure_writable_dir, remove_stale_temporaries
-from ..models.registry import create_model
-from ..models.vit import VisionTransformer
 from ..precision import autocast, compile_available, resolve_precision
 from .config import TrainConfig
 from .recipe import (

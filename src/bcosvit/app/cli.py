@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import BcosVitError
+from ..errors import BcosVitError
 
 
 def _count(name: str) -> tuple[int, object]:
-    from .models import create_model
+    from ..models import create_model
 
     with torch.device("meta"):
         model = create_model(name)
@@ -22,7 +22,7 @@ def _count(name: str) -> tuple[int, object]:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import list_models, list_pretrained
+    from ..models import list_models, list_pretrained
 
     pretrained = set(list_pretrained())
     names = list_models(args.pattern)
@@ -49,8 +49,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train.config import PRESETS, config_from_args
-    from .train.main_job import run_training
+    from .training.config import PRESETS, config_from_args
+    from .training.main_job import run_training
 
     if args.list_presets:
         for name, preset in sorted(PRESETS.items()):
@@ -98,9 +98,9 @@ def load_cli_models(checkpoints: list[str], names: list[str], shipped_prefix: st
     """Models from ``--checkpoint`` paths (run folders or weights files) and ``--model`` names
     (shipped weights), keyed by a distinct label (``cli_model_sources``); with neither, every shipped
     model whose name starts with ``shipped_prefix``."""
-    from .checkpoint import load_model
-    from .errors import ConfigError
-    from .models import create_model, list_pretrained
+    from ..checkpoint import load_model
+    from ..errors import ConfigError
+    from ..models import create_model, list_pretrained
 
     sources = cli_model_sources(checkpoints, names)
     loaders = [load_model] * len(checkpoints) + [partial(create_model, pretrained=True)] * len(names)
@@ -133,17 +133,23 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def _trained_with(source: str) -> str:
     """The ``--dataset``/``--data-dir`` options the model at ``source`` (checkpoint path or shipped
     name) was trained with, from its metadata; "" when the metadata does not say."""
-    from .checkpoint import read_metadata
-    from .models import list_pretrained
-    from .models.registry import weights_dir
+    from ..checkpoint import read_metadata
+    from ..models import list_pretrained
+    from ..models.registry import weights_dir
+    from .training.config import TrainConfig
 
     path = weights_dir() / f"{source}.safetensors" if source in list_pretrained() else source
     try:
-        train_config = read_metadata(path).get("train_config") or {}
+        stored = read_metadata(path).get("train_config")
+        train_config = TrainConfig.from_dict(stored) if stored else None
     except BcosVitError:
         return ""
+    if train_config is None:
+        return ""
     options = [
-        f"--{key.replace('_', '-')} {train_config[key]}" for key in ("dataset", "data_dir") if train_config.get(key)
+        f"--{key.replace('_', '-')} {getattr(train_config, key)}"
+        for key in ("dataset", "data_dir")
+        if getattr(train_config, key)
     ]
     return " ".join(options)
 
@@ -151,8 +157,8 @@ def _trained_with(source: str) -> str:
 def check_models_fit_dataset(models: dict, sources: dict[str, str], spec, args: argparse.Namespace) -> None:
     """Raise ``ConfigError`` for the first model that does not fit the dataset (classes, channels, size),
     saying which ``--dataset``/``--data-dir`` it was trained with."""
-    from .errors import ConfigError
-    from .evaluate import dataset_mismatch
+    from ..errors import ConfigError
+    from .evaluation import dataset_mismatch
 
     for label, model in models.items():
         problem = dataset_mismatch(model, spec)
@@ -164,10 +170,10 @@ def check_models_fit_dataset(models: dict, sources: dict[str, str], spec, args: 
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..errors import DataError
+    from ..fileio import ensure_writable_dir
     from .data import load_dataset
-    from .errors import DataError
-    from .evaluate import EvalConfig, evaluate_models
-    from .fileio import ensure_writable_dir
+    from .evaluation import EvalConfig, evaluate_models
 
     config = EvalConfig(
         grids=tuple(args.grid_sizes),
@@ -200,7 +206,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train.config import add_override_arguments
+    from .training.config import add_override_arguments
 
     parser = argparse.ArgumentParser(prog="bcosvit", description="Holistically explainable B-cos Vision Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -250,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_explain)
 
-    from .attribution import METHODS
+    from ..attribution import METHODS
     from .data import DATASETS
 
     p = sub.add_parser(

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..metrics import positive_mass_per_cell
+from ...metrics import positive_mass_per_cell
 
 
 def bce_uniform_off_labels(logits: Tensor, targets: Tensor) -> Tensor:

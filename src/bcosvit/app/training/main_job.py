@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_model
+from ...checkpoint import load_model
 from ..data import load_dataset
 from .config import TrainConfig
 from .loop import is_main_process, train
@@ -29,8 +29,8 @@ def one_image_per_class(dataset, num_classes: int) -> tuple[torch.Tensor, torch.
 def write_explanation_figure(run: Path, config: TrainConfig) -> Path | None:
     """Explain one test image per class with the trained B-cos model (top-2 classes each) and
     save ``explanations.png`` in the run folder. Returns None for standard models."""
-    from .. import explain
-    from ..visualize import explanation_figure, save_figure
+    from ... import explain
+    from ...visualize import explanation_figure, save_figure
 
     model = load_model(run)
     if not model.is_bcos:

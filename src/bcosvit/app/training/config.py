@@ -10,10 +10,10 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 
+from ...errors import ConfigError
+from ...models.registry import list_models, model_config
+from ...models.vit import ViTConfig
 from ..data import DATASETS
-from ..errors import ConfigError
-from ..models.registry import list_models, model_config
-from ..models.vit import ViTConfig
 from ..precision import PRECISIONS
 
 

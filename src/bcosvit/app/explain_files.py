@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .errors import ConfigError, InputError
-from .explain import explain, resolve_target
-from .fileio import ensure_writable_dir
+from ..errors import ConfigError, InputError
+from ..explanation import explain, resolve_target
+from ..fileio import ensure_writable_dir
+from ..models.vit import VisionTransformer
+from ..visualize import FIGURE_SOFTWARE, explanation_figure, literal_text, save_figure
 from .imageio import LoadedImage, background_rgb, load_image, open_regular_file
-from .models.vit import VisionTransformer
-from .visualize import FIGURE_SOFTWARE, explanation_figure, literal_text, save_figure
 
 FIGURE_SUFFIX = ".explained.png"
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .fileio import atomic_write
+from ..fileio import atomic_write
 
 
 @dataclass

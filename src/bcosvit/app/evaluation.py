@@ -35,12 +35,11 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .attribution import METHODS, attribute
-from .data import DataSpec
-from .errors import ConfigError
-from .explain import explain
-from .fileio import ensure_writable_dir, write_json
-from .metrics import (
+from ..attribution import METHODS, attribute
+from ..errors import ConfigError
+from ..explanation import explain
+from ..fileio import ensure_writable_dir, write_json
+from ..metrics import (
     completeness_stats,
     compute_attributions,
     confident_images_by_class,
@@ -49,9 +48,10 @@ from .metrics import (
     make_grids,
     predict_logits,
 )
-from .models.vit import VisionTransformer
+from ..models.vit import VisionTransformer
+from ..visualize import contribution_map, save_figure, to_display_image
+from .data import DataSpec
 from .report import Section, Table, write_report
-from .visualize import contribution_map, save_figure, to_display_image
 
 POST_HOC = tuple(m for m in METHODS if m != "bcos")
 # Methods with a reference image (their ``baseline`` option), and its default: their curves are
