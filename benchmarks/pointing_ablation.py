@@ -9,7 +9,8 @@ Reproduce (from the repository root)::
 Rows per model (2x2 and 3x3 grids of Fashion-MNIST test images, ``--num-grids`` each, seed 0):
 
 - ``as is``: the exact explanation, as ``bcosvit evaluate`` scores it;
-- ``smoothed k``: average-pooled over k x k pixels before the positive part is taken (SPEC §2.8);
+- ``smoothed k``: average-pooled over k x k pixels before the positive part is taken
+  (docs/design.md#grid-pointing-game);
 - ``per-cell stem norm``: the conv stem's LayerNorm over (C, H, W) takes its statistics per grid
   cell, so the stem sees each cell as it saw single images in training;
 - ``block-diagonal attention``: tokens attend only to tokens of their own cell (and the stem norm

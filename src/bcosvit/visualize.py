@@ -1,4 +1,4 @@
-"""Pictures of B-cos explanations: colour explanations (SPEC §2.7), contribution maps, figures.
+"""Pictures of B-cos explanations: colour explanations, contribution maps, figures.
 
 Everything here is a plain function on numpy arrays or torch tensors (tensors are detached and
 moved to the CPU; nothing is differentiated). Figures are ``matplotlib.figure.Figure`` objects on
@@ -150,7 +150,7 @@ def _robust_scale(values: np.ndarray, percentile: float) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# colour explanations (SPEC §2.7)
+# colour explanations (docs/design.md#colour-explanation)
 
 
 def _colour_one(weights: np.ndarray, inputs: np.ndarray, smooth: int, percentile: float) -> np.ndarray:
@@ -184,7 +184,7 @@ def colour_explanation(
     smooth: int = 1,
     percentile: float = 99.5,
 ) -> np.ndarray:
-    """The colour explanation image of SPEC §2.7.
+    """The colour explanation image (docs/design.md#colour-explanation).
 
     Steps (per image):
         1. contribution map ``m = sum_channels inputs * weights``;

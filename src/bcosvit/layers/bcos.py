@@ -1,4 +1,4 @@
-"""B-cos linear and convolution layers (SPEC §2.1).
+"""B-cos linear and convolution layers (docs/design.md#b-cos-transform).
 
     B-cos(x; w) = |cos(x, ŵ)|^(B-1) · (ŵᵀx),   ŵ = w / ||w||,   cos(x, ŵ) = ŵᵀx / ||x||
 

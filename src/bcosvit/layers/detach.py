@@ -2,7 +2,7 @@
 
 In explanation mode a layer computes the same forward value, but the input-dependent factors of
 its weight matrix ``W(x)`` are treated as constants, so the input gradient of any output is the
-row of the dynamic linear map ``W(x)`` (SPEC §2.2).
+row of the dynamic linear map ``W(x)`` (docs/design.md#explanation-mode).
 """
 
 from __future__ import annotations

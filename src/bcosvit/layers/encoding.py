@@ -33,7 +33,7 @@ class Normalize(nn.Module):
 
 
 class LogitBias(nn.Module):
-    """Adds the fixed logit bias ``log(1 / (C - 1))`` for ``C`` classes (SPEC §2.5)."""
+    """Adds the fixed logit bias ``log(1 / (C - 1))`` for ``C`` classes (docs/design.md#head-and-loss)."""
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()

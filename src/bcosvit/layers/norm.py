@@ -1,4 +1,4 @@
-"""Bias-free LayerNorms whose divisor detaches in explanation mode (SPEC §2.2).
+"""Bias-free LayerNorms whose divisor detaches in explanation mode (docs/design.md#explanation-mode).
 
 Mean subtraction is linear and stays live; the standard deviation is the dynamic factor.
 Outside explanation mode the fused ``F.layer_norm`` / ``F.group_norm`` kernels compute the

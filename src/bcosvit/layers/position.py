@@ -2,9 +2,9 @@
 distance penalty on attention scores.
 
 Additive embeddings are added to the tokens after tokenisation; an explanation reports their
-contribution as the positional term (SPEC §2.3). Rotary embeddings act on the (detached) queries
-and keys only, and the distance penalty on the (detached) attention scores, so neither leaves a
-positional term.
+contribution as the positional term (docs/design.md#completeness). Rotary embeddings act on the
+(detached) queries and keys only, and the distance penalty on the (detached) attention scores, so
+neither leaves a positional term.
 """
 
 from __future__ import annotations

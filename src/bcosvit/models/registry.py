@@ -84,7 +84,7 @@ def create_model(name: str, pretrained: bool = False, num_classes: int | None = 
     return load_pretrained(name, num_classes=num_classes, **overrides)
 
 
-# --- Published ImageNet architectures (SPEC §2.6) -----------------------------------------
+# --- Published ImageNet architectures (docs/design.md#published-architectures) --------------------
 _VITC_SMALL_STEM = dict(stem_channels=[24, 48, 96, 192], stem_strides=[2, 2, 2, 2])
 _VITC_LARGE_STEM = dict(stem_channels=[64, 128, 128, 256, 256, 512], stem_strides=[2, 2, 1, 2, 1, 2])
 
