@@ -246,7 +246,8 @@ def log(message: str) -> None:
 
 
 def default_precisions() -> list[str]:
-    """fp32, and bf16 autocast only where the CPU computes bf16 natively (emulated, it is ~15x slower)."""
+    """fp32, and bf16 autocast only where the CPU computes bf16 natively (emulated, it is far slower than fp32:
+    docs/results.md, "The main job")."""
     return ["fp32", "bf16"] if native_bf16(CPU) else ["fp32"]
 
 

@@ -1,4 +1,4 @@
-"""The ``bcosvit`` command: ``models``, ``train`` (``explain`` and ``evaluate`` come with later work)."""
+"""The ``bcosvit`` command: ``models``, ``train``, ``explain`` and ``evaluate`` (``--help`` on each)."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 bf16 autocast pays off only where the hardware computes in bfloat16: CUDA devices with bf16 support,
 and CPUs with AVX512-BF16 or AMX. Elsewhere (e.g. a CPU with AVX2 only) every bf16 matrix product is
-emulated, and a training step of the Fashion-MNIST demo model ran 15× slower under bf16 autocast
-than in float32 (13 against 201 images/s on a 2-core AVX2 machine): ``"auto"`` picks float32 there.
+emulated, so a training step runs far slower under bf16 autocast than in float32 (measured with
+``benchmarks/precision.py``, docs/results.md, "The main job"): ``"auto"`` picks float32 there.
 """
 
 from __future__ import annotations
