@@ -15,7 +15,7 @@ from bcosvit.errors import ConfigError
 
 from .browser import check_page
 
-SUBSET = "tests/data/fashion-mnist"
+SUBSET = str(Path(__file__).parent / "data" / "fashion-mnist")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from bcosvit.app.data import load_fashion_mnist
 from bcosvit.app.imageio import load_image
 from bcosvit.checkpoint import save_weights
 
-SUBSET = "tests/data/fashion-mnist"
+SUBSET = str(Path(__file__).parent / "data" / "fashion-mnist")
 
 
 @pytest.fixture

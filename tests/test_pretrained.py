@@ -1,5 +1,7 @@
 """The weights shipped inside the package load offline and keep their accuracy on real data."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ SHIPPED = ("bcos_vitc_micro_28", "vitc_micro_28")
 
 @pytest.fixture(scope="module")
 def test_subset():
-    ds = load_fashion_mnist("test", "tests/data/fashion-mnist")  # the first 1000 real test images
+    ds = load_fashion_mnist("test", Path(__file__).parent / "data" / "fashion-mnist")  # the first 1000 real test images
     return ds.images.float() / 255, ds.labels
 
 
