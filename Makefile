@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install data browser test lint bench demo ship
+.PHONY: install data browser test test-fast lint bench demo ship
 
 install: $(STAMP)
 
@@ -34,7 +34,11 @@ browser:
 		echo "Chromium is missing: run 'sudo apt-get install chromium'"; exit 1; \
 	fi
 
+# Every test (CI runs this); test-fast skips the ones marked slow, browser or ddp (see tests/conftest.py).
 test: install browser
+	$(PY) -m pytest --all
+
+test-fast: install
 	$(PY) -m pytest
 
 lint: install

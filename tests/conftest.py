@@ -1,4 +1,14 @@
-"""Shared fixtures: deterministic seeds and a builder for float64 models."""
+"""Shared fixtures (deterministic seeds, a builder for float64 models) and the opt-in markers.
+
+Tests by speed: a plain ``pytest`` runs the quick tests, which need nothing beyond the Python
+packages, and deselects three kinds of test, each marked and registered in pyproject.toml:
+``slow`` (training and evaluation runs, published-size models, the command line in a new
+interpreter), ``browser`` (the HTML report in headless Chromium; needs Debian's ``chromium``) and
+``ddp`` (two processes started with ``torchrun``). ``pytest --all`` runs every test (``make test``
+and CI do); ``pytest -m slow`` (or any ``-m`` expression) picks by marker instead, and tests named
+by node id (``file.py::test``) always run. Mark a new test ``slow`` when it takes more than a few
+seconds on two cores; docs/results.md ("Test suite") has the timings behind the split.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +17,28 @@ import torch
 
 import bcosvit
 
+OPT_IN_MARKERS = ("slow", "browser", "ddp")
+
 # The suite runs tiny tensors: intra-op threads only add overhead, and on a shared 2-core machine
-# oversubscribed OpenMP threads made a small B-cos training step ~100x slower (4 s instead of 40 ms).
+# oversubscribed OpenMP threads made small training steps many times slower (docs/results.md, "Test suite").
 torch.set_num_threads(1)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--all", action="store_true", help=f"also run the tests marked {', '.join(OPT_IN_MARKERS)} (make test)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the opt-in tests unless ``--all``, a ``-m`` expression or node ids were given."""
+    if config.getoption("--all") or config.option.markexpr or any("::" in arg for arg in config.args):
+        return
+    opt_in = [item for item in items if any(item.get_closest_marker(name) for name in OPT_IN_MARKERS)]
+    if opt_in:
+        config.hook.pytest_deselected(items=opt_in)
+        chosen = set(opt_in)
+        items[:] = [item for item in items if item not in chosen]
 
 
 @pytest.fixture(autouse=True)

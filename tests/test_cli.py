@@ -26,6 +26,7 @@ def test_models_filter_and_empty_result(capsys):
     assert main(["models", "resnet*"]) == 1
 
 
+@pytest.mark.slow
 def test_bad_training_value_gives_a_one_line_error_not_a_traceback():
     result = subprocess.run(
         [sys.executable, "-m", "bcosvit", "train", "--preset", "fmnist-demo", "--epochs", "0", "--data-dir", SUBSET],
@@ -37,6 +38,7 @@ def test_bad_training_value_gives_a_one_line_error_not_a_traceback():
     assert "error: epochs must be >= 1" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_missing_dataset_gives_install_instructions(tmp_path):
     result = subprocess.run(
         [

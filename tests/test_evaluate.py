@@ -45,6 +45,7 @@ def evaluation(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_evaluation_writes_metrics_for_every_method_and_model(evaluation):
     metrics = json.loads((evaluation / "metrics.json").read_text())
     models = {m["name"]: m for m in metrics["models"]}
@@ -64,6 +65,7 @@ def test_evaluation_writes_metrics_for_every_method_and_model(evaluation):
     assert all(model["source"] == name for name, model in models.items())  # --model names: the name
 
 
+@pytest.mark.slow
 def test_methods_with_a_reference_are_also_measured_relative_to_each_baseline(evaluation):
     models = {m["name"]: m for m in json.loads((evaluation / "metrics.json").read_text())["models"]}
     for model in models.values():
@@ -81,6 +83,8 @@ def test_methods_with_a_reference_are_also_measured_relative_to_each_baseline(ev
     assert "bcos relative to the baseline" in html and "integrated_gradients relative to the baseline" in html
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_report_renders_with_every_figure_and_no_console_errors(evaluation):
     names = {"examples.png", "grid_examples.png", "localisation.png", "deletion.png", "insertion.png"}
     assert names <= {p.name for p in evaluation.iterdir()}

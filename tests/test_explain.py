@@ -33,7 +33,9 @@ def _assert_complete(model, x, e, rel=1e-10):
 # --- Completeness ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", BCOS_MODELS)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if "base" in n or "large" in n else n for n in BCOS_MODELS]
+)
 def test_every_registered_bcos_model_is_complete_in_float64(build, images, name):
     patch = model_config(name).patch_size
     model = build(name, image_size=2 * patch)  # published depth and width, 2×2 tokens

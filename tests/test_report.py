@@ -22,6 +22,7 @@ def test_report_embeds_figures_and_tables_without_external_resources(tmp_path, f
     assert "0.123" in page and "x&amp;y" in page and "text &lt;b&gt;" in page
 
 
+@pytest.mark.browser
 def test_report_renders_in_headless_chromium_with_all_images_and_no_console_errors(tmp_path, figures):
     path = write_report(
         tmp_path / "report.html", "Report", [Section("Figures", tables=[Table(["k"], [[1]])], figures=figures)]
@@ -32,6 +33,7 @@ def test_report_renders_in_headless_chromium_with_all_images_and_no_console_erro
     assert check.screenshot.stat().st_size > 5000
 
 
+@pytest.mark.browser
 def test_browser_check_catches_missing_images_and_script_errors(tmp_path, figures):
     page = render_html("Broken", [Section("S", figures=figures)])
     page = page.replace("data:image/png;base64,", "missing-file.png#", 1).replace(

@@ -87,6 +87,7 @@ def test_explanation_figure_of_a_run_shows_class_names_with_dollar_signs_literal
     assert figure == tmp_path / "run" / "explanations.png" and figure.is_file()
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
     config = tiny_config(epochs=3, randaugment=3)
     train(config, tmp_path / "straight", progress=False)
@@ -145,6 +146,7 @@ def test_resume_refuses_a_state_file_with_wrong_types_naming_the_entry(tmp_path,
         train(tiny_config(), tmp_path, resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_standard_twin_trains_with_ema_mixup_and_bf16(tmp_path):
     metrics = train(
         tiny_config(model="vit_nano_patch4_28", epochs=1, ema=0.9, mixup=0.2, precision="bf16"),
@@ -157,6 +159,7 @@ def test_standard_twin_trains_with_ema_mixup_and_bf16(tmp_path):
     assert model.config.input_mean == pytest.approx([0.286])  # the dataset's statistics
 
 
+@pytest.mark.slow
 def test_bcos_training_learns_well_above_chance(tmp_path):
     metrics = train(
         tiny_config(epochs=5, train_subset=1000, test_subset=500, warmup_steps=20), tmp_path, progress=False
@@ -177,6 +180,7 @@ def torchrun_two(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.ddp
 @needs_torchrun
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
     common = [
@@ -222,6 +226,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+@pytest.mark.ddp
 @needs_torchrun
 def test_replica_check_stops_processes_whose_weights_drifted_apart(tmp_path):
     script = tmp_path / "drift.py"
@@ -247,6 +252,7 @@ def test_replica_check_stops_processes_whose_weights_drifted_apart(tmp_path):
     assert result.stdout.count("drifted: the processes' weights differ by up to 0.001 after epoch 1") == 2
 
 
+@pytest.mark.ddp
 @needs_torchrun
 def test_energy_loss_under_ddp_keeps_the_processes_in_sync(tmp_path):
     # the explanation runs through the unwrapped module; its gradient must still be all-reduced,
@@ -275,6 +281,7 @@ def test_mosaic_tiles_consecutive_images_row_major_and_sums_their_targets():
         mosaic(images[:8], targets[:8], grid=3)
 
 
+@pytest.mark.slow
 def test_mosaic_training_resumes_exactly_and_init_from_starts_from_given_weights(tmp_path):
     config = tiny_config(epochs=2, mosaic=0.5, mosaic_grid=3)
     train(config, tmp_path / "straight", progress=False)
@@ -321,6 +328,7 @@ def test_energy_loss_is_the_share_of_positive_attribution_outside_the_class_cell
     assert maps.grad[1, 2:, :2].gt(0).all() and maps.grad[1, :2, :2].lt(0).all()  # pushes evidence into the cell
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "canvases",
     [{"mosaic": 1.0, "mosaic_grid": 2}, {"energy_canvases": 4, "mosaic_grid": 3}],
