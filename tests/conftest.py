@@ -2,12 +2,13 @@
 
 Tests by speed: a plain ``pytest`` runs the quick tests, which need nothing beyond the Python
 packages, and deselects three kinds of test, each marked and registered in pyproject.toml:
-``slow`` (training and evaluation runs, published-size models, the command line in a new
-interpreter), ``browser`` (the HTML report in headless Chromium; needs Debian's ``chromium``) and
-``ddp`` (two processes started with ``torchrun``). ``pytest --all`` runs every test (``make test``
-and CI do); ``pytest -m slow`` (or any ``-m`` expression) picks by marker instead, and tests named
-by node id (``file.py::test``) always run. Mark a new test ``slow`` when it takes more than a few
-seconds on two cores; docs/results.md ("Test suite") has the timings behind the split.
+``slow`` (training and evaluation runs, published-size models, a new Python interpreter for the
+command line or an import check), ``browser`` (the HTML report in headless Chromium; needs
+Debian's ``chromium``) and ``ddp`` (two processes started with ``torchrun``). ``pytest --all``
+runs every test (``make test`` and CI do); ``pytest -m slow`` (or any ``-m`` expression) picks by
+marker instead, and tests named by node id (``file.py::test``) always run. Mark a new test
+``slow`` when it takes more than a few seconds on two cores; docs/results.md ("Test suite") has
+the timings behind the split.
 """
 
 from __future__ import annotations

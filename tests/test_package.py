@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import bcosvit
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -17,6 +19,7 @@ def _readme_names() -> list[str]:
     return sorted(set(re.findall(r"\bbcosvit(?:\.\w+)+", README.read_text())))
 
 
+@pytest.mark.slow
 def test_every_bcosvit_name_the_readme_uses_resolves_after_a_plain_import():
     names = _readme_names()
     assert "bcosvit.attribution.attribute" in names and "bcosvit.visualize" in names
@@ -50,6 +53,7 @@ def test_the_library_never_imports_the_application():
     assert len(library) > 10 and not offenders, offenders
 
 
+@pytest.mark.slow
 def test_importing_the_library_loads_no_application_module():
     code = "import sys, bcosvit\nprint(sorted(m for m in sys.modules if m.startswith('bcosvit.app')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
