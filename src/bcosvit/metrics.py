@@ -14,15 +14,14 @@ An *attribution method* is any callable ``method(model, images, target) -> maps`
 Probabilities are ``sigmoid(logit)`` for B-cos models (trained with binary cross-entropy) and the
 softmax probability for standard models; ``is_bcos=None`` reads ``model.is_bcos``. Every function
 works on whole batches (``batch_size`` bounds how many images go through the model at once; the
-defaults are the 32 that ``bcosvit evaluate`` uses) and
-puts the model in eval mode for the duration of the call, restoring its mode afterwards.
+defaults are the 32 that ``bcosvit evaluate`` uses) and runs the model in eval mode
+(``bcosvit.layers.detach.attribution_state``), restoring its state afterwards.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
+from .layers.detach import attribution_state
+from .targets import required_classes
 
 __all__ = [
     "AttributionMethod",
@@ -150,16 +151,6 @@ def _to_model(model: nn.Module, x: Tensor) -> Tensor:
     return x
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _check_images(images: Tensor) -> None:
     if not isinstance(images, Tensor) or images.ndim != 4:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
@@ -171,15 +162,6 @@ def _check_images(images: Tensor) -> None:
 def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-
-
-def _check_targets(target: Tensor | Sequence[int], n: int, what: str = "target") -> Tensor:
-    t = torch.as_tensor(target)
-    if t.is_floating_point() or t.shape != (n,):
-        raise InputError(
-            f"{what} must be {n} integer classes (one per image), got dtype {t.dtype} shape {tuple(t.shape)}"
-        )
-    return t.long().cpu()
 
 
 def _as_maps(maps: Tensor, images: Tensor) -> Tensor:
@@ -210,9 +192,9 @@ def compute_attributions(
     """
     _check_images(images)
     _check_batch_size(batch_size)
-    target = _check_targets(target, images.shape[0])
+    target = required_classes(target, images.shape[0])
     out = []
-    with _eval_mode(model):
+    with attribution_state(model, explanation=None, gradients=None):
         for start in range(0, images.shape[0], batch_size):
             x = _to_model(model, images[start : start + batch_size])
             t = target[start : start + batch_size].to(x.device)
@@ -228,7 +210,7 @@ def predict_logits(model: nn.Module, images: Tensor, batch_size: int = 32) -> Te
     """Logits ``(N, K)`` of ``model`` (in eval mode) for ``images`` ``(N, C, H, W)``, on the CPU."""
     _check_images(images)
     _check_batch_size(batch_size)
-    with _eval_mode(model):
+    with attribution_state(model, explanation=None, gradients=None):
         parts = [
             model(_to_model(model, images[start : start + batch_size])).float().cpu()
             for start in range(0, images.shape[0], batch_size)
@@ -262,7 +244,7 @@ def confident_images_by_class(
         confidences keep the lower index first), and ``confidences[k]`` ``(M_k,)`` float64.
     """
     _check_images(images)
-    labels = _check_targets(labels, images.shape[0], "labels")
+    labels = required_classes(labels, images.shape[0], "labels")
     bcos = _is_bcos(model, is_bcos)
     if logits is None:
         logits = predict_logits(model, images, batch_size)
@@ -560,7 +542,7 @@ def grid_pointing_game(
     cell_of = torch.arange(cells).repeat(g)
     targets = classes.reshape(-1)
     scores = torch.empty(g * cells, dtype=torch.float64)
-    with _eval_mode(model):
+    with attribution_state(model, explanation=None, gradients=None):
         for start in range(0, g * cells, batch_size):
             part = slice(start, start + batch_size)
             x = _to_model(model, assemble_grids(images, image_indices[grid_of[part]], grid))
@@ -703,7 +685,7 @@ def deletion_insertion(
     _check_images(images)
     _check_batch_size(batch_size)
     n, c, h, w = images.shape
-    target = _check_targets(target, n)
+    target = required_classes(target, n)
     attributions = _as_maps(torch.as_tensor(attributions), images)
     bcos = _is_bcos(model, is_bcos)
     pixels = h * w
@@ -717,7 +699,7 @@ def deletion_insertion(
     image_of, step_of = needed.nonzero(as_tuple=True)
     scores = torch.empty(n, steps + 1, dtype=torch.float64)
     probabilities = torch.empty(image_of.numel(), dtype=torch.float64)
-    with _eval_mode(model):
+    with attribution_state(model, explanation=None, gradients=None):
         constant = _to_model(model, fill.expand(1, c, h, w).contiguous())
         constant_score = target_probabilities(model(constant).expand(n, -1), target, bcos).double().cpu()
         base = constant[0]  # (C, H, W) on the model's device and dtype
