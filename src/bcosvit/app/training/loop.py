@@ -32,7 +32,7 @@ from ...fileio import atomic_write, ensure_writable_dir, remove_stale_temporarie
 from ...metrics import TopkAccuracy, topk_accuracy
 from ...models.registry import create_model
 from ...models.vit import VisionTransformer
-from ..data import load_dataset
+from ..data import evaluation_split, load_dataset
 from ..precision import autocast, compile_available, resolve_precision
 from .config import TrainConfig
 from .recipe import (
@@ -304,7 +304,7 @@ def _build_data(config: TrainConfig, rt: Runtime) -> _Data:
         config.flip,
         config.crop_padding,
     )
-    test_split = "test" if config.dataset != "folder" else "val"
+    test_split = evaluation_split(config.dataset)
     test_ds, _ = load_dataset(config.dataset, test_split, config.data_dir, config.image_size)
     train_ds, test_ds = _subset(train_ds, config.train_subset), _subset(test_ds, config.test_subset)
     sampler = DistributedSampler(
