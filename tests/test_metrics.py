@@ -1,4 +1,5 @@
-"""Metrics: grid pointing game, deletion/insertion curves, completeness statistics, confidence intervals.
+"""Metrics: grid pointing game, deletion/insertion curves, completeness statistics, confidence intervals,
+top-k accuracy, and the tiling and accuracy that training shares with them.
 
 Stub models with known logits make every expected value exact or analytic; the images are the
 committed real Fashion-MNIST subset.
@@ -14,10 +15,14 @@ import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import bcosvit
 from bcosvit import metrics
 from bcosvit.app.data import load_fashion_mnist
+from bcosvit.app.training import TrainConfig
+from bcosvit.app.training.loop import evaluate
+from bcosvit.app.training.recipe import mosaic
 from bcosvit.errors import ConfigError, InputError
 
 DATA = Path(__file__).parent / "data" / "fashion-mnist"
@@ -215,8 +220,6 @@ def test_assemble_grids_places_cells_row_major(fmnist):
 
 
 def test_tile_grids_is_the_tiling_of_the_pointing_game_and_of_training_mosaics(fmnist):
-    from bcosvit.app.training.recipe import mosaic
-
     images = fmnist[0][:11]
     tiled = metrics.tile_grids(images[:9], grid=3)
     assert tiled.shape == (1, 1, 84, 84)
@@ -526,11 +529,6 @@ def test_topk_accuracy_on_a_known_example_and_summed_over_batches():
 
 
 def test_training_evaluation_reports_the_library_topk_accuracy(fmnist, build):
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from bcosvit.app.training import TrainConfig
-    from bcosvit.app.training.loop import evaluate
-
     model = build("bcos_vit_nano_patch4_28", dtype=torch.float32, depth=1, embed_dim=16, num_heads=2)
     images, labels = fmnist[0][:70].float(), fmnist[1][:70]
     loader = DataLoader(TensorDataset(images, labels), batch_size=16)  # batches of 16, 16, 16, 16 and 6
