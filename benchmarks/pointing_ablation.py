@@ -42,7 +42,6 @@ from torch import Tensor
 import bcosvit
 from bcosvit import metrics
 from bcosvit.app.data import load_fashion_mnist
-from bcosvit.app.evaluation import accuracy_from_logits
 from bcosvit.checkpoint import load_model
 from bcosvit.errors import InputError
 from bcosvit.fileio import write_json
@@ -127,7 +126,7 @@ def _score(model, images, labels, num_grids, confident, grid: int, smooth: int =
 
 
 def _accuracy(logits: Tensor, labels: Tensor) -> float:
-    return accuracy_from_logits(logits, labels)["top1"] / 100  # a fraction, like the scores
+    return metrics.topk_accuracy(logits, labels).top1 / 100  # a fraction, like the scores
 
 
 def _fmt(value: float | None) -> str:

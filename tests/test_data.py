@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from bcosvit.app.data import (
+    DATASETS,
     build_transforms,
+    evaluation_split,
     load_cifar10,
     load_dataset,
     load_fashion_mnist,
@@ -139,6 +141,16 @@ def test_image_folder_tree_is_read(tmp_path):
     ds, spec = load_dataset("folder", "val", tmp_path, image_size=32)
     image, label = ds[0]
     assert image.shape == (3, 32, 32) and spec.classes == ["cat", "dog"] and spec.num_classes == 2
+
+
+def test_models_are_tested_on_the_test_split_or_on_a_folder_tree_s_val_split(tmp_path):
+    assert {name: evaluation_split(name) for name in DATASETS} == {
+        "fashion-mnist": "test",
+        "cifar10": "test",
+        "folder": "val",
+    }
+    ds, _ = load_dataset("fashion-mnist", evaluation_split("fashion-mnist"), SUBSET)
+    assert len(ds) == 1000  # the committed subset of the test split
 
 
 def test_missing_image_folder_is_reported(tmp_path):

@@ -8,10 +8,11 @@ import torch
 
 from bcosvit import create_model
 from bcosvit.app.cli import main
-from bcosvit.app.data import FASHION_MNIST_CLASSES
-from bcosvit.app.evaluation import EvalConfig, baseline_value, evaluate_models
+from bcosvit.app.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+from bcosvit.app.evaluation import EvalConfig, baseline_value, evaluate_model, evaluate_models
 from bcosvit.checkpoint import save_weights
 from bcosvit.errors import ConfigError
+from bcosvit.metrics import CompletenessStats, CurveResult, GridResult, TopkAccuracy
 
 from .browser import check_page
 
@@ -92,6 +93,28 @@ def test_report_renders_with_every_figure_and_no_console_errors(evaluation):
     assert check.console_errors == [] and check.failed_requests == [] and check.broken_images == []
     assert check.images == len(names) and check.images_ok_marker == "true"
     assert check.screenshot.stat().st_size > 20_000
+
+
+def test_evaluate_model_keeps_results_typed_and_leaves_the_model_as_it_was():
+    model = create_model("bcos_vitc_micro_28", pretrained=True).train()
+    model.set_grad_checkpointing(True)
+    ds = load_fashion_mnist("test", SUBSET)
+    images, labels = ds.images[:200].float() / 255, ds.labels[:200]
+    config = EvalConfig(
+        grids=(2,), num_grids=2, faithfulness_images=4, steps=2, methods=("gradient", "bcos"), baselines=("zero",)
+    )
+    result = evaluate_model("m", model, images, labels, config, log=lambda line: None)
+    assert all(m.training for m in model.modules()) and model.grad_checkpointing
+    assert isinstance(result.accuracy, TopkAccuracy) and isinstance(result.completeness, CompletenessStats)
+    bcos, gradient = result.methods["bcos"], result.methods["gradient"]
+    assert isinstance(bcos.grids[2], GridResult) and isinstance(bcos.curves["deletion"]["zero"], CurveResult)
+    assert isinstance(bcos.relative["insertion"]["zero"], CurveResult) and gradient.relative is None
+    written = json.loads(json.dumps(result.to_dict()))
+    assert written["accuracy"] == {"top1": result.accuracy.top1, "top5": result.accuracy.top5}
+    assert list(written["methods"]["bcos"]) == ["grid2", "deletion", "insertion", "relative", "seconds"]
+    assert list(written["methods"]["gradient"]) == ["grid2", "deletion", "insertion", "seconds"]
+    assert written["methods"]["bcos"]["grid2"] == bcos.grids[2].to_dict(include_scores=False)
+    assert written["completeness"]["abs_max"] == result.completeness.absolute.max < 1e-4
 
 
 @pytest.mark.parametrize(

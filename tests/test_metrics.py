@@ -1,4 +1,5 @@
-"""Metrics: grid pointing game, deletion/insertion curves, completeness statistics, confidence intervals.
+"""Metrics: grid pointing game, deletion/insertion curves, completeness statistics, confidence intervals,
+top-k accuracy, and the tiling and accuracy that training shares with them.
 
 Stub models with known logits make every expected value exact or analytic; the images are the
 committed real Fashion-MNIST subset.
@@ -14,10 +15,14 @@ import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import bcosvit
 from bcosvit import metrics
 from bcosvit.app.data import load_fashion_mnist
+from bcosvit.app.training import TrainConfig
+from bcosvit.app.training.loop import evaluate
+from bcosvit.app.training.recipe import mosaic
 from bcosvit.errors import ConfigError, InputError
 
 DATA = Path(__file__).parent / "data" / "fashion-mnist"
@@ -212,6 +217,23 @@ def test_assemble_grids_places_cells_row_major(fmnist):
         for j in range(4):
             r, c = divmod(j, 2)
             assert torch.equal(grids[g, :, r * 28 : (r + 1) * 28, c * 28 : (c + 1) * 28], images[idx[g, j]])
+
+
+def test_tile_grids_is_the_tiling_of_the_pointing_game_and_of_training_mosaics(fmnist):
+    images = fmnist[0][:11]
+    tiled = metrics.tile_grids(images[:9], grid=3)
+    assert tiled.shape == (1, 1, 84, 84)
+    for j in range(9):
+        r, c = divmod(j, 3)
+        assert torch.equal(tiled[0, :, r * 28 : (r + 1) * 28, c * 28 : (c + 1) * 28], images[j])
+    idx = torch.tensor([[3, 1, 4, 1], [5, 9, 2, 6]])
+    assert torch.equal(metrics.assemble_grids(images, idx, grid=2), metrics.tile_grids(images[idx.flatten()], 2))
+    canvases, _ = mosaic(images, torch.eye(11), grid=2)  # the last 11 mod 4 = 3 images are dropped
+    assert torch.equal(canvases, metrics.tile_grids(images[:8], grid=2))
+    with pytest.raises(InputError, match="multiple of 4"):
+        metrics.tile_grids(images[:6], grid=2)
+    with pytest.raises(InputError, match=r"image_indices must have shape \(G, 4\)"):
+        metrics.assemble_grids(images, idx.flatten(), grid=2)
 
 
 def test_cells_take_most_confident_images_first_and_cycle(fmnist, stub):
@@ -471,12 +493,47 @@ def test_mean_ci95_contains_mean_and_shrinks():
 
 def test_completeness_stats(tiny):
     stats = metrics.completeness_stats(torch.tensor([-1.0, 2.0, 3.0, 4.0]), torch.tensor([2.0, 4.0, -6.0, 0.0]))
-    assert stats["count"] == 4
-    assert stats["abs_mean"] == 2.5 and stats["abs_median"] == 2.5 and stats["abs_max"] == 4.0
-    assert stats["abs_p99"] == pytest.approx(3.97)
-    assert stats["rel_median"] == 0.5 and stats["rel_max"] == pytest.approx(4e12)
-    assert "rel_mean" not in metrics.completeness_stats(torch.tensor([1.0]))
+    assert stats.count == 4
+    assert stats.absolute.mean == 2.5 and stats.absolute.median == 2.5 and stats.absolute.max == 4.0
+    assert stats.absolute.p99 == pytest.approx(3.97)
+    assert stats.relative.median == 0.5 and stats.relative.max == pytest.approx(4e12)
+    keys = [f"{kind}_{stat}" for kind in ("abs", "rel") for stat in ("mean", "median", "max", "p99")]
+    assert list(stats.to_dict()) == ["count", *keys]
+    assert stats.to_dict()["count"] == 4.0 and stats.to_dict()["rel_median"] == 0.5
+    alone = metrics.completeness_stats(torch.tensor([1.0]))
+    assert alone.relative is None and "rel_mean" not in alone.to_dict()
     expl = bcosvit.explain(tiny, torch.rand(6, 1, 8, 8, dtype=torch.float64), torch.arange(6))
     real = metrics.completeness_stats(expl.completeness_error, expl.outputs)
-    assert real["abs_max"] < 1e-9 and real["abs_p99"] <= real["abs_max"]
-    json.dumps(real)
+    assert real.absolute.max < 1e-9 and real.absolute.p99 <= real.absolute.max
+    json.dumps(real.to_dict())
+
+
+def test_topk_accuracy_on_a_known_example_and_summed_over_batches():
+    logits = torch.tensor(
+        [
+            [9.0, 8, 7, 6, 5, 4, 0],  # label 0: top-1
+            [9.0, 8, 7, 6, 5, 4, 0],  # label 4: fifth highest, top-5 only
+            [9.0, 8, 7, 6, 5, 4, 0],  # label 5: sixth highest, neither
+            [0.0, 1, 2, 3, 4, 5, 6],  # label 6: top-1
+        ]
+    )
+    labels = torch.tensor([0, 4, 5, 6])
+    accuracy = metrics.topk_accuracy(logits, labels)
+    assert accuracy == metrics.TopkAccuracy(top1_hits=2, top5_hits=3, total=4)
+    assert accuracy.to_dict() == {"top1": 50.0, "top5": 75.0}
+    parts = [metrics.topk_accuracy(logits[i : i + 1], labels[i : i + 1]) for i in range(4)]
+    assert sum(parts, metrics.TopkAccuracy()) == accuracy
+    three = metrics.topk_accuracy(logits[:, :3], torch.tensor([2, 1, 1, 2]))  # fewer than 5 classes: all count
+    assert three.top1 == 25.0 and three.top5 == 100.0
+    assert metrics.topk_accuracy(logits[:3], labels[:3]).top1 == 100.0 * (1 / 3)  # percent of the fraction
+
+
+def test_training_evaluation_reports_the_library_topk_accuracy(fmnist, build):
+    model = build("bcos_vit_nano_patch4_28", dtype=torch.float32, depth=1, embed_dim=16, num_heads=2)
+    images, labels = fmnist[0][:70].float(), fmnist[1][:70]
+    loader = DataLoader(TensorDataset(images, labels), batch_size=16)  # batches of 16, 16, 16, 16 and 6
+    result = evaluate(model, loader, TrainConfig(precision="fp32"), torch.device("cpu"))
+    with torch.no_grad():
+        expected = metrics.topk_accuracy(model(images), labels)
+    assert (result["test_top1"], result["test_top5"]) == (expected.top1, expected.top5)
+    assert 0 < expected.top1 < 100  # an untrained model: some right, some wrong

@@ -55,18 +55,11 @@ import torch.nn.functional as F
 from captum.attr import InputXGradient, IntegratedGradients, Saliency
 from torch import Tensor, nn
 
-from .errors import ConfigError, InputError
-from .explanation import (
-    BaselineLike,
-    ImagesLike,
-    TargetLike,
-    as_model_input,
-    attribution_state,
-    baseline_image,
-    explain,
-    normalize_target,
-)
+from .errors import ConfigError
+from .explanation import BaselineLike, ImagesLike, as_model_input, baseline_image, explain
+from .layers.detach import attribution_state
 from .models.vit import VisionTransformer
+from .targets import TargetLike, normalize_target
 
 AttributionFn = Callable[..., Tensor]
 
@@ -103,18 +96,11 @@ def _prepare(model: nn.Module, images: ImagesLike) -> tuple[VisionTransformer, T
 
 def _targets(model: VisionTransformer, images: Tensor, target: TargetLike) -> Tensor:
     """``(N,)`` long targets on the images' device; None: the predicted classes."""
-    n = images.shape[0]
     if target is None:
         with torch.no_grad():
-            default = model(images).argmax(dim=1)
-    else:
-        default = torch.zeros(n, dtype=torch.long, device=images.device)
-    t = normalize_target(target, default, model.num_classes, "class", model.config.class_names)
-    if t.ndim != 1:
-        raise InputError(
-            f"attribution explains one class per image: target must have shape ({n},), got {tuple(t.shape)}"
-        )
-    return t
+            return model(images).argmax(dim=1)
+    default = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+    return normalize_target(target, default, model.num_classes, "class", model.config.class_names, per_image=True)
 
 
 def _finish(maps: Tensor) -> Tensor:

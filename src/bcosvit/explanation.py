@@ -13,8 +13,7 @@ model's dtype and device (``as_model_input``) and every tensor returned is in th
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -22,10 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
-from .layers import explanation_mode
+from .layers.detach import attribution_state
 from .models.vit import VisionTransformer, check_pixel_values
+from .targets import TargetLike, normalize_target
 
-TargetLike = int | str | Sequence[int | str] | Sequence[Sequence[int | str]] | Tensor | None
 ImagesLike = Any  # a Tensor, numpy array or nested lists of shape (N, C, H, W); see as_model_input
 BaselineLike = Any  # a pixel value in [0, 1], or a tensor/array broadcastable to (C, H, W)
 
@@ -110,78 +109,6 @@ def _require_bcos(model: nn.Module) -> VisionTransformer:
     return model
 
 
-_PLURAL = {"class": "classes", "token": "tokens", "channel": "channels"}
-
-
-def resolve_target(target: str | int, class_names: Sequence[str] | None, num_classes: int) -> int:
-    """A class index from a class name (case-insensitive) or an index (an int or a string of digits)."""
-    if isinstance(target, str) and not target.lstrip("-").isdigit():
-        lookup = {name.lower(): i for i, name in enumerate(class_names or [])}
-        if not class_names:
-            raise InputError(
-                f"target {target!r} is a class name, but this model has no class names (config.class_names is "
-                f"None); give class indices in [0, {num_classes - 1}]"
-            )
-        if target.lower() not in lookup:
-            raise InputError(f"unknown class {target!r}; classes: {list(class_names)}")
-        return lookup[target.lower()]
-    index = int(target)
-    if not 0 <= index < num_classes:
-        raise InputError(f"class index {index} out of range [0, {num_classes - 1}]")
-    return index
-
-
-def _class_names_to_indices(target: Any, class_names: Sequence[str] | None, num_classes: int) -> Any:
-    """``target`` with every class name (a str, also inside lists and tuples) replaced by its index."""
-    if isinstance(target, str):
-        return resolve_target(target, class_names, num_classes)
-    if isinstance(target, (list, tuple)):
-        return [_class_names_to_indices(t, class_names, num_classes) for t in target]
-    return target
-
-
-def normalize_target(
-    target: TargetLike,
-    default: Tensor,
-    num_outputs: int,
-    what: str = "class",
-    class_names: Sequence[str] | None = None,
-) -> Tensor:
-    """Turn ``target`` into a long tensor ``(N,)`` or ``(N, T)``; ``default`` ``(N,)`` is used for None.
-
-    For ``what="class"``, class names (``str``, alone or in lists) are looked up in ``class_names``.
-    """
-    n = default.shape[0]
-    if target is None:
-        return default
-    if what == "class":
-        target = _class_names_to_indices(target, class_names, num_outputs)
-    if isinstance(target, int):
-        t = torch.full((n,), target, dtype=torch.long)
-    else:
-        try:
-            t = torch.as_tensor(target)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise InputError(
-                f"{what} targets must be integers: an int, a sequence or an (N, T) tensor; got {target!r} ({exc})"
-            ) from None
-        if t.is_floating_point():
-            raise InputError(f"{what} targets must be integers, got dtype {t.dtype}")
-        t = t.long()
-        if t.ndim == 0:
-            t = t.expand(n)
-        elif t.ndim > 2 or t.shape[0] != n:
-            raise InputError(
-                f"target must be an int, a sequence of {n} {_PLURAL[what]} (one per image) or a tensor of shape "
-                f"({n}, T); got shape {tuple(t.shape)}"
-            )
-        elif t.ndim == 2 and t.shape[1] == 0:
-            raise InputError(f"target of shape {tuple(t.shape)} names no {_PLURAL[what]}; give at least one per image")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_outputs):
-        raise InputError(f"{what} targets must lie in [0, {num_outputs - 1}], got values {t.unique().tolist()[:10]}")
-    return t.to(default.device)
-
-
 def as_model_input(model: VisionTransformer, images: ImagesLike) -> Tensor:
     """``images`` as the checked ``(N, C, H, W)`` tensor ``model`` computes with.
 
@@ -230,33 +157,6 @@ def baseline_image(baseline: BaselineLike, images: Tensor) -> Tensor:
         ) from None
     check_pixel_values(image)
     return image
-
-
-def _require_autograd() -> None:
-    if torch.is_inference_mode_enabled():
-        raise ConfigError(
-            "explanations and gradient-based attributions need autograd, which torch.inference_mode() switches off; "
-            "call them outside the inference_mode block (torch.no_grad() around them is fine: they switch "
-            "gradients on themselves)"
-        )
-
-
-@contextlib.contextmanager
-def attribution_state(model: VisionTransformer, explanation: bool = True, gradients: bool = True) -> Iterator[None]:
-    """Eval mode, gradients on (off with ``gradients=False``), no gradient checkpointing, explanation
-    mode on (exact explanations) or off (post-hoc gradients); the model's previous states are restored
-    on exit. Raises ``ConfigError`` under ``torch.inference_mode()`` when gradients are asked for."""
-    if gradients:
-        _require_autograd()
-    was_training, checkpointing = model.training, model.grad_checkpointing
-    model.eval()
-    model.grad_checkpointing = False
-    try:
-        with explanation_mode(model, enabled=explanation), torch.set_grad_enabled(gradients):
-            yield
-    finally:
-        model.train(was_training)
-        model.grad_checkpointing = checkpointing
 
 
 @dataclass

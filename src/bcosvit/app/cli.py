@@ -172,7 +172,7 @@ def check_models_fit_dataset(models: dict, sources: dict[str, str], spec, args: 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..errors import DataError
     from ..fileio import ensure_writable_dir
-    from .data import load_dataset
+    from .data import evaluation_split, load_dataset
     from .evaluation import EvalConfig, evaluate_models
 
     config = EvalConfig(
@@ -192,7 +192,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for label, source in sources.items():
         print(f"model {label}: {source}")
     first = next(iter(models.values()))
-    split = "test" if args.dataset != "folder" else "val"
+    split = evaluation_split(args.dataset)
     dataset, spec = load_dataset(args.dataset, split, args.data_dir, first.image_size)
     check_models_fit_dataset(models, sources, spec, args)
     count = min(len(dataset), config.test_subset or len(dataset))

@@ -250,6 +250,12 @@ def build_transforms(
     return v2.Compose(ops)
 
 
+def evaluation_split(name: str) -> str:
+    """The split a model trained on dataset ``name`` is tested on: "test", or "val" for a folder tree
+    (``<root>/{train,val}``)."""
+    return "val" if name == "folder" else "test"
+
+
 def load_dataset(
     name: str,
     split: str,

@@ -31,7 +31,6 @@ from typing import Any
 
 import matplotlib
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -40,6 +39,10 @@ from ..errors import ConfigError
 from ..explanation import explain
 from ..fileio import ensure_writable_dir, write_json
 from ..metrics import (
+    CompletenessStats,
+    CurveResult,
+    GridResult,
+    TopkAccuracy,
     completeness_stats,
     compute_attributions,
     confident_images_by_class,
@@ -47,6 +50,7 @@ from ..metrics import (
     grid_pointing_game,
     make_grids,
     predict_logits,
+    topk_accuracy,
 )
 from ..models.vit import VisionTransformer
 from ..visualize import contribution_map, save_figure, to_display_image
@@ -142,15 +146,65 @@ def dataset_mismatch(model: VisionTransformer, spec: DataSpec) -> str | None:
     return None
 
 
+# Deletion and insertion curves of one method: mode ("deletion", "insertion") -> replacement value -> curves.
+Curves = dict[str, dict[str, CurveResult]]
+
+
+def _curves_dict(curves: Curves) -> dict[str, dict[str, Any]]:
+    return {mode: {base: curve.to_dict() for base, curve in by_base.items()} for mode, by_base in curves.items()}
+
+
+@dataclass
+class MethodResult:
+    """One attribution method's measurements on one model.
+
+    Attributes:
+        grids: grid size -> its pointing game.
+        curves: the deletion and insertion curves of the method's maps.
+        relative: for methods with a reference image (``REFERENCE_METHODS``), the curves with the
+            reference at each replacement value; None for the others.
+        seconds: how long the measurements took.
+    """
+
+    grids: dict[int, GridResult]
+    curves: Curves
+    relative: Curves | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``grid<size>`` (without per-cell scores), ``deletion``, ``insertion``, ``relative``
+        (when measured) and ``seconds``."""
+        out: dict[str, Any] = {f"grid{grid}": game.to_dict(include_scores=False) for grid, game in self.grids.items()}
+        out.update(_curves_dict(self.curves))
+        if self.relative is not None:
+            out["relative"] = _curves_dict(self.relative)
+        out["seconds"] = self.seconds
+        return out
+
+
 @dataclass
 class ModelResult:
+    """Every measurement of one model."""
+
     name: str
     is_bcos: bool
-    accuracy: dict[str, float]
+    accuracy: TopkAccuracy
     source: str = ""  # where the model came from: a checkpoint path or a shipped model's name
-    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
-    completeness: dict[str, float] | None = None
+    methods: dict[str, MethodResult] = field(default_factory=dict)
+    completeness: CompletenessStats | None = None
     seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, as ``metrics.json`` stores it under ``models``."""
+        return {
+            "name": self.name,
+            "is_bcos": self.is_bcos,
+            "accuracy": self.accuracy.to_dict(),
+            "source": self.source,
+            "methods": {method: result.to_dict() for method, result in self.methods.items()},
+            "completeness": self.completeness.to_dict() if self.completeness is not None else None,
+            "seconds": self.seconds,
+        }
 
 
 def baseline_value(name: str, images: Tensor) -> float | Tensor:
@@ -180,7 +234,7 @@ def _curves(
     maps: dict[str, Tensor],
     baselines: dict[str, float | Tensor],
     config: EvalConfig,
-) -> dict[str, dict[str, Any]]:
+) -> Curves:
     """``{"deletion": {baseline: curve}, "insertion": {...}}`` of ``maps[baseline]`` for each baseline in ``maps``."""
     return {
         mode: {
@@ -193,7 +247,7 @@ def _curves(
                 baseline=baselines[base],
                 mode=mode,
                 batch_size=config.batch_size,
-            ).to_dict()
+            )
             for base, base_maps in maps.items()
         }
         for mode in ("deletion", "insertion")
@@ -202,17 +256,17 @@ def _curves(
 
 def _relative_curves(
     method: str,
-    entry: dict[str, Any],
+    curves: Curves,
     model: VisionTransformer,
     images: Tensor,
     target: Tensor,
     baselines: dict[str, float | Tensor],
     config: EvalConfig,
-) -> dict[str, dict[str, Any]]:
+) -> Curves:
     """Curves of ``method`` recomputed with its reference at each replacement value.
 
     Where the replacement value is the method's own reference (black, for integrated gradients)
-    the curves in ``entry`` are reused.
+    its ``curves`` are reused.
     """
     own = REFERENCE_METHODS[method]
     maps = {
@@ -221,21 +275,7 @@ def _relative_curves(
         if not (own is not None and isinstance(value, float) and value == own)
     }
     relative = _curves(model, images, target, maps, baselines, config)
-    return {mode: {b: relative[mode].get(b, entry[mode][b]) for b in config.baselines} for mode in relative}
-
-
-def topk_accuracy(model: VisionTransformer, images: Tensor, labels: Tensor, batch_size: int = 32) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (%) of ``model`` on ``images`` ``(N, C, H, W)`` with ``labels`` ``(N,)``."""
-    return accuracy_from_logits(predict_logits(model, images, batch_size), labels)
-
-
-def accuracy_from_logits(logits: Tensor, labels: Tensor) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (%) from ``logits`` ``(N, K)`` and ``labels`` ``(N,)``."""
-    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    return {
-        "top1": 100.0 * float((top5[:, 0] == labels).double().mean()),
-        "top5": 100.0 * float((top5 == labels[:, None]).any(dim=1).double().mean()),
-    }
+    return {mode: {b: relative[mode].get(b, curves[mode][b]) for b in config.baselines} for mode in relative}
 
 
 def evaluate_model(
@@ -247,12 +287,12 @@ def evaluate_model(
     log=print,
     source: str = "",
 ) -> ModelResult:
-    """Every measurement for one model; post-hoc methods for any model, ``bcos`` for B-cos models."""
+    """Every measurement for one model; post-hoc methods for any model, ``bcos`` for B-cos models.
+    Each measurement runs ``model`` in eval mode and restores its state (``attribution_state``)."""
     started = time.perf_counter()
-    model.eval()
     logits = predict_logits(model, images, config.batch_size)
-    result = ModelResult(name, model.is_bcos, accuracy_from_logits(logits, labels), source)
-    log(f"{name}: top-1 {result.accuracy['top1']:.2f}%, top-5 {result.accuracy['top5']:.2f}%")
+    result = ModelResult(name, model.is_bcos, topk_accuracy(logits, labels), source)
+    log(f"{name}: top-1 {result.accuracy.top1:.2f}%, top-5 {result.accuracy.top5:.2f}%")
     subset = images[: config.faithfulness_images]
     predicted = logits[: config.faithfulness_images].argmax(dim=1)
     methods = [m for m in config.methods if m != "bcos" or model.is_bcos]
@@ -261,9 +301,8 @@ def evaluate_model(
     for method in methods:
         t0 = time.perf_counter()
         fn = method_fn(method, config)
-        entry: dict[str, Any] = {}
-        for grid in config.grids:
-            game = grid_pointing_game(
+        games = {
+            grid: grid_pointing_game(
                 model,
                 images,
                 labels,
@@ -274,32 +313,35 @@ def evaluate_model(
                 batch_size=config.batch_size,
                 confident=confident,
             )
-            entry[f"grid{grid}"] = game.to_dict(include_scores=False)
+            for grid in config.grids
+        }
         maps = compute_attributions(model, subset, predicted, fn, config.batch_size)
-        entry.update(_curves(model, subset, predicted, dict.fromkeys(config.baselines, maps), baselines, config))
+        entry = MethodResult(
+            games, _curves(model, subset, predicted, dict.fromkeys(config.baselines, maps), baselines, config)
+        )
         if method in REFERENCE_METHODS:
-            entry["relative"] = _relative_curves(method, entry, model, subset, predicted, baselines, config)
-        entry["seconds"] = time.perf_counter() - t0
+            entry.relative = _relative_curves(method, entry.curves, model, subset, predicted, baselines, config)
+        entry.seconds = time.perf_counter() - t0
         result.methods[method] = entry
-        games = ", ".join(f"{g}x{g} {entry[f'grid{g}']['mean']:.3f}" for g in config.grids)
-        log(f"  {method:24s} pointing game {games} | {_aucs(entry, config)} | {entry['seconds']:.0f}s")
-        if "relative" in entry:
-            log(f"  {'  relative to the baseline':24s} {_aucs(entry['relative'], config)}")
+        scores = ", ".join(f"{g}x{g} {entry.grids[g].mean:.3f}" for g in config.grids)
+        log(f"  {method:24s} pointing game {scores} | {_aucs(entry.curves, config)} | {entry.seconds:.0f}s")
+        if entry.relative is not None:
+            log(f"  {'  relative to the baseline':24s} {_aucs(entry.relative, config)}")
     if model.is_bcos:
         expl = explain(model, subset, target=predicted)
         result.completeness = completeness_stats(expl.completeness_error, expl.outputs)
         log(
-            f"  completeness error: max {result.completeness['abs_max']:.2e}, "
-            f"median {result.completeness['abs_median']:.2e} (logit units)"
+            f"  completeness error: max {result.completeness.absolute.max:.2e}, "
+            f"median {result.completeness.absolute.median:.2e} (logit units)"
         )
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _aucs(curves: dict[str, dict[str, Any]], config: EvalConfig) -> str:
+def _aucs(curves: Curves, config: EvalConfig) -> str:
     """``deletion AUC a/b | insertion AUC c/d (zero/mean)`` for a log line."""
     aucs = " | ".join(
-        f"{mode} AUC " + "/".join(f"{curves[mode][b]['mean_auc']:.3f}" for b in config.baselines)
+        f"{mode} AUC " + "/".join(f"{curves[mode][b].mean_auc:.3f}" for b in config.baselines)
         for mode in ("deletion", "insertion")
     )
     return f"{aucs} ({'/'.join(config.baselines)})"
@@ -328,8 +370,7 @@ def examples_figure(models: dict[str, VisionTransformer], images: Tensor, config
     axes = fig.subplots(len(rows), len(config.methods) + 1, squeeze=False)
     for r, (name, model, i) in enumerate(rows):
         x = images[i : i + 1]
-        with torch.no_grad():
-            target = model(x).argmax(dim=1)
+        target = predict_logits(model, x).argmax(dim=1)
         _method_row(axes[r], model, x, target, f"{name}\nclass {int(target)}", config)
     fig.tight_layout()
     return fig
@@ -354,10 +395,10 @@ def localisation_figure(results: list[ModelResult], config: EvalConfig) -> Figur
         labels, means, errors = [], [], []
         for res in results:
             for method, entry in res.methods.items():
-                game = entry[f"grid{grid}"]
+                game = entry.grids[grid]
                 labels.append(f"{res.name}\n{method}")
-                means.append(game["mean"])
-                errors.append([game["mean"] - game["ci95"][0], game["ci95"][1] - game["mean"]])
+                means.append(game.mean)
+                errors.append([game.mean - game.ci95[0], game.ci95[1] - game.mean])
         y = np.arange(len(labels))
         ax.barh(
             y,
@@ -373,12 +414,12 @@ def localisation_figure(results: list[ModelResult], config: EvalConfig) -> Figur
     return fig
 
 
-def _curve_rows(res: ModelResult) -> Iterator[tuple[str, str, dict[str, Any]]]:
+def _curve_rows(res: ModelResult) -> Iterator[tuple[str, str, Curves]]:
     """``(method, label, curves)`` for every method's curves, then its curves relative to the baseline."""
     for method, entry in res.methods.items():
-        yield method, method, entry
-        if "relative" in entry:
-            yield method, f"{method} relative to the baseline", entry["relative"]
+        yield method, method, entry.curves
+        if entry.relative is not None:
+            yield method, f"{method} relative to the baseline", entry.relative
 
 
 def curves_figure(results: list[ModelResult], mode: str, config: EvalConfig) -> Figure:
@@ -391,8 +432,8 @@ def curves_figure(results: list[ModelResult], mode: str, config: EvalConfig) -> 
         for i, (res, label, curves) in enumerate(rows):
             curve = curves[mode][base]
             style = "-" if res.is_bcos else "--"
-            label = f"{res.name} {label} ({curve['mean_auc']:.3f})"
-            ax.plot(curve["fractions"], curve["mean_curve"], style, color=colours(i % 20), label=label)
+            label = f"{res.name} {label} ({curve.mean_auc:.3f})"
+            ax.plot(curve.fractions.tolist(), curve.mean_curve.tolist(), style, color=colours(i % 20), label=label)
         ax.set(
             xlabel=f"fraction of pixels {'removed' if mode == 'deletion' else 'inserted'} (most relevant first)",
             ylabel="probability of the class",
@@ -441,7 +482,7 @@ def evaluate_models(
         "dataset": dataset,
         "num_test_images": len(images),
         "config": asdict(config),
-        "models": [asdict(r) for r in results],
+        "models": [r.to_dict() for r in results],
         "seconds": time.perf_counter() - started,
     }
     write_json(out / "metrics.json", summary)
@@ -461,7 +502,7 @@ def _sections(results: list[ModelResult], config: EvalConfig, paths: dict[str, P
     accuracy = Table(
         ["model", "source", "family", "top-1 (%)", "top-5 (%)"],
         [
-            [r.name, r.source, "B-cos" if r.is_bcos else "standard", r.accuracy["top1"], r.accuracy["top5"]]
+            [r.name, r.source, "B-cos" if r.is_bcos else "standard", r.accuracy.top1, r.accuracy.top5]
             for r in results
         ],
         precision=2,
@@ -475,17 +516,17 @@ def _sections(results: list[ModelResult], config: EvalConfig, paths: dict[str, P
     rows = []
     for r in results:
         for method, label, curves in _curve_rows(r):
-            e = r.methods[method]
+            grids = r.methods[method].grids
             games = [
-                f"{e[f'grid{g}']['mean']:.3f} [{e[f'grid{g}']['ci95'][0]:.3f}, {e[f'grid{g}']['ci95'][1]:.3f}]"
-                if curves is e
+                f"{grids[g].mean:.3f} [{grids[g].ci95[0]:.3f}, {grids[g].ci95[1]:.3f}]"
+                if curves is r.methods[method].curves
                 else "–"
                 for g in config.grids
             ]
-            aucs = [curves[mode][b]["mean_auc"] for mode in ("deletion", "insertion") for b in config.baselines]
+            aucs = [curves[mode][b].mean_auc for mode in ("deletion", "insertion") for b in config.baselines]
             rows.append([r.name, label, *games, *aucs])
     completeness = [
-        [r.name, r.completeness["abs_median"], r.completeness["abs_p99"], r.completeness["abs_max"]]
+        [r.name, r.completeness.absolute.median, r.completeness.absolute.p99, r.completeness.absolute.max]
         for r in results
         if r.completeness
     ]

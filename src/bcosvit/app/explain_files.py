@@ -19,9 +19,10 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError, InputError
-from ..explanation import explain, resolve_target
+from ..explanation import explain
 from ..fileio import ensure_writable_dir
 from ..models.vit import VisionTransformer
+from ..targets import resolve_target
 from ..visualize import FIGURE_SOFTWARE, explanation_figure, literal_text, save_figure
 from .imageio import LoadedImage, background_rgb, load_image, open_regular_file
 

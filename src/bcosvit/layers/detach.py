@@ -1,4 +1,5 @@
-"""Explanation mode: one switch that makes every dynamic-linear layer detach its dynamic factors.
+"""Explanation mode: one switch that makes every dynamic-linear layer detach its dynamic factors, and
+the state models are explained and measured in (``attribution_state``), which includes it.
 
 In explanation mode a layer computes the same forward value, but the input-dependent factors of
 its weight matrix ``W(x)`` are treated as constants, so the input gradient of any output is the
@@ -10,7 +11,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import nn
+
+from ..errors import ConfigError
 
 
 class DetachableModule(nn.Module):
@@ -50,3 +54,46 @@ def explanation_mode(model: nn.Module, enabled: bool = True) -> Iterator[nn.Modu
     finally:
         for module, state in previous.items():
             module.detach = state
+
+
+def _require_autograd() -> None:
+    if torch.is_inference_mode_enabled():
+        raise ConfigError(
+            "explanations and gradient-based attributions need autograd, which torch.inference_mode() switches off; "
+            "call them outside the inference_mode block (torch.no_grad() around them is fine: they switch "
+            "gradients on themselves)"
+        )
+
+
+@contextlib.contextmanager
+def attribution_state(
+    model: nn.Module, explanation: bool | None = True, gradients: bool | None = True
+) -> Iterator[nn.Module]:
+    """Context manager for explaining or measuring ``model``: eval mode, no gradient checkpointing,
+    explanation mode on (exact explanations) or off (post-hoc gradients), gradients on or off.
+
+    ``explanation=None`` or ``gradients=None`` leaves explanation mode or autograd as they are (the
+    metrics run any model, and any attribution method, which sets its own). Every module's training
+    flag, the gradient checkpointing switch (of models that have one) and explanation mode are
+    restored on exit, also when an exception is raised. Raises ``ConfigError`` under
+    ``torch.inference_mode()`` when gradients are asked for.
+    """
+    if gradients:
+        _require_autograd()
+    training = {module: module.training for module in model.modules()}
+    checkpointing = getattr(model, "grad_checkpointing", None)
+    model.eval()
+    if checkpointing is not None:
+        model.grad_checkpointing = False
+    try:
+        with contextlib.ExitStack() as stack:
+            if explanation is not None:
+                stack.enter_context(explanation_mode(model, enabled=explanation))
+            if gradients is not None:
+                stack.enter_context(torch.set_grad_enabled(gradients))
+            yield model
+    finally:
+        for module, was_training in training.items():
+            module.training = was_training
+        if checkpointing is not None:
+            model.grad_checkpointing = checkpointing

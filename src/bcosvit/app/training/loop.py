@@ -29,9 +29,10 @@ from ...checkpoint import load_state_dict, save_weights
 from ...errors import CheckpointError, ConfigError
 from ...explanation import explain
 from ...fileio import atomic_write, ensure_writable_dir, remove_stale_temporaries
+from ...metrics import TopkAccuracy, topk_accuracy
 from ...models.registry import create_model
 from ...models.vit import VisionTransformer
-from ..data import load_dataset
+from ..data import evaluation_split, load_dataset
 from ..precision import autocast, compile_available, resolve_precision
 from .config import TrainConfig
 from .recipe import (
@@ -137,7 +138,7 @@ def evaluate(model: nn.Module, loader: DataLoader, config: TrainConfig, device: 
     (``"fp32"`` or ``"bf16"``, not ``"auto"``)."""
     model.eval()
     loss_fn = loss_function(config)
-    correct1 = correct5 = total = 0
+    hits = TopkAccuracy()
     loss_sum = 0.0
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
@@ -145,11 +146,8 @@ def evaluate(model: nn.Module, loader: DataLoader, config: TrainConfig, device: 
             logits = model(images).float()
         targets = F.one_hot(labels, logits.shape[1]).float()
         loss_sum += float(loss_fn(logits, targets)) * len(labels)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += int((top[:, 0] == labels).sum())
-        correct5 += int((top == labels[:, None]).any(dim=1).sum())
-        total += len(labels)
-    return {"test_top1": 100.0 * correct1 / total, "test_top5": 100.0 * correct5 / total, "test_loss": loss_sum / total}
+        hits += topk_accuracy(logits, labels)
+    return {"test_top1": hits.top1, "test_top5": hits.top5, "test_loss": loss_sum / hits.total}
 
 
 def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
@@ -306,7 +304,7 @@ def _build_data(config: TrainConfig, rt: Runtime) -> _Data:
         config.flip,
         config.crop_padding,
     )
-    test_split = "test" if config.dataset != "folder" else "val"
+    test_split = evaluation_split(config.dataset)
     test_ds, _ = load_dataset(config.dataset, test_split, config.data_dir, config.image_size)
     train_ds, test_ds = _subset(train_ds, config.train_subset), _subset(test_ds, config.test_subset)
     sampler = DistributedSampler(

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ...checkpoint import load_model
-from ..data import load_dataset
+from ..data import evaluation_split, load_dataset
 from .config import TrainConfig
 from .loop import is_main_process, train
 
@@ -36,7 +36,7 @@ def write_explanation_figure(run: Path, config: TrainConfig) -> Path | None:
     if not model.is_bcos:
         return None
     test_ds, spec = load_dataset(
-        config.dataset, "test" if config.dataset != "folder" else "val", config.data_dir, config.image_size
+        config.dataset, evaluation_split(config.dataset), config.data_dir, config.image_size
     )
     images, labels = one_image_per_class(test_ds, spec.num_classes)
     with torch.no_grad():

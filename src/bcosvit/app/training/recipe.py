@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...metrics import positive_mass_per_cell
+from ...metrics import positive_mass_per_cell, tile_grids
 
 
 def bce_uniform_off_labels(logits: Tensor, targets: Tensor) -> Tensor:
@@ -63,18 +63,16 @@ def mosaic(images: Tensor, targets: Tensor, grid: int) -> tuple[Tensor, Tensor]:
         targets: ``(N, K)`` one-hot or soft targets.
 
     Returns:
-        canvases ``(N // grid², C, grid·H, grid·W)`` (row-major cells) and their targets
-        ``(N // grid², K)``: the sum of the cells' targets (class k present in m cells scores m),
-        to be turned into multi-label or area-weighted targets by ``mosaic_targets``.
+        canvases ``(N // grid², C, grid·H, grid·W)`` (row-major cells, ``bcosvit.metrics.tile_grids``)
+        and their targets ``(N // grid², K)``: the sum of the cells' targets (class k present in m
+        cells scores m), to be turned into multi-label or area-weighted targets by ``mosaic_targets``.
     """
-    n, c, h, w = images.shape
+    n = images.shape[0]
     cells = grid * grid
     m = n // cells
     if m == 0:
         raise ValueError(f"a {grid}x{grid} mosaic needs at least {cells} images per batch, got {n}")
-    tiles = images[: m * cells].reshape(m, grid, grid, c, h, w)
-    canvases = tiles.permute(0, 3, 1, 4, 2, 5).reshape(m, c, grid * h, grid * w)
-    return canvases, targets[: m * cells].reshape(m, cells, -1).sum(dim=1)
+    return tile_grids(images[: m * cells], grid), targets[: m * cells].reshape(m, cells, -1).sum(dim=1)
 
 
 def draw_mosaic_grid(max_grid: int) -> int:

@@ -1,0 +1,77 @@
+"""Targets: one normalisation (``bcosvit.targets``) behind explanations, attributions and metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bcosvit
+from bcosvit import metrics
+from bcosvit.attribution import attribute
+from bcosvit.errors import InputError
+from bcosvit.targets import normalize_target, required_classes, resolve_target
+
+NAMES = ["cat", "Dog", "bird"]
+
+
+def test_every_form_becomes_a_long_tensor_of_indices():
+    default = torch.tensor([2, 0])
+    assert normalize_target(None, default, 3).tolist() == [2, 0]
+    assert normalize_target(1, default, 3).tolist() == [1, 1]
+    assert normalize_target(torch.tensor(2), default, 3).tolist() == [2, 2]
+    assert normalize_target(["dog", "2"], default, 3, class_names=NAMES).tolist() == [1, 2]
+    assert normalize_target([[0, "Bird"], [1, 1]], default, 3, class_names=NAMES).tolist() == [[0, 2], [1, 1]]
+    t = normalize_target((0, 1), default, 3)
+    assert t.dtype == torch.long and t.device == default.device
+    assert resolve_target("CAT", NAMES, 3) == 0 and resolve_target(2, None, 3) == 2
+
+
+@pytest.mark.parametrize(
+    ("target", "options", "message"),
+    [
+        ([0.0, 1.0], {}, "class targets must be integers, got dtype torch.float32"),
+        ([[0, 1, 2]], {}, r"target must be an int, a sequence of 2 classes \(one per image\)"),
+        (torch.zeros(2, 0, dtype=torch.long), {}, "names no classes"),
+        ([0, 3], {}, r"class targets must lie in \[0, 2\], got values \[0, 3\]"),
+        ([[0, 1], [1, 2]], {"per_image": True}, r"one class per image: target must have shape \(2,\), got \(2, 2\)"),
+        ("fish", {"class_names": NAMES}, "unknown class 'fish'"),
+        ("fish", {}, "is a class name, but this model has no class names"),
+        ([1, 2, 0], {"name": "labels"}, "labels must be an int, a sequence of 2 classes"),
+    ],
+)
+def test_invalid_targets_are_refused_with_the_reason(target, options, message):
+    with pytest.raises(InputError, match=message):
+        normalize_target(target, torch.zeros(2, dtype=torch.long), 3, **options)
+
+
+def test_without_a_number_of_outputs_neither_range_nor_names_are_checked():
+    assert normalize_target([7, 9], torch.zeros(2, dtype=torch.long), None).tolist() == [7, 9]
+    with pytest.raises(InputError, match="class targets must be integers"):
+        normalize_target(["dog", "cat"], torch.zeros(2, dtype=torch.long), None, class_names=NAMES)
+
+
+def test_required_classes_refuse_none_and_give_one_class_per_image_on_the_cpu():
+    assert required_classes(4, 3).tolist() == [4, 4, 4]
+    assert required_classes(torch.tensor([1, 2]), 2).device.type == "cpu"
+    with pytest.raises(InputError, match="labels is required"):
+        required_classes(None, 2, "labels")
+    with pytest.raises(InputError, match=r"one class per image: target must have shape \(2,\)"):
+        required_classes([[1, 2], [0, 1]], 2)
+
+
+def test_explanations_attributions_and_metrics_refuse_a_target_alike(tiny, images):
+    x = images(2, 1, 8)
+    calls = {
+        "explain": lambda t: bcosvit.explain(tiny, x, t),
+        "attribute": lambda t: attribute("gradient", tiny, x, t),
+        "deletion_insertion": lambda t: metrics.deletion_insertion(tiny, x, t, torch.rand(2, 8, 8)),
+        "compute_attributions": lambda t: metrics.compute_attributions(tiny, x, t, lambda m, i, c: i[:, 0]),
+    }
+    for call in calls.values():
+        with pytest.raises(InputError, match=r"^class targets must be integers, got dtype torch.float32$"):
+            call(torch.tensor([1.0, 2.0]))
+        with pytest.raises(InputError, match=r"^target must be an int, a sequence of 2 classes"):
+            call([1, 2, 3])
+    for call in (calls["attribute"], calls["deletion_insertion"]):
+        with pytest.raises(InputError, match=r"^one class per image: target must have shape \(2,\), got \(2, 2\)$"):
+            call([[1, 2], [3, 4]])
