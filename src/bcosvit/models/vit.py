@@ -285,7 +285,8 @@ class Capture:
         layers: token layers to keep: 0 for the embedded tokens (after the additive positional
             embedding), ``k`` for the output of block ``k`` (1-based), negative counts from the end
             (-1: the last block).
-        attention: keep every block's attention maps.
+        attention: keep every block's attention maps. The blocks then compute the softmax explicitly
+            instead of with the fused kernel: the same values up to float rounding.
     """
 
     layers: tuple[int, ...] = ()
@@ -463,7 +464,8 @@ class VisionTransformer(nn.Module):
 
     def _forward_features(self, x: Tensor, capture: Capture | None) -> tuple[Tensor, CaptureRecord | None]:
         """Tokens after the last block ``(N, L, D)`` and, with ``capture``, the filled record."""
-        keep = set() if capture is None else {self._check_layer(layer) for layer in capture.layers}
+        wanted = {} if capture is None else {layer: self._check_layer(layer) for layer in capture.layers}
+        keep = set(wanted.values())
         tokens, grid, record = self._embed(x, capture)
         kept = {0: tokens} if 0 in keep else {}
         for k, block in enumerate(self.blocks, start=1):
@@ -475,7 +477,7 @@ class VisionTransformer(nn.Module):
             if k in keep:
                 kept[k] = tokens
         if record is not None:
-            record.tokens = {layer: kept[self._check_layer(layer)] for layer in capture.layers}
+            record.tokens = {layer: kept[k] for layer, k in wanted.items()}
         return tokens, record
 
     def _run_block(self, block: Block, tokens: Tensor, grid: Grid, return_attn: bool = False) -> Tensor | tuple:
