@@ -224,9 +224,10 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
 
 @needs_torchrun
 def test_energy_loss_under_ddp_leaves_the_processes_with_identical_weights(tmp_path):
-    # The explanation's forward pass goes through DDP, so the energy loss's gradients are all-reduced
-    # with the classification's; were they not, each process would step with its own. Every process
-    # saves the weights of the model it trained (found by a global forward hook).
+    # Two forward passes through DDP (classification, then the explanation of the energy loss) and one
+    # backward: DDP all-reduces both losses' gradients, so the processes end with identical weights
+    # (without DDP they would differ in every tensor). Every process saves the weights of the model it
+    # trained (found by a global forward hook).
     script = tmp_path / "energy_ddp.py"
     script.write_text(
         "import os, sys, torch\n"
