@@ -16,6 +16,7 @@ from bcosvit.attribution import (
     transformer_attribution_matrix,
 )
 from bcosvit.layers.detach import is_explanation_mode
+from bcosvit.models import Capture
 
 NANO = ["bcos_vit_nano_patch4_28", "vit_nano_patch4_28"]
 CASES = [(name, m) for name in NANO for m in METHODS if m != "bcos" or name.startswith("bcos_")]
@@ -162,8 +163,8 @@ def test_integrated_gradients_internal_batching_does_not_change_the_result(build
 
 def test_attention_rollout_rows_sum_to_one_and_identity_attention_rolls_out_to_identity(build, images):
     model = build("vit_nano_patch4_28")
-    _, attentions = model.forward_features_with_attn(images(2, 1, 28))
-    rollout = attention_rollout([a.detach() for a in attentions])
+    _, record = model(images(2, 1, 28), capture=Capture(attention=True))
+    rollout = attention_rollout([a.detach() for a in record.attentions])
     assert rollout.shape == (2, 49, 49)
     torch.testing.assert_close(rollout.sum(dim=-1), torch.ones(2, 49, dtype=torch.float64))
     assert (rollout >= 0).all()
@@ -206,6 +207,18 @@ def test_gradcam_is_non_negative(name):
 
 
 @pytest.mark.parametrize("name", NANO)
+def test_gradcam_matches_the_formula_on_the_last_blocks_tokens(build, images, name):
+    model = build(name, depth=2, image_size=12)  # 3×3 tokens
+    x = images(2, 1, 12)
+    target = torch.tensor([2, 8])
+    tokens = model.forward_features(x)
+    (grads,) = torch.autograd.grad(model.forward_head(tokens).gather(1, target[:, None]).sum(), tokens)
+    cam = torch.relu((grads.mean(dim=1, keepdim=True) * tokens).sum(dim=-1)).detach()
+    expected = F.interpolate(cam.view(2, 1, 3, 3), size=(12, 12), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(attribute("gradcam", model, x, target), expected.float())
+
+
+@pytest.mark.parametrize("name", NANO)
 def test_transformer_attribution_of_a_one_block_model_matches_the_formula(build, images, name):
     model = build(name, depth=1, image_size=12)  # 3×3 tokens
     x = images(2, 1, 12)
@@ -214,7 +227,8 @@ def test_transformer_attribution_of_a_one_block_model_matches_the_formula(build,
     # Forward pass with the attention matrix as a leaf, so ∂logit/∂A is read off independently.
     tokens, grid = model.forward_tokens(x)
     block = model.blocks[0]
-    q, k, v = block.attn._qkv(block.norm1(tokens))
+    qkv = F.linear(block.norm1(tokens), block.attn.qkv.weight, block.attn.qkv.bias)
+    q, k, v = (rearrange(t, "n l (h d) -> n h l d", h=block.attn.num_heads) for t in qkv.chunk(3, dim=-1))
     attn = torch.softmax(q @ k.transpose(-2, -1) * block.attn.scale, dim=-1).detach().requires_grad_(True)
     h = tokens + block.attn.proj(rearrange(attn @ v, "n h l d -> n l (h d)"))
     h = h + block.mlp(block.norm2(h))

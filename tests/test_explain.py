@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import bcosvit
-from bcosvit.models import model_config
+from bcosvit.explanation import dynamic_linear_weights
+from bcosvit.models import Capture, model_config
 
 BCOS_MODELS = bcosvit.list_models("bcos_*")
 
@@ -290,6 +291,34 @@ def test_token_contributions_at_layer_zero_are_patch_sums_of_pixel_contributions
         patch_sums = pixels.unflatten(1, (2, 4)).unflatten(3, (3, 4)).sum(dim=(2, 4))
         torch.testing.assert_close(per_token, patch_sums, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(per_token.sum(dim=(1, 2)), pixels.sum(dim=(1, 2)), rtol=1e-10, atol=1e-12)
+
+
+# --- The low-level step: dynamic_linear_weights over a capture record ---------------------------
+
+
+def test_dynamic_linear_weights_of_an_explanation_mode_capture_are_the_explanation(tiny, images):
+    x = images(2, 1, 8)
+    target = torch.tensor([[1, 2], [3, 4]])
+    expected = bcosvit.explain(tiny, x, target)
+    with bcosvit.explanation_mode(tiny):
+        logits, record = tiny(x, capture=Capture(layers=(1,)))
+    outputs = logits.gather(1, target)
+    weights, positional, token_grads = dynamic_linear_weights(record, outputs, layer=1)
+    assert torch.equal(weights, expected.weights) and torch.equal(positional, expected.positional)
+    assert token_grads.shape == (2, 2, 4, 16)
+    per_token = (token_grads * record.tokens[1].unsqueeze(1)).sum(dim=-1)
+    torch.testing.assert_close(per_token.unflatten(-1, (2, 2)), bcosvit.token_contributions(tiny, x, target, layer=1))
+
+
+def test_dynamic_linear_weights_switch_no_mode_outside_explanation_mode_they_are_input_gradients(tiny, images):
+    x = images(2, 1, 8)
+    logits, record = tiny(x, capture=Capture())
+    weights, _, _ = dynamic_linear_weights(record, logits[:, [3]])
+    assert not bcosvit.layers.is_explanation_mode(tiny)
+    leaf = x.clone().requires_grad_()
+    (gradient,) = torch.autograd.grad(tiny(leaf)[:, 3].sum(), leaf)  # through [x, 1 - x]: w_x - w_(1-x)
+    torch.testing.assert_close(weights[:, 0, :1] - weights[:, 0, 1:], gradient, rtol=1e-12, atol=1e-14)
+    assert (gradient - bcosvit.explain(tiny, x, 3).signed_weights).abs().max() > 1e-6
 
 
 # --- explain() leaves the model as it found it -----------------------------------------------

@@ -9,7 +9,7 @@ from torch import nn
 
 import bcosvit
 from bcosvit.layers import BcosConv2d, BcosLayerNorm, BcosLayerNorm2d, BcosLinear, LayerNorm2d
-from bcosvit.models import twin_name
+from bcosvit.models import Capture, twin_name
 
 BCOS_MODELS = bcosvit.list_models("bcos_*")
 SMALL_MODELS = [n for n in bcosvit.list_models() if n.endswith(("_28", "_32", "_64"))]
@@ -193,6 +193,120 @@ def test_gradient_checkpointing_gives_same_outputs_and_gradients(build, images, 
         calls.clear()
         torch.testing.assert_close(model(x), plain_logits, rtol=1e-13, atol=1e-13)
         assert not calls
+
+
+# --- Capturing forward pass ------------------------------------------------------------------
+
+
+def _blocks_by_hand(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Tokens after each layer (0: embedded) and each block's attention maps, block by block."""
+    tokens, grid = model.forward_tokens(x)
+    layers, maps = [tokens], []
+    for block in model.blocks:
+        maps.append(block.attn(block.norm1(tokens), grid, return_attn=True)[1])
+        tokens = block(tokens, grid)
+        layers.append(tokens)
+    return layers, maps
+
+
+@pytest.mark.parametrize(
+    ("name", "pos"),
+    [("bcos_vit_nano_patch4_28", "sincos"), ("bcos_vitc_micro_28", "rope"), ("vit_nano_patch4_28", "learned")],
+)
+def test_capture_records_the_tokens_of_the_ordinary_pass(build, images, name, pos):
+    model = build(name, depth=3, pos_embed=pos, image_size=12)
+    x = images(2, 1, 12, 16)  # a 3×4 token grid
+    logits, record = model(x, capture=Capture(layers=(0, 2, -1, 3)))
+    assert torch.equal(logits, model(x))
+    assert record.grid == (3, 4) and record.inputs.shape == (2, 2 if model.is_bcos else 1, 12, 16)
+    assert record.inputs.is_leaf and record.inputs.requires_grad
+    assert torch.equal(record.inputs, model.encode(x))
+    layers, _ = _blocks_by_hand(model, x)
+    assert list(record.tokens) == [0, 2, -1, 3] and record.tokens[-1] is record.tokens[3]
+    assert record.tokens[0] is record.embedded
+    assert all(torch.equal(record.tokens[layer], layers[layer]) for layer in (0, 2, 3))
+    assert torch.equal(record.tokens[-1], model.forward_features(x))
+    if pos == "rope":
+        assert record.positional is None
+    else:
+        assert record.positional.shape == (12, model.embed_dim)
+        assert torch.equal(record.positional, model.pos_embed.embedding((3, 4)))
+
+
+@pytest.mark.parametrize("name", ["bcos_vit_nano_patch4_28", "vit_nano_patch4_28"])
+def test_captured_attention_maps_are_each_blocks_softmax_rows(build, images, name):
+    model = build(name, depth=3, image_size=12)
+    x = images(2, 1, 12, 16)
+    logits, record = model(x, capture=Capture(layers=(2,), attention=True))
+    # The maps come from the explicit softmax, the ordinary pass from the fused kernel: equal up to rounding.
+    torch.testing.assert_close(logits, model(x), rtol=1e-12, atol=1e-12)
+    layers, maps = _blocks_by_hand(model, x)
+    torch.testing.assert_close(record.tokens[2], layers[2], rtol=1e-12, atol=1e-12)
+    assert len(record.attentions) == 3
+    for captured, by_hand in zip(record.attentions, maps, strict=True):
+        assert captured.shape == (2, model.blocks[0].attn.num_heads, 12, 12)
+        torch.testing.assert_close(captured, by_hand, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(captured.sum(-1), torch.ones_like(captured[..., 0]), rtol=1e-13, atol=1e-13)
+
+
+def test_capture_keeps_only_what_it_is_asked_for(build, images):
+    model = build("bcos_vit_nano_patch4_28", depth=2, image_size=8)
+    logits, record = model(images(2, 1, 8), capture=Capture())
+    assert record.tokens == {} and record.attentions == []
+    assert record.embedded.shape == (2, 4, model.embed_dim)
+
+
+def test_gradient_at_the_captured_input_in_explanation_mode_is_the_explanation(build, images):
+    model = build("bcos_vit_nano_patch4_28", depth=2, image_size=8)
+    x = images(3, 1, 8)
+    target = torch.tensor([1, 4, 7])
+    with bcosvit.explanation_mode(model):
+        logits, record = model(x, capture=Capture())
+    (weights,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), record.inputs)
+    torch.testing.assert_close(weights, bcosvit.explain(model, x, target).weights, rtol=0, atol=0)
+
+
+def test_forward_without_capture_returns_the_logits_of_the_blocks_by_hand(build, images):
+    model = build("bcos_vit_nano_patch4_28", depth=2, image_size=8)
+    x = images(2, 1, 8)
+    logits = model(x)
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, 10)
+    assert torch.equal(logits, model.forward_head(_blocks_by_hand(model, x)[0][-1]))
+    leaf = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(model(leaf)[:, 2].sum(), leaf)  # no capture: nothing cuts the images off
+    assert grad.abs().sum() > 0
+
+
+def test_capture_goes_through_a_wrapper_that_forwards_keyword_arguments(build, images):
+    model = build("bcos_vit_nano_patch4_28", depth=2, image_size=8)
+    wrapper = nn.DataParallel(model)  # on the CPU it calls the model with the same arguments
+    x = images(2, 1, 8)
+    logits, record = wrapper(x, capture=Capture(layers=(1,)))
+    assert torch.equal(logits, model(x)) and set(record.tokens) == {1}
+    record.tokens[1].sum().backward()
+    assert model.blocks[0].mlp.fc1.weight.grad.abs().sum() > 0 and model.head.weight.grad is None
+
+
+def test_capture_with_gradient_checkpointing_records_the_same_tensors(build, images):
+    model = build("bcos_vit_nano_patch4_28", depth=2, image_size=8)
+    x = images(2, 1, 8)
+    plain_logits, plain = model(x, capture=Capture(layers=(1,), attention=True))
+    model.set_grad_checkpointing(True)
+    logits, record = model(x, capture=Capture(layers=(1,), attention=True))
+    torch.testing.assert_close(logits, plain_logits, rtol=0, atol=0)
+    torch.testing.assert_close(record.tokens[1], plain.tokens[1], rtol=0, atol=0)
+    for a, b in zip(record.attentions, plain.attentions, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(logits[:, 3].sum(), record.inputs)
+    (plain_grad,) = torch.autograd.grad(plain_logits[:, 3].sum(), plain.inputs)
+    torch.testing.assert_close(grad, plain_grad, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("layer", [3, -4])
+def test_capturing_a_layer_the_model_does_not_have_is_a_clear_config_error(build, images, layer):
+    model = build("bcos_vit_nano_patch4_28", depth=2, image_size=8)
+    with pytest.raises(bcosvit.ConfigError, match=rf"layer must lie in \[0, 2\] .*got {layer}"):
+        model(images(1, 1, 8), capture=Capture(layers=(layer,)))
 
 
 def test_bcos_model_encodes_inverse_and_standard_model_normalises(build, images):

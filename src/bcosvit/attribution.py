@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from .errors import ConfigError
 from .explanation import BaselineLike, ImagesLike, as_model_input, baseline_image, explain
 from .layers.detach import attribution_state
-from .models.vit import VisionTransformer
+from .models.vit import Capture, VisionTransformer
 from .targets import TargetLike, normalize_target
 
 AttributionFn = Callable[..., Tensor]
@@ -113,11 +113,6 @@ def _to_pixels(token_maps: Tensor, images: Tensor, patch_size: int) -> Tensor:
     h, w = images.shape[-2:]
     grid = token_maps.unflatten(1, (h // patch_size, w // patch_size))
     return F.interpolate(grid[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-
-
-def _target_logits(model: VisionTransformer, tokens: Tensor, target: Tensor) -> Tensor:
-    """``(N,)`` target logits from tokens after the last block ``(N, L, D)``."""
-    return model.forward_head(tokens).gather(1, target[:, None])[:, 0]
 
 
 # --- Captum methods on the input pixels ----------------------------------------------------------
@@ -189,8 +184,9 @@ def gradcam(model: nn.Module, images: ImagesLike, target: TargetLike = None) -> 
     model, images = _prepare(model, images)
     with attribution_state(model, explanation=False):
         target = _targets(model, images, target)
-        tokens = model.forward_features(images.detach().requires_grad_(True))  # (N, L, D)
-        (grads,) = torch.autograd.grad(_target_logits(model, tokens, target).sum(), tokens)
+        logits, record = model(images, capture=Capture(layers=(-1,)))
+        tokens = record.tokens[-1]  # (N, L, D)
+        (grads,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), tokens)
         weights = grads.mean(dim=1, keepdim=True)  # (N, 1, D): mean gradient over tokens
         cam = torch.relu((weights * tokens).sum(dim=-1)).detach()  # (N, L)
     return _finish(_to_pixels(cam, images, model.patch_size))
@@ -222,8 +218,8 @@ def rollout(model: nn.Module, images: ImagesLike, target: TargetLike = None) -> 
     """
     model, images = _prepare(model, images)
     with attribution_state(model, explanation=False, gradients=False):
-        _, attentions = model.forward_features_with_attn(images)
-        relevance = attention_rollout(attentions).mean(dim=1)  # (N, L)
+        _, record = model(images, capture=Capture(attention=True))
+        relevance = attention_rollout(record.attentions).mean(dim=1)  # (N, L)
     return _finish(_to_pixels(relevance, images, model.patch_size))
 
 
@@ -262,10 +258,10 @@ def transformer_attribution(model: nn.Module, images: ImagesLike, target: Target
     model, images = _prepare(model, images)
     with attribution_state(model, explanation=False):
         target = _targets(model, images, target)
-        tokens, attentions = model.forward_features_with_attn(images.detach().requires_grad_(True))
-        grads = torch.autograd.grad(_target_logits(model, tokens, target).sum(), attentions)
+        logits, record = model(images, capture=Capture(attention=True))
+        grads = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), record.attentions)
         with torch.no_grad():
-            matrix = transformer_attribution_matrix([a.detach() for a in attentions], list(grads))
+            matrix = transformer_attribution_matrix([a.detach() for a in record.attentions], list(grads))
             relevance = (matrix - torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)).mean(dim=1)
     return _finish(_to_pixels(relevance, images, model.patch_size))
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
 from .layers.detach import attribution_state
-from .models.vit import VisionTransformer, check_pixel_values
+from .models.vit import Capture, CaptureRecord, VisionTransformer, check_pixel_values
 from .targets import TargetLike, normalize_target
 
 ImagesLike = Any  # a Tensor, numpy array or nested lists of shape (N, C, H, W); see as_model_input
@@ -159,60 +159,34 @@ def baseline_image(baseline: BaselineLike, images: Tensor) -> Tensor:
     return image
 
 
-@dataclass
-class _Pass:
-    logits: Tensor
-    inputs: Tensor  # leaf: encoded images
-    embedded: Tensor | None  # tokens after the positional embedding (when it is additive)
-    positional: Tensor | None  # (L, D) the additive embedding itself
-    layer_tokens: Tensor | None  # tokens at the requested layer
-
-
-def _forward(model: VisionTransformer, images: Tensor, layer: int | None) -> _Pass:
-    """One explanation-mode forward pass capturing the tensors the backward pass needs."""
-    captured: dict[str, Tensor] = {}
-
-    def encoded_leaf(module, args, output):
-        captured["inputs"] = output.detach().requires_grad_(True)
-        return captured["inputs"]
-
-    def capture(name):
-        def hook(module, args, output):
-            captured[name] = output[0] if isinstance(output, tuple) else output
-            if name == "embedded":
-                captured["grid"] = args[1]
-
-        return hook
-
-    handles = [model.encode.register_forward_hook(encoded_leaf)]
-    if model.pos_embed is not None:
-        handles.append(model.pos_embed.register_forward_hook(capture("embedded")))
-    if layer is not None:
-        module = model.blocks[layer - 1] if layer > 0 else (model.pos_embed or model.tokenizer)
-        handles.append(module.register_forward_hook(capture("layer_tokens")))
-    try:
-        logits = model(images)
-    finally:
-        for handle in handles:
-            handle.remove()
-    positional = model.pos_embed.embedding(captured["grid"]) if model.pos_embed is not None else None
-    return _Pass(logits, captured["inputs"], captured.get("embedded"), positional, captured.get("layer_tokens"))
-
-
-def _backward(
-    outputs: Tensor,
-    state: _Pass,
-    extra: Tensor | None,
-    create_graph: bool,
+def dynamic_linear_weights(
+    record: CaptureRecord, outputs: Tensor, create_graph: bool = False, *, layer: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Backward passes for ``outputs`` ``(N, T)``: weights ``(N, T, 2C, H, W)``, positional ``(N, T)``,
-    and (if ``extra`` is given) the gradient w.r.t. ``extra`` ``(N, T, ...)``."""
-    sources = [state.inputs]
-    if state.embedded is not None:
-        sources.append(state.embedded)
-    if extra is not None:
-        sources.append(extra)
-    weights, positional, extras = [], [], []
+    """The dynamic linear map of ``outputs`` ``(N, T)``, computed from ``record`` in explanation mode.
+
+    One backward pass per column of ``outputs``, each for the whole batch. Neither switches modes
+    nor checks anything: the caller ran ``model(images, capture=...)`` in explanation mode (for
+    ``w(x)``; outside it the same call gives plain input gradients) and ``outputs`` come from it.
+
+    Args:
+        record: the capturing pass's record.
+        outputs: ``(N, T)`` values computed from it (target logits, or units of ``record.tokens``).
+        create_graph: keep the graph so the results can be differentiated again (a loss on the
+            explanation that trains the parameters).
+        layer: a key of ``record.tokens``: also return the gradients with respect to those tokens.
+
+    Returns:
+        ``weights`` ``(N, T, C', H, W)`` = ``∂outputs/∂record.inputs`` (``w(x)``), ``positional``
+        ``(N, T)`` = ``∂outputs/∂record.embedded · record.positional`` (0 where the model adds no
+        positional embedding), and ``(N, T, L, D)`` = ``∂outputs/∂record.tokens[layer]`` (None
+        without ``layer``).
+    """
+    sources = [record.inputs]
+    if record.positional is not None:
+        sources.append(record.embedded)
+    if layer is not None:
+        sources.append(record.tokens[layer])
+    weights, positional, token_grads = [], [], []
     num_targets = outputs.shape[1]
     for t in range(num_targets):
         grads = torch.autograd.grad(
@@ -224,16 +198,14 @@ def _backward(
         )
         grads = [torch.zeros_like(s) if g is None else g for s, g in zip(sources, grads)]
         weights.append(grads[0])
-        if state.embedded is not None:
-            positional.append((grads[1] * state.positional).sum(dim=(1, 2)))
-        else:
-            positional.append(outputs.new_zeros(outputs.shape[0]))
-        if extra is not None:
-            extras.append(grads[-1])
+        if record.positional is not None:
+            positional.append((grads[1] * record.positional).sum(dim=(1, 2)))
+        if layer is not None:
+            token_grads.append(grads[-1])
     return (
         torch.stack(weights, dim=1),
-        torch.stack(positional, dim=1),
-        torch.stack(extras, dim=1) if extra is not None else None,
+        torch.stack(positional, dim=1) if positional else outputs.new_zeros(outputs.shape),
+        torch.stack(token_grads, dim=1) if token_grads else None,
     )
 
 
@@ -241,16 +213,17 @@ def _assemble(
     logits: Tensor,
     target: Tensor,
     outputs: Tensor,
-    state: _Pass,
+    inputs: Tensor,
     weights: Tensor,
     positional: Tensor,
     bias: float,
     encoded_baseline: Tensor | None = None,
 ) -> Explanation:
-    """The ``Explanation`` from the passes' results ``(N, T, ...)``; ``encoded_baseline`` ``(1, 2C, H, W)``
-    is ``[b, 1 - b]`` of the baseline image (None: contributions relative to the encoded input 0)."""
+    """The ``Explanation`` from the passes' results ``(N, T, ...)`` and the encoded ``inputs`` ``(N, 2C, H, W)``;
+    ``encoded_baseline`` ``(1, 2C, H, W)`` is ``[b, 1 - b]`` of the baseline image (None: contributions
+    relative to the encoded input 0)."""
     detach = not weights.requires_grad
-    inputs = state.inputs.detach() if detach else state.inputs
+    inputs = inputs.detach() if detach else inputs
     if encoded_baseline is None:
         contributions = (weights * inputs.unsqueeze(1)).sum(dim=2)
         baseline_term = torch.zeros_like(positional)
@@ -330,18 +303,11 @@ def explain(
     images = as_model_input(model, images)
     encoded_baseline = None if baseline is None else model.encode(baseline_image(baseline, images))
     with attribution_state(model):
-        state = _forward(model, images, layer=None)
-        logits = state.logits
+        logits, record = model(images, capture=Capture())
         target, outputs = _class_targets(model, logits, target)
-        weights, positional, _ = _backward(outputs, state, None, create_graph)
-    return _assemble(logits, target, outputs, state, weights, positional, model.logit_bias_value, encoded_baseline)
-
-
-def _check_layer(model: VisionTransformer, layer: int) -> int:
-    depth = len(model.blocks)
-    if not -depth - 1 <= layer <= depth:
-        raise ConfigError(f"layer must lie in [0, {depth}] (0: embedded tokens, {depth}: last block), got {layer}")
-    return layer % (depth + 1)
+        weights, positional, _ = dynamic_linear_weights(record, outputs, create_graph)
+    bias = model.logit_bias_value
+    return _assemble(logits, target, outputs, record.inputs, weights, positional, bias, encoded_baseline)
 
 
 def explain_unit(
@@ -360,11 +326,10 @@ def explain_unit(
         model's dtype and on its device (``images`` as in ``explain``).
     """
     model = _require_bcos(model)
-    layer = _check_layer(model, layer)
     images = as_model_input(model, images)
     with attribution_state(model):
-        state = _forward(model, images, layer)
-        tokens = state.layer_tokens
+        logits, record = model(images, capture=Capture(layers=(layer,)))
+        tokens = record.tokens[layer]
         n, num_tokens, dim = tokens.shape
         token_index = normalize_target(
             token, torch.zeros(n, dtype=torch.long, device=tokens.device), num_tokens, "token"
@@ -377,10 +342,8 @@ def explain_unit(
         picked = tokens[torch.arange(n, device=tokens.device), token_index]  # (N, D)
         index = channels if channels.ndim == 2 else channels[:, None]
         outputs = picked.gather(1, index)
-        weights, positional, _ = _backward(outputs, state, None, create_graph=False)
-        if layer == 0 and model.pos_embed is None:
-            positional = torch.zeros_like(positional)
-    return _assemble(state.logits.detach(), channels, outputs, state, weights, positional, 0.0)
+        weights, positional, _ = dynamic_linear_weights(record, outputs)
+    return _assemble(logits.detach(), channels, outputs, record.inputs, weights, positional, 0.0)
 
 
 def token_contributions(model: nn.Module, images: ImagesLike, target: TargetLike = None, layer: int = -1) -> Tensor:
@@ -398,14 +361,11 @@ def token_contributions(model: nn.Module, images: ImagesLike, target: TargetLike
         device (``images`` and ``target`` as in ``explain``).
     """
     model = _require_bcos(model)
-    layer = _check_layer(model, layer)
     images = as_model_input(model, images)
     with attribution_state(model):
-        state = _forward(model, images, layer)
-        logits = state.logits
+        logits, record = model(images, capture=Capture(layers=(layer,)))
         target, outputs = _class_targets(model, logits, target)
-        _, _, token_grads = _backward(outputs, state, state.layer_tokens, create_graph=False)
-    per_token = (token_grads * state.layer_tokens.detach().unsqueeze(1)).sum(dim=-1)  # (N, T, L)
-    rows = images.shape[-2] // model.patch_size
-    per_token = per_token.unflatten(-1, (rows, -1))
+        _, _, token_grads = dynamic_linear_weights(record, outputs, layer=layer)
+    per_token = (token_grads * record.tokens[layer].detach().unsqueeze(1)).sum(dim=-1)  # (N, T, L)
+    per_token = per_token.unflatten(-1, record.grid)
     return per_token.squeeze(1) if target.ndim == 1 else per_token

@@ -5,9 +5,10 @@ is a distance penalty on the token grid. In explanation mode the
 attention matrix is a constant (queries and keys are computed without gradient), so the block
 is linear in ``x`` through ``v`` and ``proj``.
 
-Two paths compute the same values: the fast path calls
+Two paths compute the same values (up to float rounding): the fast path calls
 ``F.scaled_dot_product_attention``; ``return_attn=True`` computes the softmax explicitly and
-also returns the attention maps ``(N, heads, L, L)`` (used by attention-based baselines).
+also returns the attention maps ``(N, heads, L, L)`` (what a model's ``Capture(attention=True)``
+records for the attention-based baselines).
 """
 
 from __future__ import annotations

@@ -268,15 +268,56 @@ class Block(nn.Module):
         self.norm2 = layers.norm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), layers)
 
-    def forward(self, x: Tensor, grid: Grid) -> Tensor:
-        x = x + self.attn(self.norm1(x), grid)
-        return x + self.mlp(self.norm2(x))
-
-    def forward_with_attn(self, x: Tensor, grid: Grid) -> tuple[Tensor, Tensor]:
-        """Same as ``forward``, also returning the attention maps ``(N, heads, L, L)``."""
-        out, attn = self.attn(self.norm1(x), grid, return_attn=True)
+    def forward(self, x: Tensor, grid: Grid, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Tokens ``(N, L, D)`` -> ``(N, L, D)``; with ``return_attn``, also the attention maps ``(N, heads, L, L)``."""
+        out = self.attn(self.norm1(x), grid, return_attn=return_attn)
+        out, attn = out if return_attn else (out, None)
         x = x + out
-        return x + self.mlp(self.norm2(x)), attn
+        x = x + self.mlp(self.norm2(x))
+        return (x, attn) if return_attn else x
+
+
+@dataclass(frozen=True)
+class Capture:
+    """Which intermediate tensors a forward pass keeps: ``model(x, capture=Capture(...))``.
+
+    Attributes:
+        layers: token layers to keep: 0 for the embedded tokens (after the additive positional
+            embedding), ``k`` for the output of block ``k`` (1-based), negative counts from the end
+            (-1: the last block).
+        attention: keep every block's attention maps. The blocks then compute the softmax explicitly
+            instead of with the fused kernel: the same values up to float rounding.
+    """
+
+    layers: tuple[int, ...] = ()
+    attention: bool = False
+
+
+@dataclass
+class CaptureRecord:
+    """The intermediate tensors of one capturing forward pass (``model(x, capture=...)``).
+
+    In explanation mode the logits are ``w(x)·inputs + (∂logit/∂embedded)·positional + logit_bias``:
+    the gradient with respect to ``inputs`` is ``w(x)`` (``bcosvit.explanation.dynamic_linear_weights``).
+
+    Attributes:
+        inputs: ``(N, C', H, W)`` the encoded images (``[x, 1 - x]`` for a B-cos model, normalised
+            for a standard twin): a leaf that requires gradients; the rest of the pass starts from it.
+        embedded: ``(N, L, D)`` the tokens after the additive positional embedding (the tokenizer's
+            output where the scheme adds none).
+        positional: ``(L, D)`` the additive positional embedding; None where the scheme adds none.
+        grid: the token grid ``(rows, cols)``; ``L = rows * cols``, row-major.
+        tokens: ``{layer: (N, L, D)}`` the tokens at each layer of ``Capture.layers``, keyed as requested.
+        attentions: per block, first block first, the attention maps ``(N, heads, L, L)`` (rows sum
+            to 1 over the keys); empty unless ``Capture.attention``.
+    """
+
+    inputs: Tensor
+    embedded: Tensor
+    positional: Tensor | None
+    grid: Grid
+    tokens: dict[int, Tensor] = field(default_factory=dict)
+    attentions: list[Tensor] = field(default_factory=list)
 
 
 def _additive_positional_embedding(scheme: str, dim: int, grid: Grid) -> AdditivePositionalEmbedding | None:
@@ -382,31 +423,12 @@ class VisionTransformer(nn.Module):
 
     def forward_tokens(self, x: Tensor) -> tuple[Tensor, Grid]:
         """Encode, tokenise and add position: images ``(N, C, H, W)`` -> tokens ``(N, L, D)``, grid."""
-        if not torch.compiler.is_compiling():
-            self.check_input(x)
-        tokens, grid = self.tokenizer(self.encode(x))
-        if self.pos_embed is not None:
-            tokens = self.pos_embed(tokens, grid)
+        tokens, grid, _ = self._embed(x, None)
         return tokens, grid
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``(N, C, H, W)`` in [0, 1] -> tokens after the last block ``(N, L, D)``."""
-        tokens, grid = self.forward_tokens(x)
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, grid, use_reentrant=False)
-            else:
-                tokens = block(tokens, grid)
-        return tokens
-
-    def forward_features_with_attn(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Like ``forward_features``, also returning each block's attention maps ``(N, heads, L, L)``."""
-        tokens, grid = self.forward_tokens(x)
-        maps = []
-        for block in self.blocks:
-            tokens, attn = block.forward_with_attn(tokens, grid)
-            maps.append(attn)
-        return tokens, maps
+        return self._forward_features(x, None)[0]
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
         """Tokens ``(N, L, D)`` -> logits ``(N, num_classes)`` (or pooled features ``(N, D)``)."""
@@ -415,8 +437,60 @@ class VisionTransformer(nn.Module):
             return pooled
         return self.logit_bias(self.head(pooled))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: Tensor, capture: Capture | None = None) -> Tensor | tuple[Tensor, CaptureRecord]:
+        """Images ``(N, C, H, W)`` in [0, 1] -> logits ``(N, num_classes)``.
+
+        With ``capture``, returns ``(logits, record)``: the ``CaptureRecord`` of the tensors it asks
+        for, from this same pass (a DistributedDataParallel wrapper sees it like any forward).
+        ``ConfigError`` names a captured layer outside ``[-depth - 1, depth]``.
+        """
+        tokens, record = self._forward_features(x, capture)
+        logits = self.forward_head(tokens)
+        return logits if record is None else (logits, record)
+
+    def _embed(self, x: Tensor, capture: Capture | None) -> tuple[Tensor, Grid, CaptureRecord | None]:
+        """``forward_tokens``, and with ``capture`` the record begun at the encoded input, made a leaf
+        so that gradients of an explanation stop where ``w(x)`` is read off."""
+        if not torch.compiler.is_compiling():
+            self.check_input(x)
+        encoded = self.encode(x)
+        if capture is not None:
+            encoded = encoded.detach().requires_grad_()
+        tokens, grid = self.tokenizer(encoded)
+        positional = None if self.pos_embed is None else self.pos_embed.embedding(grid)
+        if positional is not None:
+            tokens = tokens + positional
+        return tokens, grid, None if capture is None else CaptureRecord(encoded, tokens, positional, grid)
+
+    def _forward_features(self, x: Tensor, capture: Capture | None) -> tuple[Tensor, CaptureRecord | None]:
+        """Tokens after the last block ``(N, L, D)`` and, with ``capture``, the filled record."""
+        wanted = {} if capture is None else {layer: self._check_layer(layer) for layer in capture.layers}
+        keep = set(wanted.values())
+        tokens, grid, record = self._embed(x, capture)
+        kept = {0: tokens} if 0 in keep else {}
+        for k, block in enumerate(self.blocks, start=1):
+            if record is not None and capture.attention:
+                tokens, attn = self._run_block(block, tokens, grid, return_attn=True)
+                record.attentions.append(attn)
+            else:
+                tokens = self._run_block(block, tokens, grid)
+            if k in keep:
+                kept[k] = tokens
+        if record is not None:
+            record.tokens = {layer: kept[k] for layer, k in wanted.items()}
+        return tokens, record
+
+    def _run_block(self, block: Block, tokens: Tensor, grid: Grid, return_attn: bool = False) -> Tensor | tuple:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, tokens, grid, return_attn, use_reentrant=False)
+        return block(tokens, grid, return_attn)
+
+    def _check_layer(self, layer: int) -> int:
+        """``layer`` in ``[0, depth]`` (negative layers count from the end); ``ConfigError`` outside."""
+        depth = len(self.blocks)
+        if not -depth - 1 <= layer <= depth:
+            raise ConfigError(f"layer must lie in [0, {depth}] (0: embedded tokens, {depth}: last block), got {layer}")
+        return layer % (depth + 1)
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a freshly initialised one for ``num_classes`` classes."""

@@ -27,11 +27,12 @@ from tqdm import tqdm
 
 from ...checkpoint import load_state_dict, save_weights
 from ...errors import CheckpointError, ConfigError
-from ...explanation import explain
+from ...explanation import dynamic_linear_weights
 from ...fileio import atomic_write, ensure_writable_dir, remove_stale_temporaries
+from ...layers import explanation_mode
 from ...metrics import TopkAccuracy, topk_accuracy
 from ...models.registry import create_model
-from ...models.vit import VisionTransformer
+from ...models.vit import Capture, VisionTransformer
 from ..data import evaluation_split, load_dataset
 from ..precision import autocast, compile_available, resolve_precision
 from .config import TrainConfig
@@ -77,27 +78,6 @@ def setup_distributed() -> Runtime:
 def is_main_process() -> bool:
     """True in a single process and on rank 0 of a ``torchrun`` job."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def check_replicas_in_sync(model: nn.Module, what: str = "", atol: float = 1e-5) -> None:
-    """Raise if this process's weights differ from rank 0's (a no-op in a single process).
-
-    DDP keeps replicas identical only if every gradient goes through its all-reduce; a loss path
-    that bypassed it (e.g. a second forward of the unwrapped module that DDP never saw) would let
-    the processes drift apart silently. Every process must call this (it communicates).
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
-    reference = flat.clone()
-    dist.broadcast(reference, src=0)
-    drift = (flat - reference).abs().max().reshape(1)
-    dist.all_reduce(drift, op=dist.ReduceOp.MAX)
-    if float(drift) > atol:
-        raise RuntimeError(
-            f"the processes' weights differ by up to {float(drift):.3g}{' ' + what if what else ''}: some gradient "
-            "was not synchronised by DistributedDataParallel; train in one process and report this"
-        )
 
 
 def unwrap(model: nn.Module) -> VisionTransformer:
@@ -366,11 +346,15 @@ class _Trainer:
 
     def _energy_loss(self, canvases: Tensor, cells: Tensor, grid: int) -> Tensor:
         """Energy loss of the exact explanation of one random cell's class per canvas; the
-        explanation keeps its graph so the loss trains the weights through it."""
+        explanation keeps its graph so the loss trains the weights through it. Its forward pass goes
+        through DDP like the classification's (not through torch.compile: no double backward)."""
         pick = torch.randint(cells.shape[1], (cells.shape[0], 1), device=cells.device)
         target = cells.gather(1, pick).squeeze(1)
-        with autocast(self.recipe.precision, self.rt.device):
-            maps = explain(self.model, canvases, target, create_graph=True).contributions
+        net = getattr(self.net, "_orig_mod", self.net)
+        with autocast(self.recipe.precision, self.rt.device), explanation_mode(self.model):
+            logits, record = net(canvases, capture=Capture())
+            weights, _, _ = dynamic_linear_weights(record, logits.gather(1, target[:, None]), create_graph=True)
+            maps = (weights[:, 0] * record.inputs).sum(dim=1)
         loss = energy_loss(maps.float(), cells == target[:, None], grid)
         self.energy_sum, self.energy_batches = self.energy_sum + loss.item(), self.energy_batches + 1
         return loss
@@ -532,7 +516,6 @@ def train(
             "epoch_seconds": elapsed,
             "train_images_per_s": steps_per_epoch * config.batch_size / elapsed,
         }
-        check_replicas_in_sync(model, f"after epoch {epoch}")
         energy = trainer.pop_energy()
         if energy is not None:
             metrics["train_energy_loss"] = energy
