@@ -48,11 +48,12 @@ bench: install
 	$(PY) benchmarks/throughput.py
 
 demo: install data
-	$(VENV)/bin/bcosvit train --preset fmnist-demo --out runs/demo
+	$(VENV)/bin/bcosvit train --recipe fmnist-demo --out runs/demo
 
-# Copy the trained Fashion-MNIST pair into the package (see docs/results.md for how they were trained).
-# RUN_SUFFIX picks other runs of the same models, e.g. `make ship RUN_SUFFIX=-rope30`.
+# Copy the trained Fashion-MNIST pair into the package: the last stage of each model's recipe,
+# `bcosvit train --recipe fmnist-<model> --out runs/fmnist-<model>` (docs/results.md).
+# STAGE picks another stage of the same runs, e.g. `make ship STAGE=cycle1`.
 SHIPPED ?= bcos_vitc_micro_28 vitc_micro_28
-RUN_SUFFIX ?=
+STAGE ?= cycle4
 ship: install
-	for name in $(SHIPPED); do $(PY) -c "from bcosvit.checkpoint import ship_weights; print(ship_weights('runs/fmnist-$$name$(RUN_SUFFIX)'))"; done
+	for name in $(SHIPPED); do $(PY) -c "from bcosvit.checkpoint import ship_weights; print(ship_weights('runs/fmnist-$$name/$(STAGE)'))"; done

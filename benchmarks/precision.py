@@ -6,9 +6,9 @@ Reproduce (from the repository root)::
 
 Times one full training step (forward, loss, backward, clipping, optimizer step) of the main job's
 B-cos model ``bcos_vitc_micro_28`` and its standard twin ``vitc_micro_28`` (28x28 greyscale, 10
-classes, the ``fmnist-demo`` preset's batch) in float32, under bf16 autocast, and ``torch.compile``d
+classes, the ``fmnist-demo`` recipe's batch) in float32, under bf16 autocast, and ``torch.compile``d
 in float32, B-cos and twin interleaved, median of ``--repeats`` rounds. Prints the CPU's extensions
-and the precision that ``--precision auto`` (the default of ``bcosvit train``) picks here.
+and the precision that ``precision = "auto"`` (the default of ``bcosvit train``) picks here.
 """
 
 from __future__ import annotations
@@ -32,15 +32,15 @@ from throughput import (
     write_results,
 )
 
-from bcosvit.app.training import get_preset
+from bcosvit.app.training import load_recipe
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "precision.json"
 
 
 def main_job_setting() -> Setting:
-    preset = get_preset("fmnist-demo")
+    main_job = load_recipe("fmnist-demo").stages[0].config
     return Setting(
-        "main", preset.model, batch=preset.batch_size, quick_batch=16, image_size=28, num_classes=10, in_chans=1
+        "main", main_job.model, batch=main_job.batch_size, quick_batch=16, image_size=28, num_classes=10, in_chans=1
     )
 
 
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"main job: {setting.describe(batch)}; median of {args.repeats} interleaved repeats")
     print()
     print(format_table(rows))
-    print(f"\nbcosvit train --precision auto picks: {machine['precision_auto']}")
+    print(f"\nbcosvit train with precision 'auto' picks: {machine['precision_auto']}")
     write_results(
         args.json,
         {

@@ -1,4 +1,4 @@
-"""The command line: listing models and clear errors instead of tracebacks."""
+"""The command line: listing models and recipes, and clear errors instead of tracebacks."""
 
 import subprocess
 import sys
@@ -29,13 +29,14 @@ def test_models_filter_and_empty_result(capsys):
 @pytest.mark.slow
 def test_bad_training_value_gives_a_one_line_error_not_a_traceback():
     result = subprocess.run(
-        [sys.executable, "-m", "bcosvit", "train", "--preset", "fmnist-demo", "--epochs", "0", "--data-dir", SUBSET],
+        [sys.executable, "-m", "bcosvit", "train", "--recipe", "fmnist-demo", "--epochs", "0", "--data-dir", SUBSET],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 2
-    assert "error: epochs must be >= 1" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.startswith("bcosvit train: error: recipe ") and "Traceback" not in result.stderr
+    assert "fmnist-demo.toml with the command line's options: epochs must be >= 1, got 0" in result.stderr
 
 
 @pytest.mark.slow
@@ -46,7 +47,7 @@ def test_missing_dataset_gives_install_instructions(tmp_path):
             "-m",
             "bcosvit",
             "train",
-            "--preset",
+            "--recipe",
             "fmnist-demo",
             "--data-dir",
             str(tmp_path),
@@ -61,9 +62,26 @@ def test_missing_dataset_gives_install_instructions(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_unknown_preset_lists_the_available_ones(capsys):
-    assert main(["train", "--preset", "nope"]) == 2
-    assert "fmnist-demo" in capsys.readouterr().err
+def test_unknown_recipe_lists_the_available_ones(capsys):
+    assert main(["train", "--recipe", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown recipe 'nope'; available: cifar10, fmnist, " in err and "fmnist-demo" in err
+
+
+def test_list_recipes_gives_each_recipe_a_line_with_its_description(capsys):
+    assert main(["train", "--list-recipes"]) == 0
+    lines = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines())
+    assert lines["fmnist-demo"].startswith("The main job: bcos_vitc_micro_28 with RoPE, 2 epochs")
+    assert "four cosine cycles" in lines["fmnist-bcos_vitc_micro_28"] and "imagenet" in lines
+
+
+def test_a_copied_recipe_with_a_wrong_key_is_refused_naming_file_stage_and_key(tmp_path, capsys):
+    copy = tmp_path / "mine.toml"
+    copy.write_text('description = "mine"\n[stages.warm]\nepochs = 1\n[stages.long]\nepoch = 30\n')
+    assert main(["train", "--recipe", str(copy), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: recipe {copy}, stage long: unknown training option(s) ['epoch']" in err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(
@@ -71,17 +89,21 @@ def test_unknown_preset_lists_the_available_ones(capsys):
     [
         (["--lr", "inf"], "lr must be a finite number, got inf"),
         (["--lr", "nan"], "lr must be a finite number, got nan"),
-        (["--test-subset", "-1"], "test_subset must be >= 1"),
-        (["--test-subset", "0"], "test_subset must be >= 1"),
+        (["--set", "test_subset=-1"], "test_subset must be >= 1"),
+        (["--set", "test_subset=0"], "test_subset must be >= 1"),
         (["--stop-after", "0"], "--stop-after must be >= 1"),
+        (["--set", "lr=fast"], "the command line: training option lr must be float, got 'fast'"),
+        (["--set", "learning_rate=0.1"], "the command line: unknown training option(s) ['learning_rate']"),
+        (["--set", "cycle1.lr=0.1"], "--set cycle1.KEY: recipe"),
+        (["--set", "lr"], "--set expects KEY=VALUE or STAGE.KEY=VALUE, got 'lr'"),
     ],
 )
 def test_train_rejects_bad_options_before_any_work(tmp_path, monkeypatch, capsys, options, message):
     def reached(*args, **kwargs):
         raise AssertionError("training started its work despite an invalid setting")
 
-    monkeypatch.setattr("bcosvit.app.training.loop._build_data", reached)
-    code = main(["train", "--preset", "fmnist-demo", "--data-dir", SUBSET, "--out", str(tmp_path / "run"), *options])
+    monkeypatch.setattr("bcosvit.app.training.loop.build_data", reached)
+    code = main(["train", "--recipe", "fmnist-demo", "--data-dir", SUBSET, "--out", str(tmp_path / "run"), *options])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("bcosvit train: error: ") and message in err and "Traceback" not in err
 

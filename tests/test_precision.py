@@ -7,7 +7,7 @@ import torch
 
 from bcosvit.app import precision
 from bcosvit.app.precision import resolve_precision
-from bcosvit.app.training import PRESETS, TrainConfig, train
+from bcosvit.app.training import TrainConfig, list_recipes, load_recipe, train
 from bcosvit.app.training import loop as train_loop
 
 from .test_train import tiny_config
@@ -50,8 +50,9 @@ def test_explicit_precisions_are_kept_and_slow_bf16_is_flagged(avx2_only):
     assert choice.precision == "bf16" and "expect a slow run" in choice.reason
 
 
-def test_every_preset_trains_in_fp32_on_a_cpu_without_native_bf16(avx2_only):
-    chosen = {name: resolve_precision(preset.precision, CPU).precision for name, preset in PRESETS.items()}
+def test_every_recipe_trains_in_fp32_on_a_cpu_without_native_bf16(avx2_only):
+    stages = {(name, stage.name): stage.config for name in list_recipes() for stage in load_recipe(name).stages}
+    chosen = {where: resolve_precision(config.precision, CPU).precision for where, config in stages.items()}
     assert set(chosen.values()) == {"fp32"}, {n: p for n, p in chosen.items() if p != "fp32"}
 
 

@@ -1,8 +1,9 @@
-"""Training runs: run folder contents, exact resume, DDP equivalence, recipe pieces, clear errors."""
+"""Training runs: recipes, run folder contents, exact resume, DDP equivalence, recipe pieces, clear errors."""
 
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 import types
@@ -13,8 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from bcosvit import ConfigError, create_model
-from bcosvit.app.training import TrainConfig, get_preset, train
-from bcosvit.app.training.loop import _Trainer
+from bcosvit.app.cli import build_parser, train_run_from_args
+from bcosvit.app.training import TrainConfig, list_recipes, load_recipe, train
+from bcosvit.app.training.config import build_recipe, parse_settings
+from bcosvit.app.training.loop import Trainer
+from bcosvit.app.training.main_job import run_recipe
 from bcosvit.app.training.recipe import (
     adaptive_clip_grad_,
     bce_uniform_off_labels,
@@ -56,13 +60,18 @@ def leave_stale_temporaries(folder: Path) -> list[Path]:
 def test_run_folder_holds_weights_metadata_metrics_and_plot(tmp_path):
     users_files = leave_stale_temporaries(tmp_path)
     metrics = train(tiny_config(), tmp_path, progress=False)
-    assert {"model.safetensors", "model.json", "state.pt", "metrics.jsonl", "curves.png"} <= {
+    assert {"config.json", "model.safetensors", "model.json", "state.pt", "metrics.jsonl", "curves.png"} <= {
         p.name for p in tmp_path.iterdir()
     }
     assert sorted(p for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == sorted(users_files)
     meta = json.loads((tmp_path / "model.json").read_text())
     assert meta["model_name"] == "bcos_vit_nano_patch4_28" and meta["epoch"] == 2
     assert meta["classes"][9] == "Ankle boot" and meta["train_config"]["batch_size"] == 64
+    # "auto" resolved once, when the run started: what the run did, readable in its folder
+    stored = json.loads((tmp_path / "config.json").read_text())
+    resolved = {"optimizer": "adam", "loss": "bce", "clip": "agc", "clip_value": 0.01}
+    assert {key: stored[key] for key in resolved} == resolved and stored["precision"] in ("fp32", "bf16")
+    assert meta["train_config"] == stored and meta["precision"] == stored["precision"]
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     assert 0 <= metrics["test_top1"] <= 100 and metrics["test_top5"] >= metrics["test_top1"]
@@ -174,6 +183,11 @@ needs_torchrun = pytest.mark.skipif(sys.platform != "linux", reason="torchrun wi
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
 
 
+def settings(*items: str) -> list[str]:
+    """``--set ITEM`` for each item."""
+    return [arg for item in items for arg in ("--set", item)]
+
+
 def torchrun_two(*args: str) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=2 ARGS`` on CPU (gloo)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
@@ -183,29 +197,9 @@ def torchrun_two(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.ddp
 @needs_torchrun
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
-    common = [
-        "--model",
-        "bcos_vit_nano_patch4_28",
-        "--data-dir",
-        SUBSET,
-        "--train-subset",
-        "256",
-        "--test-subset",
-        "64",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "64",
-        "--warmup-steps",
-        "2",
-        "--flip",
-        "false",
-        "--crop-padding",
-        "0",
-        "--explain-examples",
-        "false",
-        "--no-progress",
-    ]
+    common = ["--model", "bcos_vit_nano_patch4_28", "--data-dir", SUBSET, "--epochs", "1", "--batch-size", "64"]
+    common += ["--no-progress", *settings("train_subset=256", "test_subset=64", "warmup_steps=2", "flip=false")]
+    common += settings("crop_padding=0", "explain_examples=false")
     single = subprocess.run(
         [sys.executable, "-m", "bcosvit", "train", *common, "--out", str(tmp_path / "one")],
         env=SUBPROCESS_ENV,
@@ -248,10 +242,10 @@ def test_energy_loss_under_ddp_leaves_the_processes_with_identical_weights(tmp_p
         "sys.exit(code)\n"
     )
     ddp = torchrun_two(
-        str(script), "train", "--model", "bcos_vit_nano_patch4_28", "--data-dir", SUBSET,
-        "--train-subset", "128", "--test-subset", "32", "--epochs", "1", "--batch-size", "32",
-        "--mosaic", "0.5", "--mosaic-grid", "2", "--energy-loss", "10", "--energy-canvases", "2", "--lr", "1e-2",
-        "--warmup-steps", "0", "--explain-examples", "false", "--no-progress", "--out", str(tmp_path / "ddp"),
+        "-m", "bcosvit", "train", "--model", "bcos_vit_nano_patch4_28", "--data-dir", SUBSET,
+        "--epochs", "1", "--batch-size", "32", "--lr", "1e-2", "--no-progress", "--out", str(tmp_path / "ddp"),
+        *settings("train_subset=128", "test_subset=32", "mosaic=1", "mosaic_grid=2", "energy_loss=10"),
+        *settings("warmup_steps=0", "explain_examples=false"),
     )  # fmt: skip
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "on 2 process(es)" in ddp.stdout and "energy loss" in ddp.stdout
@@ -344,13 +338,13 @@ def test_energy_loss_trains_through_the_exact_explanation_of_mosaic_cells(tmp_pa
 def test_energy_canvases_are_tiled_from_the_batch_with_their_cell_classes():
     images = torch.arange(20.0).reshape(20, 1, 1, 1).expand(20, 1, 2, 2)
     targets = torch.nn.functional.one_hot(torch.arange(20) % 10, 10).float()
-    trainer = types.SimpleNamespace(config=TrainConfig(energy_canvases=3, mosaic_grid=2))
-    canvases, cells, grid = _Trainer._energy_canvases(trainer, images, targets)
+    trainer = types.SimpleNamespace(recipe=TrainConfig(energy_canvases=3, mosaic_grid=2))
+    canvases, cells, grid = Trainer.energy_canvases(trainer, images, targets)
     assert grid == 2 and canvases.shape == (3, 1, 4, 4)  # capped at energy_canvases
     assert cells.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
     assert canvases[2, 0, 2, 0] == 10.0  # third canvas, bottom-left cell: image 10 (row-major)
-    trainer.config = TrainConfig(energy_canvases=8, mosaic_grid=2)
-    assert len(_Trainer._energy_canvases(trainer, images, targets)[0]) == 5  # capped at what the batch holds
+    trainer.recipe = TrainConfig(energy_canvases=8, mosaic_grid=2)
+    assert len(Trainer.energy_canvases(trainer, images, targets)[0]) == 5  # capped at what the batch holds
 
 
 def test_bce_clamps_off_labels_to_one_over_c():
@@ -379,15 +373,190 @@ def test_schedule_warms_up_linearly_then_decays_to_the_minimum():
     assert warmup_cosine(100, 10, 100, min_ratio=0.1) == pytest.approx(0.1)
 
 
-def test_presets_cover_every_small_and_published_model_and_resolve_the_published_recipe():
-    bcos = get_preset("imagenet-bcos_vit_tiny_patch16_224").resolved()
+def test_imagenet_recipe_resolves_the_published_choices_per_family_and_warms_big_models_up_longer():
+    bcos = load_recipe("imagenet", {"model": "bcos_vit_tiny_patch16_224"}).stages[0].config.resolved()
     assert (bcos.optimizer, bcos.loss, bcos.clip, bcos.clip_value) == ("adam", "bce", "agc", 0.01)
     assert (bcos.batch_size, bcos.epochs, bcos.randaugment, bcos.mixup) == (1024, 90, 10, 0.2)
-    standard = get_preset("imagenet-vit_base_patch16_224").resolved()
+    assert (bcos.weight_decay, bcos.warmup_steps) == (0.0, 10_000)
+    standard = load_recipe("imagenet", {"model": "vit_base_patch16_224"}).stages[0].config.resolved()
     assert (standard.optimizer, standard.loss, standard.clip, standard.clip_value) == ("adamw", "ce", "norm", 1.0)
     assert standard.weight_decay == 1e-4 and standard.warmup_steps == 50_000
-    for name in ("fmnist-bcos_vitc_micro_28", "fmnist-vitc_micro_28", "fmnist-bcos_vit_micro_patch4_28"):
-        get_preset(name).validate()
+    assert load_recipe("imagenet", {"model": "bcos_vitc_large_224"}).stages[0].config.warmup_steps == 50_000
+    assert load_recipe("fmnist", {"model": "vitc_micro_28"}).stages[0].config.weight_decay == 0.05
+    assert load_recipe("fmnist", {"model": "bcos_vitc_micro_28"}).stages[0].config.weight_decay == 0.0
+
+
+# fmnist-demo of d6e33da (the preset of the main job), every field
+DEMO_PRESET = {
+    "model": "bcos_vitc_micro_28", "model_options": {"pos_embed": "rope"}, "dataset": "fashion-mnist",
+    "data_dir": None, "image_size": None, "train_subset": None, "test_subset": None, "epochs": 2,
+    "batch_size": 64, "lr": 1e-3, "weight_decay": 0.0, "optimizer": "auto", "loss": "auto", "clip": "auto",
+    "clip_value": None, "agc_eps": 1e-3, "warmup_steps": 300, "min_lr": 0.0, "randaugment": 0, "flip": True,
+    "crop_padding": None, "mixup": 0.0, "mosaic": 0.0, "mosaic_grid": 2, "energy_loss": 0.0, "energy_canvases": 0,
+    "init_from": None, "label_smoothing": 0.0, "ema": 0.0, "precision": "auto", "compile": True, "seed": 0,
+    "num_workers": 0, "explain_examples": True,
+}  # fmt: skip
+
+
+def test_main_job_recipe_is_the_old_fmnist_demo_preset():
+    recipe = load_recipe("fmnist-demo")
+    assert [stage.name for stage in recipe.stages] == [""]  # one run, straight into --out
+    assert recipe.stages[0].config.to_dict() == DEMO_PRESET
+    assert recipe.runs("runs/demo") == [(Path("runs/demo"), TrainConfig(**DEMO_PRESET))]
+
+
+# The shipped pair's four cycles as docs/results.md gave them at d6e33da: each
+#   bcosvit train --preset fmnist-<model> --model-options ... --init-from <previous cycle's run> <options>
+# with the preset fmnist-<model> = FMNIST_PRESET (+ weight decay 0.05 for the standard twin).
+FMNIST_PRESET = dict(dataset="fashion-mnist", epochs=20, batch_size=128, lr=1e-3, warmup_steps=1000, compile=True)
+ROPE, DIST1 = {"pos_embed": "rope"}, {"pos_embed": "rope", "attn_distance_penalty": 1.0}
+EMA_CYCLE = dict(epochs=15, lr=5e-4, warmup_steps=500, ema=0.999, seed=1)
+SHIPPED_CYCLES = {
+    "bcos_vitc_micro_28": [
+        dict(model_options=ROPE, epochs=30),
+        dict(model_options=ROPE, **EMA_CYCLE),
+        dict(model_options=DIST1, **EMA_CYCLE),
+        dict(model_options=DIST1, energy_loss=0.3, energy_canvases=16, mosaic_grid=3, epochs=6, lr=2e-4,
+             warmup_steps=300, ema=0.999, seed=2),
+    ],
+    "vitc_micro_28": [
+        dict(model_options=ROPE, epochs=30, weight_decay=0.05),
+        dict(model_options=ROPE, **EMA_CYCLE, weight_decay=0.05),
+        dict(model_options=DIST1, **EMA_CYCLE, weight_decay=0.05),
+        dict(model_options=DIST1, epochs=8, lr=3e-4, warmup_steps=300, ema=0.999, seed=2, weight_decay=0.05),
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", SHIPPED_CYCLES)
+def test_the_command_in_the_results_runs_the_shipped_four_cycles_each_from_the_previous_one(model):
+    # the command that docs/results.md gives for the shipped model, as the CLI reads it
+    lines = (REPO / "docs" / "results.md").read_text().splitlines()
+    (line,) = [line for line in lines if f"bcosvit train --recipe fmnist-{model} --out" in line]
+    words = shlex.split(line.partition("bcosvit")[2].partition("#")[0])
+    recipe, out = train_run_from_args(build_parser().parse_args(words))
+    folders = [out / f"cycle{i}" for i in range(1, 5)]
+    expected = [
+        TrainConfig(model=model, **{**FMNIST_PRESET, **cycle}, init_from=str(folders[i - 1]) if i else None)
+        for i, cycle in enumerate(SHIPPED_CYCLES[model])
+    ]
+    assert recipe.runs(out) == list(zip(folders, expected))
+    assert out == Path(f"runs/fmnist-{model}")  # where `make ship` takes cycle4 from
+
+
+def test_every_packaged_recipe_parses_and_says_what_it_is_for():
+    recipes = list_recipes()
+    assert {"fmnist-demo", "fmnist", "fmnist-mosaic", "cifar10", "imagenet"} <= set(recipes)
+    assert {"fmnist-bcos_vitc_micro_28", "fmnist-vitc_micro_28"} <= set(recipes)
+    for name, description in recipes.items():
+        assert 20 < len(description) < 160 and "\n" not in description, name
+        recipe = load_recipe(name)
+        assert recipe.name == name and recipe.stages
+        two = load_recipe(name, {"model": "vit_micro_patch4_32"} if name == "cifar10" else {"epochs": 1})
+        assert all(stage.config.validate() is None for stage in two.stages)
+
+
+def write_recipe(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+TWO_STAGES = """
+description = "a tiny two-stage recipe"
+[train]
+model = "bcos_vit_nano_patch4_28"
+train_subset = 128
+test_subset = 64
+epochs = 1
+batch_size = 64
+warmup_steps = 2
+explain_examples = false
+[stages.first]
+[stages.second]
+init_from_stage = "first"
+lr = 5e-4
+"""
+
+
+def two_stages_with(old: str, new: str) -> str:
+    return TWO_STAGES.replace(old, new)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (two_stages_with("lr = 5e-4", "lrr = 5e-4"), r"two.toml, stage second: unknown training option\(s\) \['lrr'\]"),
+        (two_stages_with("lr = 5e-4", "lr = 'fast'"), r"two.toml, stage second: training option lr must be float"),
+        (two_stages_with("lr = 5e-4", "lr = -1.0"), r"two.toml, stage second: lr must be positive, got -1.0"),
+        (two_stages_with("epochs = 1", "epoch = 1"), r"two.toml, \[train\]: unknown training option\(s\) \['epoch'\]"),
+        (two_stages_with('"first"', '"third"'), r"stage second: init_from_stage 'third' is no earlier stage"),
+        (TWO_STAGES + "[stages.third]\ninit_from_stage = 'third'\n", r"earlier: \['first', 'second'\]"),
+        ("[trian]\nepochs = 1\n", r"two.toml: unknown key\(s\) \['trian'\]"),
+        ("[standard]\nmodel = 'vit_nano_patch4_28'\n", r"two.toml, \[standard\]: may not set model"),
+        ("[train]\nmodel = 'vit_huge'\n", r"two.toml: unknown model name"),
+        ("[train\nepochs = 1\n", r"two.toml: not a valid TOML file"),
+    ],
+    ids=["unknown key", "wrong type", "out of range", "unknown key in train", "unknown stage", "later stage",
+         "unknown table", "family table sets model", "unknown model", "not TOML"],
+)  # fmt: skip
+def test_a_bad_recipe_file_is_refused_naming_file_stage_and_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(write_recipe(tmp_path / "two.toml", text))
+
+
+def test_set_options_apply_to_every_stage_or_one_and_are_checked_like_the_file(tmp_path):
+    path = write_recipe(tmp_path / "two.toml", TWO_STAGES)
+    settings, stage_settings = parse_settings(["epochs=3", "second.lr=1e-2", "data_dir=/x/y", "flip=false"])
+    assert settings == {"epochs": 3, "data_dir": "/x/y", "flip": False} and stage_settings == {"second": {"lr": 1e-2}}
+    first, second = load_recipe(path, settings, stage_settings).stages
+    assert (first.config.epochs, first.config.lr, first.config.data_dir) == (3, 1e-3, "/x/y")
+    assert (second.config.epochs, second.config.lr, second.init_from_stage) == (3, 1e-2, "first")
+    with pytest.raises(ConfigError, match=r"the command line: unknown training option\(s\) \['epohcs'\]"):
+        load_recipe(path, *parse_settings(["epohcs=3"]))
+    with pytest.raises(ConfigError, match=r"--set third.KEY: recipe .*two.toml has no stage 'third'"):
+        load_recipe(path, *parse_settings(["third.epochs=3"]))
+    with pytest.raises(ConfigError, match=r"stage second: starts from stage first .*\(--set first.init_from="):
+        load_recipe(path, *parse_settings(["init_from=runs/a"]))
+    with pytest.raises(ConfigError, match="--set expects KEY=VALUE"):
+        parse_settings(["epochs"])
+    assert build_recipe("", {}, settings={"epochs": 4}).runs("runs/x") == [(Path("runs/x"), TrainConfig(epochs=4))]
+
+
+def test_a_two_stage_recipe_runs_in_order_and_resumes_skipping_the_finished_stage(tmp_path, capsys):
+    recipe = load_recipe(write_recipe(tmp_path / "two.toml", TWO_STAGES), {"data_dir": SUBSET})
+    out = tmp_path / "run"
+    run_recipe(recipe, out, progress=False, stop_after=1)  # ends after the first stage's epoch
+    assert (out / "first" / "model.safetensors").is_file() and not (out / "second").exists()
+    assert "Continue with: bcosvit train --out" in capsys.readouterr().out
+    first_state = (out / "first" / "state.pt").read_bytes()
+    metrics = run_recipe(recipe, out, resume=True, progress=False)
+    printed = capsys.readouterr().out
+    assert f"stage first: finished (1 epochs in {out / 'first'}), skipped" in printed and metrics["epoch"] == 1
+    assert (out / "first" / "state.pt").read_bytes() == first_state  # not trained again
+    second = json.loads((out / "second" / "config.json").read_text())
+    assert second["init_from"] == str(out / "first") and second["lr"] == 5e-4
+    # the second stage started from the first one's weights: with lr ~ 0 they stay the same
+    still = load_recipe(str(tmp_path / "two.toml"), {"data_dir": SUBSET}, {"second": {"lr": 1e-12}})
+    run_recipe(still, tmp_path / "still", progress=False)
+    a = load_file(str(tmp_path / "still" / "first" / "model.safetensors"))
+    b = load_file(str(tmp_path / "still" / "second" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    run_recipe(recipe, out, resume=True, progress=False)
+    assert capsys.readouterr().out.count("finished (1 epochs") == 2
+    with pytest.raises(ConfigError, match=r"different settings for \['lr'\]"):  # a changed recipe is not skipped
+        run_recipe(load_recipe(str(tmp_path / "two.toml"), {"data_dir": SUBSET, "lr": 0.5}), out, resume=True)
+
+
+def test_a_run_that_stored_auto_settings_resumes_with_the_resolved_ones(tmp_path):
+    # runs before the recipes stored the config as given ("auto"); they must still resume
+    config = tiny_config(epochs=2)
+    train(config, tmp_path, progress=False, stop_after=1)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["config"]["optimizer"] == "adam"
+    state["config"].update(optimizer="auto", loss="auto", clip="auto", clip_value=None, precision="auto")
+    torch.save(state, tmp_path / "state.pt")
+    assert train(config, tmp_path, resume=True, progress=False)["epoch"] == 2
 
 
 @pytest.mark.parametrize(
@@ -433,7 +602,7 @@ def _fail_if_data_is_built(monkeypatch):
     def reached(*args, **kwargs):
         raise AssertionError("training started its work despite an invalid setting")
 
-    monkeypatch.setattr("bcosvit.app.training.loop._build_data", reached)
+    monkeypatch.setattr("bcosvit.app.training.loop.build_data", reached)
 
 
 @pytest.mark.parametrize("where", ["existing file", "under /proc", "parent is a file"])

@@ -7,10 +7,14 @@ import os
 import sys
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import BcosVitError
+
+if TYPE_CHECKING:
+    from .training.config import Recipe
 
 
 def _count(name: str) -> tuple[int, object]:
@@ -48,20 +52,36 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .training.config import PRESETS, config_from_args
-    from .training.main_job import run_training
+# the training options with a flag of their own (every option: --set KEY=VALUE)
+TRAIN_FLAGS = ("model", "dataset", "data_dir", "epochs", "batch_size", "lr", "seed")
 
-    if args.list_presets:
-        for name, preset in sorted(PRESETS.items()):
-            print(
-                f"{name:40s} {preset.model:28s} {preset.dataset:14s} "
-                f"{preset.epochs:3d} epochs, batch {preset.batch_size}"
-            )
+
+def train_run_from_args(args: argparse.Namespace) -> tuple[Recipe, Path]:
+    """The recipe, with the command line's options applied, and the run folder of ``bcosvit train``."""
+    from .training.config import build_recipe, load_recipe, parse_settings
+
+    settings, stage_settings = parse_settings(args.set or [])
+    settings = {**{key: getattr(args, key) for key in TRAIN_FLAGS if getattr(args, key) is not None}, **settings}
+    if args.recipe:
+        recipe = load_recipe(args.recipe, settings, stage_settings)
+    else:
+        recipe = build_recipe("", {}, "TrainConfig's defaults (no --recipe)", settings, stage_settings)
+    out = Path(args.out) if args.out else Path("runs") / (recipe.name or recipe.stages[0].config.model)
+    return recipe, out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training.config import list_recipes
+    from .training.main_job import run_recipe
+
+    if args.list_recipes:
+        for name, description in list_recipes().items():
+            print(f"{name:28s} {description}")
         return 0
-    config = config_from_args(args)
-    out = Path(args.out) if args.out else Path("runs") / (args.preset or config.model)
-    run_training(config, out, resume=args.resume, progress=not args.no_progress, stop_after=args.stop_after)
+    recipe, out = train_run_from_args(args)
+    recipe_flag = f" --recipe {args.recipe}" if args.recipe else ""
+    command = f"bcosvit train{recipe_flag} --out {out} --resume (plus the same options)"
+    run_recipe(recipe, out, args.resume, not args.no_progress, args.stop_after, command)
     return 0
 
 
@@ -206,7 +226,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .training.config import add_override_arguments
+    from .data import DATASETS
+    from .training.config import TrainConfig
 
     parser = argparse.ArgumentParser(prog="bcosvit", description="Holistically explainable B-cos Vision Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -217,17 +238,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train",
-        help="train a model (one process, or many with torchrun)",
-        description="Train from a named preset with optional overrides. Distributed: "
-        "torchrun --nproc_per_node=N -m bcosvit train ...",
+        help="train a model from a recipe (one process, or many with torchrun)",
+        description="Train from a named recipe (--list-recipes) or a recipe file of your own (a copy of one "
+        "from bcosvit/app/training/recipes/), with options changed on the command line. A recipe of "
+        "several stages runs them in order into sub-folders of --out, each starting from the previous one's "
+        "weights where the recipe says so. Distributed: torchrun --nproc_per_node=N -m bcosvit train ...",
+        epilog="keys for --set (TrainConfig in bcosvit/app/training/config.py says what each does): "
+        + ", ".join(TrainConfig.__dataclass_fields__),
     )
-    p.add_argument("--preset", help="named preset (see --list-presets)")
-    p.add_argument("--out", help="run folder (default: runs/<preset or model>)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    p.add_argument("--recipe", help="a recipe's name (see --list-recipes) or the path of a recipe .toml file")
+    p.add_argument("--list-recipes", action="store_true", help="list the recipes and exit")
+    p.add_argument("--out", help="run folder (default: runs/<recipe name, or model without --recipe>)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out (finished stages of a recipe are skipped)"
+    )
     p.add_argument("--stop-after", type=int, metavar="N", help="end after N epochs of this invocation (resume later)")
-    p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
-    add_override_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    group = p.add_argument_group("training options (every stage of the recipe)")
+    group.add_argument("--model", help="model name (bcosvit models)")
+    group.add_argument("--dataset", choices=DATASETS)
+    group.add_argument("--data-dir", help="dataset location (default for Fashion-MNIST: the Debian package's)")
+    group.add_argument("--epochs", type=int)
+    group.add_argument("--batch-size", type=int, help="global batch, split over processes")
+    group.add_argument("--lr", type=float, help="peak learning rate")
+    group.add_argument("--seed", type=int)
+    group.add_argument(
+        "--set",
+        action="append",
+        metavar="[STAGE.]KEY=VALUE",
+        help="any training option (keys below), for every stage or for STAGE only; VALUE is read as JSON where "
+        "it is JSON: --set warmup_steps=200 --set model_options='{\"pos_embed\": \"rope\"}' --set cycle1.epochs=3",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -257,7 +298,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_explain)
 
     from ..attribution import METHODS
-    from .data import DATASETS
 
     p = sub.add_parser(
         "evaluate",

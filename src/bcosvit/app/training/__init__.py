@@ -1,6 +1,6 @@
-"""Training: configuration and presets, recipe pieces, the (distributed) loop."""
+"""Training: configuration and recipe files, recipe pieces, the (distributed) loop."""
 
-from .config import PRESETS, TrainConfig, get_preset
+from .config import Recipe, Stage, TrainConfig, list_recipes, load_recipe
 from .loop import evaluate, train, unwrap
 
-__all__ = ["PRESETS", "TrainConfig", "evaluate", "get_preset", "train", "unwrap"]
+__all__ = ["Recipe", "Stage", "TrainConfig", "evaluate", "list_recipes", "load_recipe", "train", "unwrap"]

@@ -1,17 +1,42 @@
-"""One typed training configuration, named presets and command-line overrides."""
+"""One typed training configuration (``TrainConfig``) and the named recipes that fill it in.
+
+A recipe is a TOML file: ``recipes/<name>.toml`` in this package (``bcosvit train --list-recipes``)
+or a user's copy. Its tables, each a set of ``TrainConfig`` options, apply in this order, later
+ones winning:
+
+- ``[train]``: every stage;
+- ``[bcos]`` or ``[standard]``: only models of that family (B-cos models are named ``bcos_*``);
+- ``[models."PATTERN"]``: only models whose name matches the shell-style pattern;
+- ``[stages.NAME]``: one stage, in file order, each a run of its own in the sub-folder ``NAME`` of
+  the run folder; ``init_from_stage = "EARLIER"`` starts it from that earlier stage's weights. A
+  recipe without stages is one run straight into the run folder;
+- the command line: ``--model``, ``--epochs``, ... and ``--set KEY=VALUE`` for every stage, then
+  ``--set STAGE.KEY=VALUE`` for one.
+
+A table's option replaces the value of an earlier table (``model_options`` as a whole).
+A top-level ``description`` says in one line what the recipe is for. Options left "auto"
+(optimizer, loss, clip, clip_value, precision) are resolved when a run starts and stored, resolved,
+in its folder (``config.json``).
+"""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
-import types
+import re
+import tomllib
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from fnmatch import fnmatchcase
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any
 
 from ...errors import ConfigError
-from ...models.registry import list_models, model_config
+from ...models.registry import model_config
 from ...models.vit import ViTConfig
 from ..data import DATASETS
 from ..precision import PRECISIONS
@@ -19,7 +44,7 @@ from ..precision import PRECISIONS
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on; stored in the run folder."""
+    """Everything a training run depends on; stored, with every "auto" resolved, in the run folder."""
 
     model: str = "bcos_vit_micro_patch4_28"
     model_options: dict = field(default_factory=dict)  # ViTConfig overrides, e.g. {"pos_embed": "rope"}
@@ -94,8 +119,8 @@ class TrainConfig:
             (self.energy_canvases >= 0, f"energy_canvases must be >= 0, got {self.energy_canvases}"),
             (
                 not self.energy_loss or self.mosaic > 0 or self.energy_canvases > 0,
-                "energy_loss acts on mosaic canvases only: set --mosaic to a probability > 0 "
-                "or --energy-canvases to a count > 0",
+                "energy_loss acts on mosaic canvases only: set mosaic to a probability > 0 "
+                "or energy_canvases to a count > 0",
             ),
             (0 <= self.ema < 1, f"ema decay must lie in [0, 1), got {self.ema}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {self.label_smoothing}"),
@@ -121,7 +146,7 @@ class TrainConfig:
         if self.energy_loss and not self.is_bcos:
             raise ConfigError(
                 f"energy_loss trains on the exact B-cos explanation; {self.model} is a standard model "
-                "(use a bcos_* model or --energy-loss 0)"
+                "(use a bcos_* model or energy_loss = 0)"
             )
 
     @property
@@ -129,7 +154,9 @@ class TrainConfig:
         return model_config(self.model, **self.model_options).bcos
 
     def resolved(self) -> TrainConfig:
-        """A copy with every "auto" choice replaced by the published recipe's (SPEC §2.5)."""
+        """A copy with the "auto" optimizer, loss and clipping replaced by the published recipe's choice
+        for the model's family (B-cos: Adam, BCE, adaptive clipping 0.01; standard: AdamW, cross-entropy,
+        grad-norm clipping 1.0). ``precision`` depends on the device: ``loop.resolve_config`` resolves it."""
         bcos = self.is_bcos
 
         def pick(value: str, for_bcos: str, for_standard: str) -> str:
@@ -148,23 +175,34 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        """A config from stored values (a run's ``model.json`` or ``state.pt``); ``ConfigError``
-        names the first unknown option or value of the wrong type. Ranges are ``validate``'s job."""
+    @staticmethod
+    def check_options(data: dict) -> None:
+        """Raise ``ConfigError`` naming the first unknown option or value of the wrong type in ``data``
+        (option name -> value, some or all options). Ranges are ``validate``'s job."""
         if not isinstance(data, dict):
             raise ConfigError(f"a training config must be a mapping of option names to values, got {data!r:.60}")
-        unknown = sorted(set(data) - {f.name for f in fields(cls)}, key=str)
+        unknown = sorted(set(data) - {f.name for f in fields(TrainConfig)}, key=str)
         if unknown:
             raise ConfigError(f"unknown training option(s) {unknown}")
-        hints = typing.get_type_hints(cls)
+        hints = typing.get_type_hints(TrainConfig)
         for name, value in data.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
             kinds = typing.get_args(hints[name]) or (hints[name],)
             if not any(_fits(value, kind) for kind in kinds):
                 expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
                 raise ConfigError(f"training option {name} must be {expected}, got {value!r:.60}")
         _check_model_option_names(data.get("model_options", {}))
-        return cls(**data)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        """A config from stored values (a run's ``config.json``, ``model.json`` or ``state.pt``, a
+        recipe's merged tables); ``ConfigError`` as ``check_options`` says. Whole numbers given for
+        float options (``energy_loss = 1``) become floats, so a config is stored the same either way."""
+        cls.check_options(data)
+        hints = typing.get_type_hints(cls)
+        floats = {name for name, hint in hints.items() if float in (typing.get_args(hint) or (hint,))}
+        return cls(**{k: float(v) if k in floats and type(v) is int else v for k, v in data.items()})
 
 
 # set from the dataset when the model is built, so a run may not choose them
@@ -195,120 +233,206 @@ def _fits(value: object, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-# --- Presets --------------------------------------------------------------------------------
-def _fmnist(model: str, **kw) -> TrainConfig:
-    """Fashion-MNIST recipe shared by every small model (B-cos or standard: only 'auto' choices differ)."""
-    base = dict(
-        model=model, dataset="fashion-mnist", epochs=20, batch_size=128, lr=1e-3, warmup_steps=1000, compile=True
-    )
-    if not model.startswith("bcos_"):
-        base["weight_decay"] = 0.05
-    return TrainConfig(**{**base, **kw})
+# --- Recipes ----------------------------------------------------------------------------------
+RECIPES = resources.files(__package__).joinpath("recipes")  # the packaged recipe files
+_FAMILY_TABLES = ("bcos", "standard")
+_RECIPE_KEYS = ("description", "train", *_FAMILY_TABLES, "models", "stages")
+_STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a folder name, and no "." (STAGE.KEY)
 
 
-def _imagenet(model: str) -> TrainConfig:
-    """The published ImageNet recipe (SPEC §2.5) on an ImageNet-style folder."""
-    big = any(s in model for s in ("base", "large"))
-    bcos = model.startswith("bcos_")
-    return TrainConfig(
-        model=model,
-        dataset="folder",
-        image_size=224,
-        epochs=90,
-        batch_size=1024,
-        lr=1e-3,
-        weight_decay=0.0 if bcos else 1e-4,
-        warmup_steps=50_000 if big else 10_000,
-        randaugment=10,
-        mixup=0.2,
-        compile=True,
-        num_workers=8,
-    )
+@dataclass(frozen=True)
+class Stage:
+    """One run of a recipe.
+
+    ``name`` is its sub-folder of the run folder ("" for a recipe without stages: it runs straight
+    into the run folder); ``init_from_stage`` names the earlier stage whose weights it starts from.
+    """
+
+    name: str
+    config: TrainConfig
+    init_from_stage: str | None = None
 
 
-def build_presets() -> dict[str, TrainConfig]:
-    presets: dict[str, TrainConfig] = {
-        # The main job: the small B-cos model with rotary positions, under 15 minutes on 2 CPU cores
-        # without native bf16 (compiled float32, batch 64: two epochs; docs/results.md).
-        "fmnist-demo": _fmnist(
-            "bcos_vitc_micro_28", model_options={"pos_embed": "rope"}, epochs=2, batch_size=64, warmup_steps=300
-        ),
+@dataclass(frozen=True)
+class Recipe:
+    """Named stages, run in order; see the module docstring for the file format."""
+
+    name: str
+    description: str
+    stages: tuple[Stage, ...]
+
+    def runs(self, out: str | Path) -> list[tuple[Path, TrainConfig]]:
+        """Each stage's run folder under ``out`` and its config, whose ``init_from`` is the run folder
+        of the stage it starts from."""
+        out = Path(out)
+        runs = []
+        for stage in self.stages:
+            config = stage.config
+            if stage.init_from_stage is not None:
+                config = dataclasses.replace(config, init_from=str(out / stage.init_from_stage))
+            runs.append((out / stage.name, config))
+        return runs
+
+
+def list_recipes() -> dict[str, str]:
+    """Name -> one-line description of every packaged recipe."""
+    return {
+        path.name.removesuffix(".toml"): _read_recipe_file(path)[1].get("description", "")
+        for path in sorted(RECIPES.iterdir(), key=lambda p: p.name.removesuffix(".toml"))
+        if path.name.endswith(".toml")
     }
-    for name in list_models():
-        size = model_config(name).image_size
-        if size == 28:
-            presets[f"fmnist-{name}"] = _fmnist(name)
-            # Stage 2: continue from the stage-1 run (its default folder) with half the batches
-            # tiled into 2x2 or 3x3 mosaics, so the model learns to find several objects at once.
-            presets[f"fmnist-{name}-mosaic"] = _fmnist(
-                name, init_from=f"runs/fmnist-{name}", epochs=12, lr=5e-4, warmup_steps=200, mosaic=0.5, mosaic_grid=3
-            )
-            if name.startswith("bcos_"):
-                # Stage 2 with the energy loss: the exact explanation of a cell's class is trained
-                # to stay inside that cell (localisation as a training signal, Rao et al. 2023).
-                presets[f"fmnist-{name}-energy"] = _fmnist(
-                    name,
-                    init_from=f"runs/fmnist-{name}",
-                    epochs=3,
-                    lr=5e-4,
-                    warmup_steps=200,
-                    mosaic=0.5,
-                    mosaic_grid=3,
-                    energy_loss=10.0,
+
+
+def load_recipe(
+    source: str, settings: dict[str, Any] | None = None, stage_settings: dict[str, dict[str, Any]] | None = None
+) -> Recipe:
+    """The recipe ``source`` (a packaged recipe's name or the path of a ``.toml`` file) with
+    ``settings`` applied to every stage and ``stage_settings[stage]`` to one (the command line's).
+
+    Raises ``ConfigError`` naming the file, the stage (or table) and the option for an unknown
+    option, a value of the wrong type or out of range.
+    """
+    label, tables = _read_recipe_file(_recipe_path(source))
+    return build_recipe(Path(source).stem, tables, label, settings, stage_settings)
+
+
+def build_recipe(
+    name: str,
+    tables: dict[str, Any],
+    label: str = "the command line",
+    settings: dict[str, Any] | None = None,
+    stage_settings: dict[str, dict[str, Any]] | None = None,
+) -> Recipe:
+    """A recipe from a recipe file's parsed ``tables`` (``{}``: one run of ``TrainConfig``'s defaults);
+    ``label`` names the file in error messages. ``settings`` and ``stage_settings`` as in ``load_recipe``."""
+    settings, stage_settings = settings or {}, stage_settings or {}
+    _check_tables(tables, label)
+    _check_layer(settings, "the command line")
+    stage_tables = tables.get("stages") or {"": {}}
+    for stage, values in stage_settings.items():
+        if stage not in stage_tables or not stage:
+            names = [name for name in stage_tables if name] or "none"
+            raise ConfigError(f"--set {stage}.KEY: {label} has no stage {stage!r} (stages: {names})")
+        _check_layer(values, f"--set {stage}.KEY")
+    stages: list[Stage] = []
+    for stage, table in stage_tables.items():
+        where = label + (f", stage {stage}" if stage else "")
+        table = dict(table)
+        start = table.pop("init_from_stage", None)
+        if start is not None and not isinstance(start, str):
+            raise ConfigError(f"{where}: init_from_stage must be the name of an earlier stage, got {start!r:.60}")
+        _check_layer(table, where)
+        command_line = {**settings, **stage_settings.get(stage, {})}
+        merged_where = where + (" with the command line's options" if command_line else "")
+        config = _merge(tables, [table, command_line], merged_where)
+        if start is not None:
+            earlier = [s.name for s in stages]
+            if start not in earlier:
+                raise ConfigError(f"{where}: init_from_stage {start!r} is no earlier stage (earlier: {earlier})")
+            if config.init_from is not None:
+                raise ConfigError(
+                    f"{where}: starts from stage {start} (init_from_stage) and from init_from {config.init_from!r}; "
+                    f"set init_from for the first stage only (--set {stages[0].name}.init_from=...)"
                 )
-        elif size == 32:
-            presets[f"cifar10-{name}"] = dataclasses.replace(
-                _fmnist(name), dataset="cifar10", epochs=100, randaugment=9
-            )
-        elif size == 224:
-            presets[f"imagenet-{name}"] = _imagenet(name)
-    return presets
+        stages.append(Stage(stage, config, start))
+    return Recipe(name, tables.get("description", ""), tuple(stages))
 
 
-PRESETS = build_presets()
+def parse_settings(items: Sequence[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """``--set`` arguments ``KEY=VALUE`` (every stage) and ``STAGE.KEY=VALUE`` (one) as
+    ``(settings, stage_settings)``; a value is read as JSON where it is JSON (``5e-4``, ``true``,
+    ``null``, ``{"pos_embed": "rope"}``), else taken as text (``runs/a``, ``fp32``)."""
+    settings: dict[str, Any] = {}
+    stage_settings: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE or STAGE.KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        stage, _, key = key.strip().rpartition(".")
+        (stage_settings.setdefault(stage, {}) if stage else settings)[key] = value
+    return settings, stage_settings
 
 
-def get_preset(name: str) -> TrainConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
-    return dataclasses.replace(PRESETS[name], model_options=dict(PRESETS[name].model_options))
+def _recipe_path(source: str) -> Traversable:
+    """The file of a packaged recipe's name, or ``source`` itself where it names a ``.toml`` file."""
+    if source.endswith(".toml") or "/" in source:
+        if not Path(source).is_file():
+            raise ConfigError(f"recipe file {source} not found")
+        return Path(source)
+    path = RECIPES.joinpath(f"{source}.toml")
+    if not path.is_file():
+        raise ConfigError(
+            f"unknown recipe {source!r}; available: {', '.join(list_recipes())} (or the path of a .toml file)"
+        )
+    return path
 
 
-# --- Command-line overrides -------------------------------------------------------------------
-def _field_type(f: dataclasses.Field) -> type:
-    hint = typing.get_type_hints(TrainConfig)[f.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return args[0]
-    return hint
+def _read_recipe_file(path: Traversable) -> tuple[str, dict[str, Any]]:
+    """``(label for messages, parsed tables)`` of a recipe file."""
+    label = f"recipe {path}"
+    try:
+        return label, tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{label}: not a valid TOML file: {exc}") from None
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+def _check_tables(tables: dict[str, Any], label: str) -> None:
+    """Raise ``ConfigError`` for an unknown key or a malformed table of a recipe file."""
+    unknown = sorted(set(tables) - set(_RECIPE_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"{label}: unknown key(s) {unknown}; a recipe holds description, [train], [bcos], [standard], "
+            '[models."PATTERN"] and [stages.NAME] tables'
+        )
+    if not isinstance(tables.get("description", ""), str):
+        raise ConfigError(f"{label}: description must be text")
+    for key in ("train", *_FAMILY_TABLES, "models", "stages"):
+        if not isinstance(tables.get(key, {}), dict):
+            raise ConfigError(f"{label}: {key} must be a table ([{key}])")
+    _check_layer(tables.get("train", {}), f"{label}, [train]")
+    named = [(f"[{key}]", tables.get(key, {})) for key in _FAMILY_TABLES]
+    named += [(f'[models."{pattern}"]', table) for pattern, table in tables.get("models", {}).items()]
+    for where, table in named:
+        _check_layer(table, f"{label}, {where}")
+        if "model" in table:
+            raise ConfigError(f"{label}, {where}: may not set model (the model decides which of these tables apply)")
+    for stage, table in tables.get("stages", {}).items():
+        if not _STAGE_NAME.fullmatch(stage):
+            raise ConfigError(f"{label}: stage name {stage!r} must be letters, digits, '_' and '-'")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{label}, stage {stage}: must be a table ([stages.{stage}])")
 
 
-def add_override_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--option`` per ``TrainConfig`` field (``--model-options`` takes JSON)."""
-    group = parser.add_argument_group("training options (override the preset)")
-    for f in fields(TrainConfig):
-        kind = _field_type(f)
-        flag = "--" + f.name.replace("_", "-")
-        if kind is bool:
-            group.add_argument(flag, type=_parse_bool, default=None, metavar="BOOL", dest=f.name)
-        elif kind is dict:
-            group.add_argument(flag, type=json.loads, default=None, metavar="JSON", dest=f.name)
-        else:
-            group.add_argument(flag, type=kind, default=None, dest=f.name)
+def _check_layer(values: Any, where: str) -> None:
+    """``TrainConfig.check_options`` with ``where`` (file and table, or ``--set``) in the message."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: must be a table of training options, got {values!r:.60}")
+    try:
+        TrainConfig.check_options(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The preset named by ``args.preset`` (or the defaults) with the given overrides."""
-    config = get_preset(args.preset) if getattr(args, "preset", None) else TrainConfig()
-    changes = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
-    config = dataclasses.replace(config, **changes)
-    config.validate()
+def _merge(tables: dict[str, Any], last: list[dict[str, Any]], where: str) -> TrainConfig:
+    """``[train]``, then the family and model-pattern tables that apply to the model, then ``last``
+    (the stage's table, the command line), as one validated ``TrainConfig``."""
+    chosen = [tables.get("train", {}), *last]
+    model = next((layer["model"] for layer in reversed(chosen) if "model" in layer), TrainConfig.model)
+    try:
+        family = "bcos" if model_config(model).bcos else "standard"
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    patterns = [table for pattern, table in tables.get("models", {}).items() if fnmatchcase(model, pattern)]
+    merged: dict[str, Any] = {}
+    for layer in (chosen[0], tables.get(family, {}), *patterns, *last):
+        merged.update(layer)
+    try:
+        config = TrainConfig.from_dict(merged)
+        config.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     return config

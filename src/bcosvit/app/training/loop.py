@@ -1,9 +1,13 @@
 """The training loop: one process on a CPU, or many with ``torchrun`` and DistributedDataParallel.
 
-A run folder holds, rewritten atomically after every epoch:
-``model.safetensors`` + ``model.json`` (weights used for evaluation, architecture, classes,
-config, metrics), ``state.pt`` (optimizer, schedule, EMA, history: what ``--resume`` needs),
-``metrics.jsonl`` (one line per epoch) and ``curves.png`` (loss and accuracy).
+``train`` resolves the configuration (``resolve_config``), builds the run (``TrainingRun.build``:
+data, model, optimizer, EMA, the state of a resumed run, wrappers) and runs its epochs
+(``TrainingRun.run_epoch``: training steps, evaluation, save).
+
+A run folder holds ``config.json`` (the resolved configuration, written when the run starts) and,
+rewritten atomically after every epoch: ``model.safetensors`` + ``model.json`` (weights used for
+evaluation, architecture, classes, config, metrics), ``state.pt`` (optimizer, schedule, EMA, history:
+what ``--resume`` needs), ``metrics.jsonl`` (one line per epoch) and ``curves.png`` (loss and accuracy).
 """
 
 from __future__ import annotations
@@ -28,13 +32,13 @@ from tqdm import tqdm
 from ...checkpoint import load_state_dict, save_weights
 from ...errors import CheckpointError, ConfigError
 from ...explanation import dynamic_linear_weights
-from ...fileio import atomic_write, ensure_writable_dir, remove_stale_temporaries
+from ...fileio import atomic_write, ensure_writable_dir, remove_stale_temporaries, write_json
 from ...layers import explanation_mode
 from ...metrics import TopkAccuracy, topk_accuracy
 from ...models.registry import create_model
 from ...models.vit import Capture, VisionTransformer
 from ..data import evaluation_split, load_dataset
-from ..precision import autocast, compile_available, resolve_precision
+from ..precision import PrecisionChoice, autocast, compile_available, resolve_precision
 from .config import TrainConfig
 from .recipe import (
     adaptive_clip_grad_,
@@ -158,8 +162,8 @@ def _save_run(
     epoch: int,
     history: list[dict[str, Any]],
     classes: list[str],
-    precision: str,
 ) -> None:
+    """Write the weights, metadata, state, metrics and curves of a run after ``epoch``; ``config`` is resolved."""
     save_weights(
         unwrap(eval_model),
         out / "model.safetensors",
@@ -169,7 +173,7 @@ def _save_run(
             "epoch": epoch,
             "metrics": history[-1],
             "ema": ema is not None,
-            "precision": precision,  # what "auto" resolved to on this machine
+            "precision": config.precision,  # what "auto" resolved to on this machine
             "train_config": config.to_dict(),
         },
     )
@@ -191,9 +195,11 @@ def _save_run(
 _RESUMABLE_CHANGES = ("epochs", "num_workers", "explain_examples", "precision", "compile")
 
 
-def _load_resume_state(out: Path, config: TrainConfig) -> dict[str, Any]:
-    """The checked contents of ``out/state.pt``; read with ``weights_only=True``, so a crafted file
-    cannot run code (only tensors, dicts, lists, tuples, numbers and strings are unpickled)."""
+def load_resume_state(out: Path, config: TrainConfig) -> dict[str, Any]:
+    """The checked contents of ``out/state.pt``, whose run must have been started with ``config``'s
+    settings (``_RESUMABLE_CHANGES`` aside, "auto" compared as resolved); read with
+    ``weights_only=True``, so a crafted file cannot run code (only tensors, dicts, lists, tuples,
+    numbers and strings are unpickled)."""
     path = out / "state.pt"
     if not path.exists():
         raise CheckpointError(f"--resume: no state.pt in {out}; start a new run without --resume")
@@ -205,8 +211,9 @@ def _load_resume_state(out: Path, config: TrainConfig) -> dict[str, Any]:
             "start a new run in a fresh folder"
         ) from exc
     _check_resume_state(state, path)
-    stored = state["config"]
-    current = config.to_dict()
+    # runs before the recipes stored "auto"; resolving both sides compares what the runs do
+    stored = TrainConfig.from_dict(state["config"]).resolved().to_dict()
+    current = config.resolved().to_dict()
     differs = sorted(
         k for k in current if k not in _RESUMABLE_CHANGES and stored.get(k) != current[k]
     )
@@ -263,7 +270,9 @@ def _restore_resume_state(state: dict[str, Any], model: nn.Module, optimizer, em
 
 
 @dataclasses.dataclass
-class _Data:
+class TrainData:
+    """The loaders of a run, the train sampler (reshuffled per epoch), the dataset spec and sizes."""
+
     train_loader: DataLoader
     test_loader: DataLoader
     sampler: DistributedSampler
@@ -272,7 +281,7 @@ class _Data:
     num_test: int
 
 
-def _build_data(config: TrainConfig, rt: Runtime) -> _Data:
+def build_data(config: TrainConfig, rt: Runtime) -> TrainData:
     """Loaders over local files; the sampler shards the data over processes and reshuffles per epoch."""
     train_ds, spec = load_dataset(
         config.dataset,
@@ -301,40 +310,39 @@ def _build_data(config: TrainConfig, rt: Runtime) -> _Data:
     if len(train_loader) == 0:
         raise ConfigError(f"batch_size {config.batch_size} is larger than the {len(train_ds)} training images")
     test_loader = DataLoader(test_ds, 256, shuffle=False, num_workers=config.num_workers)
-    return _Data(train_loader, test_loader, sampler, spec, len(train_ds), len(test_ds))
+    return TrainData(train_loader, test_loader, sampler, spec, len(train_ds), len(test_ds))
 
 
-def _build_optimizer(model: nn.Module, config: TrainConfig, recipe: TrainConfig) -> torch.optim.Optimizer:
-    """The recipe's optimizer; no weight decay on norms, biases and positional embeddings."""
+def _build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The resolved ``config``'s optimizer; no weight decay on norms, biases and positional embeddings."""
     decayed = lambda name, p: p.ndim > 1 and "pos_embed" not in name  # noqa: E731
     groups = [
         {"params": [p for n, p in model.named_parameters() if decayed(n, p)], "weight_decay": config.weight_decay},
         {"params": [p for n, p in model.named_parameters() if not decayed(n, p)], "weight_decay": 0.0},
     ]
-    if recipe.optimizer == "adam":
+    if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.lr)
-    if recipe.optimizer == "adamw":
+    if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr)
     return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
 
 
 @dataclasses.dataclass
-class _Trainer:
+class Trainer:
     """Everything one optimisation step needs."""
 
     net: nn.Module  # what the batch goes through (DDP / compiled wrapper)
     model: VisionTransformer
     optimizer: torch.optim.Optimizer
     ema: AveragedModel | None
-    config: TrainConfig
-    recipe: TrainConfig
+    recipe: TrainConfig  # the run's config, resolved (no "auto")
     rt: Runtime
     num_classes: int
     total_steps: int
 
     def __post_init__(self) -> None:
         self.loss_fn = loss_function(self.recipe)
-        self.mixup = v2.MixUp(alpha=self.config.mixup, num_classes=self.num_classes) if self.config.mixup else None
+        self.mixup = v2.MixUp(alpha=self.recipe.mixup, num_classes=self.num_classes) if self.recipe.mixup else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.energy_sum, self.energy_batches = 0.0, 0
 
@@ -359,29 +367,30 @@ class _Trainer:
         self.energy_sum, self.energy_batches = self.energy_sum + loss.item(), self.energy_batches + 1
         return loss
 
-    def _energy_canvases(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, int]:
-        """Up to ``config.energy_canvases`` mosaic canvases tiled from a single-image batch, for
-        the energy loss alone: ``(canvases, cell classes (M, grid²), grid)``."""
-        grid = draw_mosaic_grid(self.config.mosaic_grid)
-        take = min(self.config.energy_canvases, len(images) // grid**2) * grid**2
+    def energy_canvases(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Up to ``recipe.energy_canvases`` mosaic canvases tiled from a single-image batch
+        ``(N, C, H, W)`` with targets ``(N, K)``, for the energy loss alone:
+        ``(canvases (M, C, grid·H, grid·W), cell classes (M, grid²), grid)``."""
+        grid = draw_mosaic_grid(self.recipe.mosaic_grid)
+        take = min(self.recipe.energy_canvases, len(images) // grid**2) * grid**2
         canvases, _ = mosaic(images[:take], targets[:take], grid)
         return canvases, mosaic_cells(targets, grid, len(canvases)), grid
 
     def step(self, images: Tensor, labels: Tensor, step: int) -> tuple[float, int, int]:
         """One step; returns the batch's summed loss, number of correct predictions (the predicted
         class is a top-scored target class: for mosaics, one of the classes shown) and of samples."""
-        config, recipe = self.config, self.recipe
+        recipe = self.recipe
         for group in self.optimizer.param_groups:
-            group["lr"] = config.lr * warmup_cosine(
-                step, config.warmup_steps, self.total_steps, config.min_lr / config.lr
+            group["lr"] = recipe.lr * warmup_cosine(
+                step, recipe.warmup_steps, self.total_steps, recipe.min_lr / recipe.lr
             )
         images, labels = images.to(self.rt.device, non_blocking=True), labels.to(self.rt.device, non_blocking=True)
         targets = F.one_hot(labels, self.num_classes).float()
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)
         cells = None
-        if config.mosaic and float(torch.rand(())) < config.mosaic:
-            grid = draw_mosaic_grid(config.mosaic_grid)
+        if recipe.mosaic and float(torch.rand(())) < recipe.mosaic:
+            grid = draw_mosaic_grid(recipe.mosaic_grid)
             images, summed = mosaic(images, targets, grid)
             cells = mosaic_cells(targets, grid, len(images))
             targets = mosaic_targets(summed, grid * grid, recipe.loss)
@@ -389,16 +398,16 @@ class _Trainer:
             logits = self.net(images)
         classification = self.loss_fn(logits.float(), targets)
         loss = classification
-        if config.energy_loss and cells is not None:
-            loss = loss + config.energy_loss * self._energy_loss(images, cells, grid)
-        elif config.energy_loss and config.energy_canvases:
-            loss = loss + config.energy_loss * self._energy_loss(*self._energy_canvases(images, targets))
+        if recipe.energy_loss and cells is not None:
+            loss = loss + recipe.energy_loss * self._energy_loss(images, cells, grid)
+        elif recipe.energy_loss and recipe.energy_canvases:
+            loss = loss + recipe.energy_loss * self._energy_loss(*self.energy_canvases(images, targets))
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {float(loss)} at step {step}; lower --lr or enable clipping")
+            raise FloatingPointError(f"loss became {float(loss)} at step {step}; lower lr or enable clipping")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if recipe.clip == "agc":
-            adaptive_clip_grad_(self.params, recipe.clip_value, config.agc_eps)
+            adaptive_clip_grad_(self.params, recipe.clip_value, recipe.agc_eps)
         elif recipe.clip == "norm":
             nn.utils.clip_grad_norm_(self.params, recipe.clip_value)
         self.optimizer.step()
@@ -408,21 +417,30 @@ class _Trainer:
         return classification.item() * len(targets), int(hits.sum()), len(targets)
 
 
-def train(
-    config: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True, stop_after: int | None = None
-) -> dict[str, Any]:
-    """Train ``config`` into the run folder ``out``; returns the last epoch's metrics.
+def resolve_config(config: TrainConfig, device: torch.device) -> tuple[TrainConfig, PrecisionChoice]:
+    """``config`` with every "auto" resolved: optimizer, loss and clipping by the model's family
+    (``TrainConfig.resolved``), the precision by what ``device`` computes natively; and why that precision."""
+    choice = resolve_precision(config.precision, device)
+    return dataclasses.replace(config.resolved(), precision=choice.precision), choice
 
-    ``stop_after``: end this invocation after that many epochs (the run stays resumable), e.g. to
-    fit a time-limited session; the schedule still follows ``config.epochs``.
-    """
+
+def finished_epochs(out: str | Path, config: TrainConfig) -> int:
+    """The epochs the run in ``out`` has finished (0 where it holds no ``state.pt``); ``ConfigError``
+    where that run was started with settings other than ``config``'s (as for ``--resume``)."""
+    out = Path(out)
+    return int(load_resume_state(out, config)["epoch"]) if (out / "state.pt").exists() else 0
+
+
+def _start(
+    config: TrainConfig, out: Path, resume: bool, stop_after: int | None
+) -> tuple[TrainConfig, PrecisionChoice, Runtime]:
+    """Check the settings and the run folder before any work; the resolved config, the precision
+    choice and the processes."""
     config.validate()
     if stop_after is not None and stop_after < 1:
         raise ConfigError(f"--stop-after must be >= 1 epoch, got {stop_after}")
     rt = setup_distributed()
-    choice = resolve_precision(config.precision, rt.device)
-    recipe = dataclasses.replace(config.resolved(), precision=choice.precision)
-    out = Path(out)
+    resolved, choice = resolve_config(config, rt.device)
     if rt.is_main and not resume and (out / "state.pt").exists():
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if rt.is_main:
@@ -434,30 +452,16 @@ def train(
         raise ConfigError(
             f"a {config.mosaic_grid}x{config.mosaic_grid} mosaic needs at least {config.mosaic_grid**2} images per "
             f"process, but the batch gives {config.batch_size // rt.world_size}; "
-            "raise --batch-size or lower --mosaic-grid"
+            "raise batch_size or lower mosaic_grid"
         )
     if rt.is_main:
         ensure_writable_dir(out, "run folder (--out)")  # fail now, not when the first epoch is saved
-    data = _build_data(config, rt)
-    steps_per_epoch = len(data.train_loader)
+    return resolved, choice, rt
 
-    torch.manual_seed(config.seed)
-    model = build_model(config, data.spec).to(rt.device)
-    if config.init_from and not resume:
-        load_state_dict(model, config.init_from)  # fails clearly on a missing or mismatched file
-    optimizer = _build_optimizer(model, config, recipe)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema else None
 
-    history: list[dict[str, Any]] = []
-    start_epoch = 1
-    if resume:
-        state = _load_resume_state(out, config)
-        _restore_resume_state(state, model, optimizer, ema, out)
-        history = list(state["history"])
-        start_epoch = int(state["epoch"]) + 1
-        if rt.is_main:
-            print(f"resuming {out} after epoch {state['epoch']} of {config.epochs}")
-
+def _wrap(model: nn.Module, config: TrainConfig, rt: Runtime) -> tuple[nn.Module, bool]:
+    """What the batches go through: DDP over several processes, ``torch.compile`` where asked and
+    possible; and whether it is compiled."""
     net: nn.Module = model
     if rt.world_size > 1:
         net = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
@@ -468,27 +472,69 @@ def train(
             net = torch.compile(net)
         elif rt.is_main:
             print(f"torch.compile skipped: {why_not}")
-    trainer = _Trainer(
-        net, model, optimizer, ema, config, recipe, rt, data.spec.num_classes, steps_per_epoch * config.epochs
-    )
-    if rt.is_main:
-        n_params = sum(p.numel() for p in model.parameters())
+    return net, compiled
+
+
+@dataclasses.dataclass
+class TrainingRun:
+    """A run being trained: built by ``build``, advanced one epoch at a time by ``run_epoch``."""
+
+    config: TrainConfig  # resolved (no "auto")
+    out: Path
+    rt: Runtime
+    data: TrainData
+    trainer: Trainer
+    compiled: bool
+    epoch: int = 0  # the last finished epoch
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # main process only
+
+    @classmethod
+    def build(cls, config: TrainConfig, out: Path, rt: Runtime, state: dict[str, Any] | None = None) -> TrainingRun:
+        """Data, model (from ``config.init_from`` in a new run), optimizer and EMA; their state from a
+        resumed run's ``state`` (``load_resume_state``); then the DDP and ``torch.compile`` wrappers."""
+        data = build_data(config, rt)
+        torch.manual_seed(config.seed)
+        model = build_model(config, data.spec).to(rt.device)
+        if config.init_from and state is None:
+            load_state_dict(model, config.init_from)  # fails clearly on a missing or mismatched file
+        optimizer = _build_optimizer(model, config)
+        ema = None
+        if config.ema:
+            ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+        if state is not None:
+            _restore_resume_state(state, model, optimizer, ema, out)
+        net, compiled = _wrap(model, config, rt)
+        steps = len(data.train_loader) * config.epochs
+        trainer = Trainer(net, model, optimizer, ema, config, rt, data.spec.num_classes, steps)
+        if state is None:
+            return cls(config, out, rt, data, trainer, compiled)
+        return cls(config, out, rt, data, trainer, compiled, int(state["epoch"]), list(state["history"]))
+
+    def announce(self, precision: PrecisionChoice) -> None:
+        """Print what the run trains on what, and what its "auto" settings resolved to."""
+        config, data, out = self.config, self.data, self.out
+        if self.epoch:
+            print(f"resuming {out} after epoch {self.epoch} of {config.epochs}")
+        n_params = sum(p.numel() for p in self.trainer.model.parameters())
         print(
             f"training {config.model} ({n_params / 1e6:.2f}M parameters) on {config.dataset}: {data.num_train} train / "
-            f"{data.num_test} test images, {config.epochs} epochs of {steps_per_epoch} steps, "
-            f"batch {config.batch_size} on {rt.world_size} process(es), {torch.get_num_threads()} threads each; "
+            f"{data.num_test} test images, {config.epochs} epochs of {len(data.train_loader)} steps, "
+            f"batch {config.batch_size} on {self.rt.world_size} process(es), {torch.get_num_threads()} threads each; "
             f"run folder {out}"
         )
         print(
-            f"precision {choice}; "
-            + ("torch.compile on (the first step compiles)" if compiled else "no torch.compile (eager)")
+            f"{config.optimizer}, {config.loss} loss, {config.clip} clipping {config.clip_value:g}; "
+            f"precision {precision}; "
+            + ("torch.compile on (the first step compiles)" if self.compiled else "no torch.compile (eager)")
         )
-    metrics: dict[str, Any] = history[-1] if history else {}
-    last_epoch = config.epochs if stop_after is None else min(config.epochs, start_epoch - 1 + stop_after)
-    for epoch in range(start_epoch, last_epoch + 1):
+
+    def train_epoch(self, epoch: int, progress: bool = True) -> dict[str, Any]:
+        """The optimisation steps of epoch ``epoch``: its train loss, accuracy, last lr and speed."""
+        config, data, trainer = self.config, self.data, self.trainer
+        steps_per_epoch = len(data.train_loader)
         data.sampler.set_epoch(epoch)
-        torch.manual_seed(config.seed * 100_003 + epoch * 1009 + rt.rank)  # augmentation: same after --resume
-        net.train()
+        torch.manual_seed(config.seed * 100_003 + epoch * 1009 + self.rt.rank)  # augmentation: same after --resume
+        trainer.net.train()
         started = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
         bar = tqdm(
@@ -497,7 +543,7 @@ def train(
             unit_scale=True,
             leave=False,
             desc=f"epoch {epoch}/{config.epochs}",
-            disable=not (progress and rt.is_main),
+            disable=not (progress and self.rt.is_main),
             dynamic_ncols=True,
         )
         for i, (images, labels) in enumerate(data.train_loader):
@@ -507,33 +553,65 @@ def train(
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.1f}%")
         bar.close()
         elapsed = time.perf_counter() - started
-        eval_model = ema if ema is not None else model
-        metrics = {
+        return {
             "epoch": epoch,
             "train_loss": loss_sum / seen,
             "train_top1": 100 * correct / seen,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": trainer.optimizer.param_groups[0]["lr"],
             "epoch_seconds": elapsed,
             "train_images_per_s": steps_per_epoch * config.batch_size / elapsed,
         }
-        energy = trainer.pop_energy()
+
+    def run_epoch(self, epoch: int, progress: bool = True) -> dict[str, Any]:
+        """Train epoch ``epoch``; on the main process also evaluate, save the run and print a line.
+        Returns the epoch's metrics."""
+        config, rt, model, ema = self.config, self.rt, self.trainer.model, self.trainer.ema
+        metrics = self.train_epoch(epoch, progress)
+        eval_model = ema if ema is not None else model
+        energy = self.trainer.pop_energy()
         if energy is not None:
             metrics["train_energy_loss"] = energy
         if rt.is_main:
-            metrics.update(evaluate(eval_model, data.test_loader, recipe, rt.device))
-            history.append(metrics)
-            classes = list(data.spec.classes)
-            _save_run(out, model, eval_model, optimizer, ema, config, epoch, history, classes, recipe.precision)
+            metrics.update(evaluate(eval_model, self.data.test_loader, config, rt.device))
+            self.history.append(metrics)
+            classes = list(self.data.spec.classes)
+            _save_run(self.out, model, eval_model, self.trainer.optimizer, ema, config, epoch, self.history, classes)
             print(
                 f"epoch {epoch}/{config.epochs}: train loss {metrics['train_loss']:.4f} "
                 f"acc {metrics['train_top1']:.2f}% | "
                 f"test top-1 {metrics['test_top1']:.2f}% top-5 {metrics['test_top5']:.2f}% | "
-                f"{elapsed:.0f}s ({metrics['train_images_per_s']:.0f} img/s)"
+                f"{metrics['epoch_seconds']:.0f}s ({metrics['train_images_per_s']:.0f} img/s)"
                 + (f" | energy loss {energy:.4f}" if energy is not None else ""),
                 flush=True,
             )
         if rt.world_size > 1:
             dist.barrier()
+        self.epoch = epoch
+        return metrics
+
+
+def train(
+    config: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True, stop_after: int | None = None
+) -> dict[str, Any]:
+    """Train ``config`` into the run folder ``out``; returns the last epoch's metrics.
+
+    "auto" settings are resolved once, here, and the resolved config is what the run uses and
+    stores (``config.json``, ``model.json``, ``state.pt``). ``stop_after``: end this invocation
+    after that many epochs (the run stays resumable), e.g. to fit a time-limited session; the
+    schedule still follows ``config.epochs``.
+    """
+    out = Path(out)
+    config, precision, rt = _start(config, out, resume, stop_after)
+    state = load_resume_state(out, config) if resume else None
+    if rt.is_main:
+        write_json(out / "config.json", config.to_dict())
+    run = TrainingRun.build(config, out, rt, state)
+    if rt.is_main:
+        run.announce(precision)
+    last_epoch = config.epochs if stop_after is None else min(config.epochs, run.epoch + stop_after)
+    metrics: dict[str, Any] = run.history[-1] if run.history else {}
+    for epoch in range(run.epoch + 1, last_epoch + 1):
+        metrics = run.run_epoch(epoch, progress)
     if rt.world_size > 1:
         dist.destroy_process_group()
     return metrics

@@ -1,4 +1,5 @@
-"""Training followed by what a user wants to see: test accuracy and explanations of test images."""
+"""Training followed by what a user wants to see: test accuracy and explanations of test images;
+the stages of a recipe one after the other."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import torch
 
 from ...checkpoint import load_model
 from ..data import evaluation_split, load_dataset
-from .config import TrainConfig
-from .loop import is_main_process, train
+from .config import Recipe, TrainConfig
+from .loop import finished_epochs, is_main_process, train
 
 
 def one_image_per_class(dataset, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,11 +68,50 @@ def run_training(
         f"(top-5 {metrics['test_top5']:.2f}%) after epoch {metrics['epoch']}/{config.epochs}."
     )
     print(f"Run folder {out}:")
+    print("  config.json                     the configuration as run (every \"auto\" resolved)")
     print("  model.safetensors, model.json   weights and metadata (load with bcosvit.load_model)")
     print("  metrics.jsonl, curves.png       per-epoch metrics and their plot")
     print("  state.pt                        optimizer state for --resume")
     if figure is not None:
         print(f"  {figure.name:32s}explanations of one test image per class")
-    if not finished:
-        print(f"Continue with: bcosvit train --out {out} --resume (plus the same preset/options)")
+    return metrics
+
+
+def run_recipe(
+    recipe: Recipe,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    resume_command: str | None = None,
+) -> dict:
+    """Run the stages of ``recipe`` in order (``run_training``), each into its folder under ``out``
+    (``Recipe.runs``); returns the last stage's metrics.
+
+    ``resume``: a finished stage is skipped, an interrupted one continues, the next ones start.
+    ``stop_after``: end this invocation after that many epochs, counted over all its stages.
+    ``resume_command``: the line that says how to continue an unfinished recipe.
+    """
+    resume_command = resume_command or f"bcosvit train --out {out} --resume (plus the same options)"
+    budget = stop_after
+    metrics: dict = {}
+    runs = recipe.runs(out)
+    for i, (folder, config) in enumerate(runs):
+        done = finished_epochs(folder, config) if resume else 0  # refuses a stage run with other settings
+        if done >= config.epochs:
+            if is_main_process():
+                print(f"stage {folder.name}: finished ({done} epochs in {folder}), skipped")
+            continue
+        if len(runs) > 1 and is_main_process():
+            print(f"\nstage {folder.name} ({i + 1} of {len(runs)}): {folder}")
+        # the first stage resumes as asked (and says so if there is nothing to resume); a later stage
+        # without a state.pt has not started yet
+        metrics = run_training(config, folder, resume and (i == 0 or done > 0), progress, stop_after=budget)
+        reached = metrics.get("epoch", done)
+        if budget is not None:
+            budget -= reached - done
+        if reached < config.epochs or (budget == 0 and i + 1 < len(runs)):
+            if is_main_process():
+                print(f"Continue with: {resume_command}")
+            break
     return metrics
