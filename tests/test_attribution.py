@@ -1,4 +1,4 @@
-"""Post-hoc attribution baselines on B-cos models and standard twins (SPEC §3)."""
+"""Post-hoc attribution baselines on B-cos models and standard twins (docs/design.md: post-hoc baselines)."""
 
 from __future__ import annotations
 

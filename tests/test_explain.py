@@ -1,4 +1,5 @@
-"""Exact explanations: completeness, Jacobian equality, batching, holistic views (SPEC §2.3, §3, §6)."""
+"""Exact explanations: completeness, Jacobian equality, batching, holistic views (docs/design.md: completeness,
+beyond the published system)."""
 
 from __future__ import annotations
 

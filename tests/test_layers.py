@@ -1,4 +1,5 @@
-"""Layer-level behaviour: each dynamic-linear layer against a hand-written formula (SPEC §2.1, §2.2)."""
+"""Layer-level behaviour: each dynamic-linear layer against a hand-written formula (docs/design.md: B-cos
+transform, explanation mode)."""
 
 from __future__ import annotations
 

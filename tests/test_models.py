@@ -1,4 +1,5 @@
-"""Models and registry: published shapes, training steps, input handling and clear errors (SPEC §2.4-§2.6, §6)."""
+"""Models and registry: published shapes, training steps, input handling and clear errors (docs/design.md: input
+encoding to published architectures)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from bcosvit.models import Capture, twin_name
 BCOS_MODELS = bcosvit.list_models("bcos_*")
 SMALL_MODELS = [n for n in bcosvit.list_models() if n.endswith(("_28", "_32", "_64"))]
 
-# SPEC §6: parameter counts of the published code, millions (B-cos, standard).
+# docs/design.md, published architectures: parameter counts of the published code, millions (B-cos, standard).
 PUBLISHED_PARAMS = {
     "vit_tiny_patch16_224": (5.80, 5.67),
     "vit_small_patch16_224": (22.22, 21.96),
@@ -25,7 +26,7 @@ PUBLISHED_PARAMS = {
     "vitc_base_224": (81.33, 81.39),
     "vitc_large_224": (167.44, 167.54),
 }
-# SPEC §2.6: dim, depth, heads, MLP width, conv-stem widths (None: 16×16 patches).
+# docs/design.md, published architectures: dim, depth, heads, MLP width, conv-stem widths (None: 16×16 patches).
 PUBLISHED_ARCH = {
     "vit_tiny_patch16_224": (192, 12, 3, 768, None),
     "vit_small_patch16_224": (384, 12, 6, 1536, None),

@@ -1,4 +1,5 @@
-"""Tests of bcosvit.visualize: colour explanations (SPEC §2.7), contribution maps, overlays, files, figures."""
+"""Tests of bcosvit.visualize: colour explanations (docs/design.md: colour explanation), contribution maps,
+overlays, files, figures."""
 
 from __future__ import annotations
 

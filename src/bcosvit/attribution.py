@@ -1,4 +1,5 @@
-"""Post-hoc attribution baselines for any ``VisionTransformer`` (SPEC §3), B-cos or standard twin.
+"""Post-hoc attribution baselines for any ``VisionTransformer`` (docs/design.md: post-hoc baselines), B-cos or
+standard twin.
 
 One call, in the spirit of Captum's ``attribute(inputs, target=...)``::
 

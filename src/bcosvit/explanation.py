@@ -1,4 +1,4 @@
-"""Exact explanations of B-cos models: ``w(x)`` from one backward pass (SPEC §2.3, §6).
+"""Exact explanations of B-cos models: ``w(x)`` from one backward pass (docs/design.md: completeness).
 
 In explanation mode a B-cos model is the linear map ``logit = w(x)·z + positional + logit_bias``
 of its encoded input ``z = [x, 1 - x]``. The gradient of the logit with respect to ``z`` is

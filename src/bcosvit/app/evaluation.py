@@ -3,7 +3,7 @@ with the post-hoc baselines run through the same code, written as JSON, PNG figu
 
 Protocols (all seeded):
 - accuracy: top-1 / top-5 on the whole test set;
-- localisation: the grid pointing game (SPEC §2.8) on 2×2 and 3×3 grids of test images;
+- localisation: the grid pointing game (docs/design.md: grid pointing game) on 2×2 and 3×3 grids of test images;
 - faithfulness: deletion and insertion curves (``bcosvit.metrics.deletion_insertion``) on the first
   ``faithfulness_images`` test images, explaining the predicted class, for each replacement value in
   ``baselines``: ``"zero"`` (black; the Fashion-MNIST background, and the reference point of

@@ -1,4 +1,4 @@
-"""Multi-head self-attention that is dynamic linear in its input (SPEC §2.2).
+"""Multi-head self-attention that is dynamic linear in its input (docs/design.md: explanation mode).
 
 ``out = proj(A(x) · v(x))`` with ``A = softmax(q kᵀ / sqrt(d) + bias)``, where the optional bias
 is a distance penalty on the token grid. In explanation mode the

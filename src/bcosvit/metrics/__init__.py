@@ -1,4 +1,5 @@
-"""Quantitative evaluation of attribution methods: localisation, faithfulness and statistics (SPEC §2.8, §3).
+"""Quantitative evaluation of attribution methods: localisation, faithfulness and statistics (docs/design.md: grid
+pointing game, deletion and insertion).
 
 An *attribution method* is any callable ``method(model, images, target) -> maps`` taking images
 ``(N, C, H, W)`` in [0, 1] and target classes ``(N,)`` (long) and returning spatial maps
@@ -7,12 +8,12 @@ An *attribution method* is any callable ``method(model, images, target) -> maps`
 
 By job, in sub-modules whose names are all re-exported here:
 
-- ``pointing``: the grid pointing game of SPEC §2.8, ``grid_pointing_game`` (with
+- ``pointing``: the grid pointing game of docs/design.md, ``grid_pointing_game`` (with
   ``confident_images_by_class``, ``sample_grids``, ``tile_grids``, ``assemble_grids``,
   ``make_grids`` and ``grid_cell_scores`` as its parts);
 - ``faithfulness``: ``deletion_insertion``, deletion and insertion curves and their areas;
 - ``statistics``: ``mean_ci95`` (mean and 95 % confidence interval, normal approximation),
-  ``completeness_stats`` (completeness errors, SPEC §2.3) and ``topk_accuracy``;
+  ``completeness_stats`` (completeness errors, docs/design.md: completeness) and ``topk_accuracy``;
 - ``passes``: running a model (``predict_logits``) or a method (``compute_attributions``) over
   images in batches.
 

@@ -1,4 +1,5 @@
-"""The grid pointing game (SPEC §2.8): images the model classifies confidently, tiled into grids of
+"""The grid pointing game (docs/design.md: grid pointing game): images the model classifies confidently, tiled into
+grids of
 ``grid × grid`` distinct classes, and the share of each cell's explanation that falls inside it."""
 
 from __future__ import annotations
@@ -332,7 +333,7 @@ def grid_pointing_game(
     cycle: bool = True,
     confident: tuple[list[Tensor], list[Tensor]] | None = None,
 ) -> GridResult:
-    """The grid pointing game (SPEC §2.8) of ``method`` on ``model``.
+    """The grid pointing game (docs/design.md: grid pointing game) of ``method`` on ``model``.
 
     1. keep the images ``model`` classifies correctly with confidence > 0.5, sorted per class by
        confidence (``confident_images_by_class``);

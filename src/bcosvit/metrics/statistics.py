@@ -83,7 +83,7 @@ class CompletenessStats:
 
 
 def completeness_stats(errors: Tensor, outputs: Tensor | None = None) -> CompletenessStats:
-    """Summary of completeness errors (SPEC §2.3), e.g. ``Explanation.completeness_error``.
+    """Summary of completeness errors (docs/design.md: completeness), e.g. ``Explanation.completeness_error``.
 
     Args:
         errors: completeness errors of any shape (absolute values are taken).

@@ -15,7 +15,7 @@ from ...metrics import positive_mass_per_cell, tile_grids
 
 def bce_uniform_off_labels(logits: Tensor, targets: Tensor) -> Tensor:
     """Binary cross-entropy on one-hot or mixup-soft ``targets`` ``(N, C)`` whose off-labels are
-    clamped to at least ``1/C`` (the B-cos recipe, SPEC §2.5)."""
+    clamped to at least ``1/C`` (the B-cos recipe, docs/design.md: head and loss)."""
     targets = targets.clamp(min=1.0 / logits.shape[1])
     return F.binary_cross_entropy_with_logits(logits, targets)
 
