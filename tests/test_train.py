@@ -242,7 +242,7 @@ def test_energy_loss_under_ddp_leaves_the_processes_with_identical_weights(tmp_p
         "sys.exit(code)\n"
     )
     ddp = torchrun_two(
-        "-m", "bcosvit", "train", "--model", "bcos_vit_nano_patch4_28", "--data-dir", SUBSET,
+        str(script), "train", "--model", "bcos_vit_nano_patch4_28", "--data-dir", SUBSET,
         "--epochs", "1", "--batch-size", "32", "--lr", "1e-2", "--no-progress", "--out", str(tmp_path / "ddp"),
         *settings("train_subset=128", "test_subset=32", "mosaic=1", "mosaic_grid=2", "energy_loss=10"),
         *settings("warmup_steps=0", "explain_examples=false"),
