@@ -75,7 +75,9 @@ def test_published_architectures_have_the_published_shapes_and_layers(base):
         assert (model.num_classes, model.in_chans, model.is_bcos) == (1000, 3, bcos)
         block = model.blocks[0]
         assert block.attn.num_heads == heads and block.mlp.fc1.out_features == mlp
-        assert type(block.attn.qkv) is nn.Linear and (block.attn.qkv.bias is None) == bcos
+        # as the reference's models: no attention biases in either family, biases in the twin's stem
+        assert type(block.attn.qkv) is nn.Linear and block.attn.qkv.bias is None
+        assert getattr(block.attn.proj, "bias", None) is None
         linear, norm = (BcosLinear, BcosLayerNorm) if bcos else (nn.Linear, nn.LayerNorm)
         assert all(isinstance(m, linear) for m in (block.attn.proj, block.mlp.fc1, block.mlp.fc2, model.head))
         assert all(type(m) is norm for m in (block.norm1, block.norm2, model.norm))
@@ -93,6 +95,7 @@ def test_published_architectures_have_the_published_shapes_and_layers(base):
             assert [c.out_channels for c in convs] == [*stem, dim]
             assert [c.kernel_size if bcos else c.kernel_size[0] for c in convs] == [3] * len(stem) + [1]
             assert len(norms) == len(stem)
+            assert all((getattr(c, "bias", None) is not None) == (not bcos) for c in convs)
             assert all(isinstance(n, BcosLayerNorm2d if bcos else LayerNorm2d) for n in norms)
             stages = list(model.tokenizer.stages)
             for i, conv in enumerate(convs[:-1]):  # every stem conv is followed by its LayerNorm

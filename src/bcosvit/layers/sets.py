@@ -22,6 +22,7 @@ class LayerSet:
         norm: ``dim -> module``, LayerNorm over the last axis.
         norm2d: ``channels -> module``, LayerNorm over (C, H, W).
         act: ``() -> module``, the MLP/stem non-linearity (identity for B-cos: B supplies it).
+        attn_proj: ``(in_features, out_features) -> module``, the attention's output projection.
         qkv_bias: whether the query/key/value projection has a bias.
     """
 
@@ -30,6 +31,7 @@ class LayerSet:
     norm: Callable[[int], nn.Module]
     norm2d: Callable[[int], nn.Module]
     act: Callable[[], nn.Module]
+    attn_proj: Callable[[int, int], nn.Module]
     qkv_bias: bool
 
 
@@ -41,17 +43,25 @@ def bcos_layer_set(b: float = 2.0, max_out: int = 1) -> LayerSet:
         norm=BcosLayerNorm,
         norm2d=BcosLayerNorm2d,
         act=nn.Identity,
+        attn_proj=partial(BcosLinear, b=b, max_out=max_out),
         qkv_bias=False,
     )
 
 
-def standard_layer_set() -> LayerSet:
-    """Ordinary ViT layers: linear maps with bias, LayerNorm with bias, GELU."""
+def standard_layer_set(attn_bias: bool = True, stem_bias: bool = False) -> LayerSet:
+    """Ordinary ViT layers: linear maps with bias, LayerNorm with bias, GELU.
+
+    Args:
+        attn_bias: whether the attention's query/key/value and output projections have biases
+            (timm's ViTs have them; the B-cos-v2 reference's standard ViTs do not).
+        stem_bias: whether the conv stem's convolutions have biases (the reference's do).
+    """
     return LayerSet(
         linear=nn.Linear,
-        conv=lambda i, o, k, s, p: nn.Conv2d(i, o, k, stride=s, padding=p, bias=False),
+        conv=lambda i, o, k, s, p: nn.Conv2d(i, o, k, stride=s, padding=p, bias=stem_bias),
         norm=nn.LayerNorm,
         norm2d=LayerNorm2d,
         act=nn.GELU,
-        qkv_bias=True,
+        attn_proj=partial(nn.Linear, bias=attn_bias),
+        qkv_bias=attn_bias,
     )

@@ -18,12 +18,13 @@ _CONFIGS: dict[str, dict] = {}
 BCOS_PREFIX = "bcos_"
 
 
-def register(name: str, **config) -> None:
-    """Register the B-cos configuration ``name`` (must start with ``bcos_``) and its standard twin."""
+def register(name: str, twin: dict | None = None, **config) -> None:
+    """Register the B-cos configuration ``name`` (must start with ``bcos_``) and its standard twin;
+    ``twin`` holds options of the twin alone (its biases)."""
     if not name.startswith(BCOS_PREFIX):
         raise ValueError(f"registered names start with {BCOS_PREFIX!r}, got {name!r}")
     _CONFIGS[name] = dict(config, bcos=True)
-    _CONFIGS[name[len(BCOS_PREFIX) :]] = dict(config, bcos=False)
+    _CONFIGS[name[len(BCOS_PREFIX) :]] = dict(config, **(twin or {}), bcos=False)
 
 
 def twin_name(name: str) -> str:
@@ -85,14 +86,17 @@ def create_model(name: str, pretrained: bool = False, num_classes: int | None = 
 
 
 # --- Published ImageNet architectures (docs/design.md#published-architectures) --------------------
+# The twins match the reference's standard ViTs: no bias in the attention projections, biases in
+# the stem's convolutions. Images: shorter side resized to 256, centre crop of 224.
 _VITC_SMALL_STEM = dict(stem_channels=[24, 48, 96, 192], stem_strides=[2, 2, 2, 2])
 _VITC_LARGE_STEM = dict(stem_channels=[64, 128, 128, 256, 256, 512], stem_strides=[2, 2, 1, 2, 1, 2])
+_IMAGENET = dict(resize_size=256, twin=dict(attn_bias=False, stem_bias=True))
 
-register("bcos_vit_tiny_patch16_224", embed_dim=192, depth=12, num_heads=3)
-register("bcos_vit_small_patch16_224", embed_dim=384, depth=12, num_heads=6)
-register("bcos_vit_base_patch16_224", embed_dim=768, depth=12, num_heads=12)
-register("bcos_vit_large_patch16_224", embed_dim=1024, depth=14, num_heads=16)
-register("bcos_vitc_tiny_224", embed_dim=192, depth=11, num_heads=3, **_VITC_SMALL_STEM)
+register("bcos_vit_tiny_patch16_224", embed_dim=192, depth=12, num_heads=3, **_IMAGENET)
+register("bcos_vit_small_patch16_224", embed_dim=384, depth=12, num_heads=6, **_IMAGENET)
+register("bcos_vit_base_patch16_224", embed_dim=768, depth=12, num_heads=12, **_IMAGENET)
+register("bcos_vit_large_patch16_224", embed_dim=1024, depth=14, num_heads=16, **_IMAGENET)
+register("bcos_vitc_tiny_224", embed_dim=192, depth=11, num_heads=3, **_VITC_SMALL_STEM, **_IMAGENET)
 register(
     "bcos_vitc_small_224",
     embed_dim=384,
@@ -100,9 +104,10 @@ register(
     num_heads=6,
     stem_channels=[48, 96, 192, 384],
     stem_strides=[2, 2, 2, 2],
+    **_IMAGENET,
 )
-register("bcos_vitc_base_224", embed_dim=768, depth=11, num_heads=12, **_VITC_LARGE_STEM)
-register("bcos_vitc_large_224", embed_dim=1024, depth=13, num_heads=16, **_VITC_LARGE_STEM)
+register("bcos_vitc_base_224", embed_dim=768, depth=11, num_heads=12, **_VITC_LARGE_STEM, **_IMAGENET)
+register("bcos_vitc_large_224", embed_dim=1024, depth=13, num_heads=16, **_VITC_LARGE_STEM, **_IMAGENET)
 
 # --- Small configurations for 28-64 px inputs ---------------------------------------------
 _SMALL = dict(num_classes=10)

@@ -60,6 +60,11 @@ class ViTConfig:
     max_out: int = 1
     input_mean: list[float] | None = None  # standard twin only; None: ImageNet for RGB, else 0.5
     input_std: list[float] | None = None
+    attn_bias: bool | None = None  # standard twin only; None: True (timm's layout); B-cos layers have no bias
+    stem_bias: bool | None = None  # standard twin only; None: False
+    # Evaluation preprocessing: the shorter side is resized to resize_size, then the centre
+    # image_size × image_size crop is taken (ImageNet: 256 -> 224). None: resized to image_size.
+    resize_size: int | None = None
     class_names: list[str] | None = field(default=None, compare=False)
 
     @classmethod
@@ -119,6 +124,10 @@ class ViTConfig:
                 )
         if self.image_size % self.patch_size:
             raise ConfigError(f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}")
+        if self.resize_size is not None and (not _is_int(self.resize_size) or self.resize_size < self.image_size):
+            raise ConfigError(
+                f"resize_size must be null or an integer >= ({self.image_size}), got {self.resize_size!r:.60}"
+            )
         for name in ("input_mean", "input_std"):
             value = getattr(self, name)
             if value is not None and len(value) != self.in_chans:
@@ -137,6 +146,12 @@ class ViTConfig:
             raise ConfigError(f"max_out must be a positive integer, got {self.max_out!r:.60}")
         if not isinstance(self.bcos, bool):
             raise ConfigError(f"bcos must be true or false, got {self.bcos!r:.60}")
+        for name in ("attn_bias", "stem_bias"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"{name} must be null, true or false, got {value!r:.60}")
+            if value and self.bcos:
+                raise ConfigError(f"{name}=true is for standard twins; B-cos layers have no bias")
         for name in ("mlp_ratio", "b"):  # attn_distance_penalty: checked with its range below
             if not _is_number(getattr(self, name)):
                 raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)!r:.60}")
@@ -260,7 +275,7 @@ class Block(nn.Module):
         self.attn = Attention(
             dim,
             num_heads,
-            proj=layers.linear(dim, dim),
+            proj=layers.attn_proj(dim, dim),
             qkv_bias=layers.qkv_bias,
             rotary=rotary,
             distance_penalty=distance_penalty,
@@ -348,7 +363,13 @@ class VisionTransformer(nn.Module):
         self.patch_size = config.patch_size
         self.embed_dim = self.num_features = config.embed_dim
         self.grad_checkpointing = False
-        layers = bcos_layer_set(config.b, config.max_out) if config.bcos else standard_layer_set()
+        layers = (
+            bcos_layer_set(config.b, config.max_out)
+            if config.bcos
+            else standard_layer_set(
+                attn_bias=True if config.attn_bias is None else config.attn_bias, stem_bias=bool(config.stem_bias)
+            )
+        )
         self._layers = layers
 
         if config.bcos:
