@@ -30,13 +30,14 @@ from bcosvit.layers import (
     set_explanation_mode,
     sincos_2d,
 )
-from bcosvit.layers.bcos import NORM_EPS, _SquareCosScale
+from bcosvit.layers.bcos import LINEAR_NORM_EPS, NORM_EPS, _SquareCosScale
 
 D64 = torch.float64
 
 
 def _norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    return (x.square().sum(dim=dim, keepdim=True) + NORM_EPS).sqrt()
+    """The B-cos linear layer's guarded input norm (the reference's: ``||x|| + 1e-12``)."""
+    return x.norm(dim=dim, keepdim=True) + LINEAR_NORM_EPS
 
 
 def _unit_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -66,7 +67,7 @@ def test_bcos_linear_b2_equals_abs_cos_times_projection():
             for j in range(3):
                 w_hat = w[j] / w[j].norm()
                 lin = float(w_hat @ x[n, t])
-                cos = lin / math.sqrt(float(x[n, t] @ x[n, t]) + NORM_EPS)
+                cos = lin / (math.sqrt(float(x[n, t] @ x[n, t])) + LINEAR_NORM_EPS)
                 assert out[n, t, j].item() == pytest.approx(abs(cos) * lin, rel=1e-12, abs=1e-14)
 
 
@@ -180,7 +181,10 @@ def test_bcos_conv2d_equals_bcos_transform_of_each_unfolded_window(kernel, strid
     lin = torch.einsum("ok,nkl->nol", w_hat, patches)
     if max_out > 1:
         lin = lin.unflatten(1, (4, max_out)).max(dim=2).values
-    norm = (patches.square().sum(dim=1, keepdim=True) + NORM_EPS).sqrt()
+    if (kernel, stride, padding) == (1, 1, 0):  # a 1×1 convolution is a linear layer at each position
+        norm = _norm(patches, dim=1)
+    else:
+        norm = (patches.square().sum(dim=1, keepdim=True) + NORM_EPS).sqrt()
     expected = (lin.abs() / norm).pow(b - 1) * lin
     assert out.shape == (2, 4, *out.shape[2:])
     torch.testing.assert_close(out.flatten(2), expected, rtol=1e-11, atol=1e-13)

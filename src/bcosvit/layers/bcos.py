@@ -5,9 +5,11 @@
 No bias; raw weights are stored and normalised on every forward pass. In explanation mode the
 factor ``|cos|^(B-1)`` is detached, so the layer is the linear map ``x -> |cos|^(B-1) ŵᵀx``.
 
-Numerical guards: ``||x||`` is ``sqrt(sum x² + NORM_EPS)``; for non-integer ``B`` the cosine is
-clamped at ``COS_EPS`` before the power so its gradient stays finite. Both sit inside the detached
-factor, so they never break completeness.
+Numerical guards, the reference implementation's (``bcos`` 0.1.3): the linear layer (and a 1×1
+convolution, a linear layer at each position) uses ``||x|| + LINEAR_NORM_EPS``, a convolution
+``sqrt(sum x² + NORM_EPS)`` over each window; for
+non-integer ``B`` the cosine is clamped at ``COS_EPS`` before the power so its gradient stays
+finite. All sit inside the detached factor, so they never break completeness.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 from .detach import DetachableModule
 
 NORM_EPS = 1e-6
+LINEAR_NORM_EPS = 1e-12
 COS_EPS = 1e-6
 
 
@@ -111,7 +114,7 @@ class BcosLinear(DetachableModule):
             out = out.unflatten(-1, (self.out_features, self.max_out)).amax(dim=-1)
         if self.b == 1:
             return out
-        norm = (torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() + NORM_EPS).sqrt()
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True) + LINEAR_NORM_EPS
         if self.detach:
             norm = norm.detach()
         return bcos_scale(out, norm, self.b, self.detach, dim=-1)
@@ -162,6 +165,17 @@ class BcosConv2d(DetachableModule):
             out = out.unflatten(1, (self.out_channels, self.max_out)).amax(dim=2)
         if self.b == 1:
             return out
+        norm = self._window_norms(x)
+        if self.detach:
+            norm = norm.detach()
+        return bcos_scale(out, norm, self.b, self.detach, dim=1)
+
+    def _window_norms(self, x: Tensor) -> Tensor:
+        """``(N, 1, H', W')``: the guarded norm of each ``k×k×C_in`` input window."""
+        if self.kernel_size == 1 and self.stride == 1 and self.padding == 0:
+            # A 1×1 convolution is a linear layer at each position: the linear layer's guard (the
+            # reference implements the conv stem's last, 1×1 step as a linear layer).
+            return torch.linalg.vector_norm(x, dim=1, keepdim=True) + LINEAR_NORM_EPS
         # Sum of squares over each k×k×C_in window (zero padding counts as zeros).
         window_sq = F.avg_pool2d(
             x.square().sum(dim=1, keepdim=True),
@@ -170,10 +184,7 @@ class BcosConv2d(DetachableModule):
             padding=self.padding,
             count_include_pad=True,
         ) * (self.kernel_size**2)
-        norm = (window_sq + NORM_EPS).sqrt()
-        if self.detach:
-            norm = norm.detach()
-        return bcos_scale(out, norm, self.b, self.detach, dim=1)
+        return (window_sq + NORM_EPS).sqrt()
 
     def extra_repr(self) -> str:
         return (

@@ -78,6 +78,13 @@ class SinCosPositionalEmbedding(AdditivePositionalEmbedding):
         super().__init__(dim, grid)
         self.register_buffer("weight", sincos_2d(self.grid, dim), persistent=False)
 
+    def embedding(self, grid: Grid) -> Tensor:
+        """The ``(L, D)`` embedding of ``grid``; a float64 model gets the table computed in float64
+        (the buffer, cast from float32, would carry float32 rounding)."""
+        if self.weight.dtype == torch.float64:
+            return sincos_2d(tuple(grid), self.dim, dtype=torch.float64).to(self.weight.device)
+        return super().embedding(grid)
+
     def _embedding_for_other_grid(self, grid: Grid) -> Tensor:
         return sincos_2d(grid, self.dim, dtype=self.weight.dtype).to(self.weight.device)
 
