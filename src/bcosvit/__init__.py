@@ -2,7 +2,8 @@
 
 The library is everything under ``bcosvit`` except ``bcosvit.app``: ``layers``, ``models``,
 ``explanation`` (``explain``, ``explain_unit``, ``token_contributions``), ``attribution``,
-``metrics``, ``visualize`` and ``checkpoint`` (weights files). ``bcosvit.app`` is the application
+``metrics``, ``visualize``, ``checkpoint`` (weights files), ``convert`` and ``hub`` (the
+published ImageNet weights: converted, downloaded once, cached). ``bcosvit.app`` is the application
 built on it: the command line, the training loop and its recipes, the evaluation protocol, the
 report, datasets and image files. The library never imports the application.
 
@@ -17,6 +18,7 @@ from types import ModuleType
 from .checkpoint import load_model
 from .errors import BcosVitError, CheckpointError, ConfigError, DataError, InputError
 from .explanation import Explanation, explain, explain_unit, token_contributions
+from .hub import list_pretrained_weights
 from .layers import explanation_mode
 from .models import VisionTransformer, ViTConfig, create_model, list_models, list_pretrained
 
@@ -37,6 +39,7 @@ __all__ = [
     "explanation_mode",
     "list_models",
     "list_pretrained",
+    "list_pretrained_weights",
     "load_model",
     "token_contributions",
 ]

@@ -44,6 +44,8 @@ METADATA_FIELDS: dict[str, type] = {
     "precision": str,
     "train_config": dict,  # the application's record of the run; bcosvit.app validates it where it reads it
     "shipped_from": str,
+    "converted_from": str,  # a model converted from a published checkpoint: its URL or file (bcosvit.hub)
+    "source_sha256": str,  # ... and that file's SHA-256
 }
 
 
