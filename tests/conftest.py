@@ -13,6 +13,12 @@ the timings behind the split.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -78,3 +84,63 @@ def images():
 def tiny(build):
     """A one-block float64 B-cos model on 8×8 greyscale inputs (2×2 tokens), 10 classes."""
     return build("bcos_vit_nano_patch4_28", image_size=8, depth=1, embed_dim=16, num_heads=2)
+
+
+# --- Published ImageNet weights without network (tests/test_hub.py, tests/test_cli.py) --------------
+
+
+@dataclasses.dataclass
+class Reference:
+    """A reference checkpoint named like a published file, and the reference model's logits on ``image``."""
+
+    path: Path
+    sha256: str
+    image: torch.Tensor
+    logits: torch.Tensor
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> Reference:
+    """The reference's full-size B-cos ViT-Ti (random weights) saved as
+    ``bcos_simple_vit_ti_patch16_224-<sha256 prefix>.pth``, with its logits on one image."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from bcos.models.pretrained import simple_vit_ti_patch16_224
+
+        model = simple_vit_ti_patch16_224(pretrained=False).eval()
+    folder = tmp_path_factory.mktemp("published")
+    raw = folder / "raw.pth"
+    torch.save(model.state_dict(), raw)
+    digest = hashlib.sha256(raw.read_bytes()).hexdigest()
+    path = raw.rename(folder / f"bcos_simple_vit_ti_patch16_224-{digest[:10]}.pth")
+    image = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(torch.cat([image, 1 - image], 1))  # the reference's B-cos input: [x, 1 - x]
+    return Reference(path, digest, image, logits)
+
+
+@pytest.fixture
+def hub_dir(tmp_path, monkeypatch) -> Path:
+    """torch.hub's folder in tmp_path (restored afterwards), and no BCOSVIT_WEIGHTS_DIR."""
+    from bcosvit import hub
+
+    previous = torch.hub.get_dir()
+    folder = tmp_path / "torch-hub"
+    torch.hub.set_dir(str(folder))
+    monkeypatch.delenv(hub.WEIGHTS_DIR_ENV, raising=False)
+    yield folder
+    torch.hub.set_dir(previous)
+
+
+@pytest.fixture
+def publish(monkeypatch) -> Callable:
+    """``publish(path, name="bcos_vit_tiny_patch16_224")``: the registry entry of ``name`` points at
+    ``path`` (a file:// URL; the hash in the file's name is the one checked)."""
+    from bcosvit import hub
+
+    def point(path: Path, name: str = "bcos_vit_tiny_patch16_224"):
+        entry = dataclasses.replace(hub.PUBLISHED[name], url=path.as_uri())
+        monkeypatch.setitem(hub.PUBLISHED, name, entry)
+        return entry
+
+    return point

@@ -1,4 +1,4 @@
-"""The ``bcosvit`` command: ``models``, ``train``, ``explain`` and ``evaluate`` (``--help`` on each)."""
+"""The ``bcosvit`` command: ``models``, ``train``, ``explain``, ``evaluate`` and ``convert`` (``--help`` on each)."""
 
 from __future__ import annotations
 
@@ -25,10 +25,18 @@ def _count(name: str) -> tuple[int, object]:
     return sum(p.numel() for p in model.parameters()), model.config
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    from ..models import list_models, list_pretrained
+def weights_label(record) -> str:
+    """The ``weights`` column of ``bcosvit models`` for a ``bcosvit.hub.PretrainedWeights`` record."""
+    if record.weights == "shipped":
+        return "shipped"
+    return f"imagenet {record.top1:.1f}% ({record.status})"
 
-    pretrained = set(list_pretrained())
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ..hub import list_pretrained_weights
+    from ..models import list_models
+
+    weights = {record.name: weights_label(record) for record in list_pretrained_weights()}
     names = list_models(args.pattern)
     if not names:
         print(f"no registered model matches {args.pattern!r}")
@@ -46,9 +54,13 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(
             f"{name:30s} {'B-cos' if cfg.bcos else 'standard':8s} {count / 1e6:8.2f}M "
             f"{cfg.in_chans}x{cfg.image_size:<3d}   {grid}x{grid} {tokeniser:>4s} {cfg.embed_dim:5d} {cfg.depth:5d} "
-            f"{cfg.num_heads:5d}  {'shipped' if name in pretrained else ''}"
+            f"{cfg.num_heads:5d}  {weights.get(name, '')}"
         )
     print(f"\n{len(names)} models; B-cos models start with 'bcos_', their standard twins drop the prefix.")
+    print(
+        "weights: 'shipped' inside the package (--model NAME); 'imagenet' published top-1 accuracy, downloaded "
+        "once into torch.hub's cache or already 'cached' (--model NAME --pretrained imagenet)."
+    )
     return 0
 
 
@@ -114,16 +126,24 @@ def cli_model_sources(checkpoints: list[str], names: list[str]) -> dict[str, str
     return dict(zip(labels, paths + names))
 
 
-def load_cli_models(checkpoints: list[str], names: list[str], shipped_prefix: str = "") -> dict:
+def load_cli_models(
+    checkpoints: list[str],
+    names: list[str],
+    shipped_prefix: str = "",
+    pretrained: str = "shipped",
+    weights: str | None = None,
+) -> dict:
     """Models from ``--checkpoint`` paths (run folders or weights files) and ``--model`` names
-    (shipped weights), keyed by a distinct label (``cli_model_sources``); with neither, every shipped
-    model whose name starts with ``shipped_prefix``."""
+    (``pretrained``: the shipped weights, or the published ImageNet ones, from ``weights`` when
+    given), keyed by a distinct label (``cli_model_sources``); with neither, every shipped model
+    whose name starts with ``shipped_prefix``."""
     from ..checkpoint import load_model
     from ..errors import ConfigError
     from ..models import create_model, list_pretrained
 
     sources = cli_model_sources(checkpoints, names)
-    loaders = [load_model] * len(checkpoints) + [partial(create_model, pretrained=True)] * len(names)
+    by_name = partial(create_model, pretrained=pretrained, weights=weights)
+    loaders = [load_model] * len(checkpoints) + [by_name] * len(names)
     models = {label: load(source) for (label, source), load in zip(sources.items(), loaders)}
     if not models:
         shipped = [n for n in list_pretrained() if n.startswith(shipped_prefix)]
@@ -133,12 +153,37 @@ def load_cli_models(checkpoints: list[str], names: list[str], shipped_prefix: st
     return models
 
 
+def pretrained_from_args(args: argparse.Namespace) -> tuple[list[str], str, str | None]:
+    """The ``--model`` names, the ``--pretrained`` weights and the ``--weights`` file of ``explain``
+    and ``evaluate``: ``--weights`` implies ``--pretrained imagenet``, and without ``--model`` it
+    names the model by the published file's name."""
+    from ..errors import ConfigError
+    from ..hub import IMAGENET, PUBLISHED
+
+    names = [args.model] if isinstance(args.model, str) else list(args.model or [])
+    if args.weights is None:
+        if args.pretrained and not names:
+            raise ConfigError("--pretrained chooses the weights of --model NAME; add --model")
+        return names, args.pretrained or "shipped", None
+    if (args.pretrained or IMAGENET) != IMAGENET:
+        raise ConfigError("--weights is a published ImageNet .pth file: use it with --pretrained imagenet")
+    if not names:
+        file_name = Path(args.weights).name
+        names = [entry.name for entry in PUBLISHED.values() if entry.file_name == file_name]
+        if not names:
+            raise ConfigError(f"--weights {args.weights} is not named like a published file; add --model NAME")
+    if len(names) > 1:
+        raise ConfigError("--weights is the file of one model; pass a single --model NAME")
+    return names, IMAGENET, args.weights
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .explain_files import explain_files
 
-    checkpoints, names = [args.checkpoint] if args.checkpoint else [], [args.model] if args.model else []
-    model = next(iter(load_cli_models(checkpoints, names, shipped_prefix="bcos_").values()))
-    source = args.checkpoint or args.model or "shipped model"
+    checkpoints = [args.checkpoint] if args.checkpoint else []
+    names, pretrained, weights = pretrained_from_args(args)
+    model = next(iter(load_cli_models(checkpoints, names, "bcos_", pretrained, weights).values()))
+    source = args.checkpoint or (names[0] if names else "shipped model")
     print(
         f"explaining {len(args.images)} file(s) with {source} "
         f"({model.in_chans}x{model.image_size}x{model.image_size} inputs, {model.num_classes} classes)"
@@ -206,9 +251,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         test_subset=args.test_subset,
     )
     config.validate()
-    models = load_cli_models(args.checkpoint or [], args.model or [])
+    names, pretrained, weights = pretrained_from_args(args)
+    models = load_cli_models(args.checkpoint or [], names, pretrained=pretrained, weights=weights)
     ensure_writable_dir(args.out, "output folder (--out)")
-    sources = cli_model_sources(args.checkpoint or [], args.model or []) or {name: name for name in models}
+    sources = cli_model_sources(args.checkpoint or [], names) or {name: name for name in models}
     for label, source in sources.items():
         print(f"model {label}: {source}")
     first = next(iter(models.values()))
@@ -223,6 +269,58 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"evaluating {', '.join(models)} on {count} {args.dataset} test images")
     evaluate_models(models, images, labels, args.out, config, dataset=args.dataset, sources=sources)
     return 0
+
+
+def check_out_folder(out: Path, force: bool) -> None:
+    """Raise ``ConfigError`` when ``out`` is a file, or a folder with files in it and not ``force``."""
+    from ..errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is an existing file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(
+            f"--out {out} is not empty; choose a new folder, or pass --force to replace its model.safetensors "
+            "and model.json"
+        )
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ..checkpoint import save_weights
+    from ..convert import convert_official, match_official, read_official_checkpoint
+    from ..fileio import ensure_writable_dir
+    from ..hub import PUBLISHED, sha256_of
+
+    out = Path(args.out)
+    check_out_folder(out, args.force)
+    source = Path(args.checkpoint).absolute()
+    state = read_official_checkpoint(source)
+    name = match_official(state, args.name, str(source))
+    digest = sha256_of(source)
+    entry = PUBLISHED.get(name)
+    ensure_writable_dir(out, "output folder (--out)")
+    model = convert_official(state, name)
+    meta = {"model_name": name, "converted_from": str(source), "source_sha256": digest}
+    path = save_weights(model, out / "model.safetensors", meta)
+    same = entry is not None and digest.startswith(entry.sha256_prefix)
+    origin = f"the published {entry.file_name}" if same else f"{name} weights (SHA-256 {digest[:12]}...)"
+    print(f"converted {source}: {origin}, {model.num_classes} classes")
+    print(f"wrote {path} and {path.with_suffix('.json').name}; use it with --checkpoint {out}")
+    return 0
+
+
+def _add_pretrained_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--pretrained",
+        choices=("shipped", "imagenet"),
+        help="weights of --model: 'shipped' inside the package (default), or the published 'imagenet' ones "
+        "(downloaded once into torch.hub's cache, then loaded from there)",
+    )
+    p.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="a published ImageNet .pth file you already have (hash checked; implies --pretrained imagenet; "
+        "names the model when --model is left out); or set BCOSVIT_WEIGHTS_DIR to a folder of them",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,8 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("images", nargs="+", help="image files")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--model", help="name of a model with shipped weights (default: the shipped B-cos model)")
-    source.add_argument("--checkpoint", help="run folder of `bcosvit train` or a .safetensors file")
+    source.add_argument(
+        "--model", help="name of a model with shipped or published weights (default: the shipped B-cos model)"
+    )
+    source.add_argument(
+        "--checkpoint", help="run folder of `bcosvit train` or `bcosvit convert`, or a .safetensors file"
+    )
+    _add_pretrained_options(p)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--target", help="class index or name to explain (default: the top classes)")
     which.add_argument("--topk", type=int, default=2, help="explain the K most likely classes (default 2)")
@@ -306,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
         "figures and a self-contained report.html.",
     )
     p.add_argument("--checkpoint", nargs="+", help="run folders or .safetensors files")
-    p.add_argument("--model", nargs="+", help="names of models with shipped weights")
+    p.add_argument("--model", nargs="+", help="names of models with shipped (or, with --pretrained, published) weights")
+    _add_pretrained_options(p)
     p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
     p.add_argument("--data-dir", help="dataset location (default for Fashion-MNIST: the Debian package's)")
     p.add_argument("--test-subset", type=int, help="use only the first N test images")
@@ -324,6 +428,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="evaluation", help="output folder (default: evaluation/)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a published B-cos-v2 ViT checkpoint (.pth) into a model folder",
+        description="Reads a checkpoint of the reference implementation (the published B-cos-v2 ViTs or the "
+        "same architectures trained with it; loaded without pickle), finds the matching bcosvit model and writes "
+        "OUT/model.safetensors and OUT/model.json, which --checkpoint OUT accepts in explain and evaluate.",
+    )
+    p.add_argument("checkpoint", help="the .pth file")
+    p.add_argument("--out", required=True, help="output folder (new or empty, unless --force)")
+    p.add_argument("--name", help="the bcosvit model name (default: found from the tensor shapes)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing its model files")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 
