@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bcosvit.app.cli import main, unique_labels
 
@@ -135,3 +136,100 @@ def test_labels_are_the_shortest_distinguishing_path_suffixes_then_numbered():
         "vitc#2",
     ]
     assert unique_labels([("/", "run"), ("/", "a", "run")]) == ["/run", "a/run"]
+
+
+# --- Published ImageNet weights: bcosvit convert, --pretrained imagenet, --weights (no network) ---------
+
+
+def _photo(path: Path) -> Path:
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(1)
+    pixels = (torch.rand(300, 260, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _ranked_classes(out: str) -> list[str]:
+    """The class names of explain's line for the (one) image: ``photo.png (...): name p, name p | ...``."""
+    line = next(line for line in out.splitlines() if "completeness error" in line)
+    ranked = line.split(": ", 1)[1].split(" | ")[0]
+    return [item.rsplit(" ", 1)[0] for item in ranked.split(", ")]
+
+
+def test_convert_writes_a_model_folder_that_explain_accepts(reference, tmp_path, capsys):
+    import bcosvit
+
+    out = tmp_path / "converted"
+    assert main(["convert", str(reference.path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "bcos_vit_tiny_patch16_224 weights" in printed and f"--checkpoint {out}" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
+    meta = bcosvit.checkpoint.read_metadata(out)
+    assert meta["model_name"] == "bcos_vit_tiny_patch16_224" and meta["source_sha256"] == reference.sha256
+    model = bcosvit.load_model(out)
+    with torch.no_grad():
+        torch.testing.assert_close(model(reference.image), reference.logits, atol=1e-4, rtol=0)
+    names = model.config.class_names
+    photo = _photo(tmp_path / "photo.png")
+    assert main(["explain", str(photo), "--checkpoint", str(out), "--out", str(tmp_path / "figures")]) == 0
+    ranked = _ranked_classes(capsys.readouterr().out)
+    assert len(ranked) == 2 and set(ranked) <= set(names)
+    assert (tmp_path / "figures" / "photo.explained.png").is_file()
+
+
+def test_convert_refuses_a_non_empty_out_unless_forced_and_bad_files(reference, tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    assert main(["convert", str(reference.path), "--out", str(out)]) == 2
+    assert f"--out {out} is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert main(["convert", str(reference.path), "--out", str(out), "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors", "notes.txt"]
+    capsys.readouterr()
+    assert main(["convert", str(reference.path), "--out", str(tmp_path / "x"), "--name", "bcos_vitc_tiny_224"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bcosvit convert: error: weights in ") and "bcos_vitc_tiny_224" in err
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(reference.path.read_bytes()[:5000])
+    assert main(["convert", str(broken), "--out", str(tmp_path / "y")]) == 2
+    assert "is corrupt" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def test_explain_with_published_imagenet_weights(reference, hub_dir, publish, tmp_path, capsys):
+    import bcosvit
+
+    publish(reference.path)
+    photo = _photo(tmp_path / "photo.jpg")
+    args = ["explain", str(photo), "--model", "bcos_vit_tiny_patch16_224", "--out", str(tmp_path / "figures")]
+    assert main(args) == 2
+    assert "--pretrained imagenet" in capsys.readouterr().err
+    assert main([*args, "--pretrained", "imagenet", "--topk", "3"]) == 0
+    out = capsys.readouterr().out
+    names = bcosvit.load_model(bcosvit.hub.converted_path("bcos_vit_tiny_patch16_224")).config.class_names
+    assert "explaining 1 file(s) with bcos_vit_tiny_patch16_224" in out and "1000 classes" in out
+    assert len(_ranked_classes(out)) == 3 and set(_ranked_classes(out)) <= set(names)
+    assert (tmp_path / "figures" / "photo.explained.png").is_file()
+
+
+def test_explain_with_weights_names_the_model_by_the_published_file(reference, hub_dir, publish, tmp_path, capsys):
+    publish(reference.path)
+    photo = _photo(tmp_path / "photo.png")
+    assert main(["explain", str(photo), "--weights", str(reference.path), "--out", str(tmp_path / "f")]) == 0
+    assert "with bcos_vit_tiny_patch16_224" in capsys.readouterr().out
+    assert not (hub_dir / "checkpoints").exists()  # the file was used where it is
+    other = tmp_path / "mine.pth"
+    other.write_bytes(b"x")
+    assert main(["explain", str(photo), "--weights", str(other)]) == 2
+    assert "is not named like a published file; add --model NAME" in capsys.readouterr().err
+    assert main(["explain", str(photo), "--pretrained", "imagenet"]) == 2
+    assert "--pretrained chooses the weights of --model NAME" in capsys.readouterr().err
+
+
+def test_models_shows_shipped_and_published_weights(hub_dir, capsys):
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    tiny = next(line for line in lines if line.startswith("bcos_vit_tiny_patch16_224 "))
+    assert tiny.endswith("imagenet 60.0% (downloadable)")
+    assert next(line for line in lines if line.startswith("vitc_micro_28 ")).endswith("shipped")

@@ -192,7 +192,7 @@ def _offline_help(entry: PublishedCheckpoint, cached: Path) -> str:
     return (
         f"Without network access, download {entry.url} elsewhere and put it at {cached} (torch.hub's cache), "
         f"or pass weights=PATH (command line: --weights PATH), or put it in the folder that the environment "
-        f"variable {WEIGHTS_DIR_ENV} names{searched}"
+        f"variable {WEIGHTS_DIR_ENV} names{searched}."
     )
 
 
