@@ -283,11 +283,11 @@ def convert_published(name: str, weights: str | Path | None = None, progress: bo
     from .convert import convert_official
 
     entry = published(name)
-    source = fetch_checkpoint(name, weights, progress) if weights is not None else None
+    given = _user_file(weights, entry) if weights is not None else None  # checked even when the cache answers
     model = _load_cached(name, entry)
     if model is not None:
         return model
-    source = source or fetch_checkpoint(name, None, progress)
+    source = given or fetch_checkpoint(name, progress=progress)
     model = convert_official(source, name)
     _save_cached(model, name, entry, source)
     return model
