@@ -77,10 +77,13 @@ def relative_difference(expected: torch.Tensor, actual: torch.Tensor) -> float:
     return float((expected - actual).abs().max() / expected.abs().max())
 
 
-def compare(reference: torch.nn.Module, model: VisionTransformer, standard: bool) -> tuple[float, float | None]:
-    """Max relative logit difference and (B-cos) explanation difference, float64, 64×64 images."""
+def compare(
+    reference: torch.nn.Module, model: VisionTransformer, standard: bool, image_size: int = 64
+) -> tuple[float, float | None]:
+    """Max relative logit difference and (B-cos) explanation difference, float64, on 2 random images."""
     reference, model = reference.double(), model.double()
-    images = torch.rand(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(2, 3, image_size, image_size, dtype=torch.float64, generator=generator)
     inputs = reference_input(images, standard)
     with torch.no_grad(), float64_default():
         expected = reference(inputs)

@@ -2,7 +2,8 @@
 
 The library is everything under ``bcosvit`` except ``bcosvit.app``: ``layers``, ``models``,
 ``explanation`` (``explain``, ``explain_unit``, ``token_contributions``), ``attribution``,
-``metrics``, ``visualize`` and ``checkpoint`` (weights files). ``bcosvit.app`` is the application
+``metrics``, ``visualize``, ``checkpoint`` (weights files) and ``convert`` (the published
+B-cos-v2 checkpoints). ``bcosvit.app`` is the application
 built on it: the command line, the training loop and its recipes, the evaluation protocol, the
 report, datasets and image files. The library never imports the application.
 
@@ -15,6 +16,7 @@ import importlib
 from types import ModuleType
 
 from .checkpoint import load_model
+from .convert import convert_official
 from .errors import BcosVitError, CheckpointError, ConfigError, DataError, InputError
 from .explanation import Explanation, explain, explain_unit, token_contributions
 from .layers import explanation_mode
@@ -31,6 +33,7 @@ __all__ = [
     "InputError",
     "ViTConfig",
     "VisionTransformer",
+    "convert_official",
     "create_model",
     "explain",
     "explain_unit",
