@@ -2,13 +2,13 @@
 
 The library is everything under ``bcosvit`` except ``bcosvit.app``: ``layers``, ``models``,
 ``explanation`` (``explain``, ``explain_unit``, ``token_contributions``), ``attribution``,
-``metrics``, ``visualize``, ``checkpoint`` (weights files) and ``convert`` (the published
-B-cos-v2 checkpoints). ``bcosvit.app`` is the application
-built on it: the command line, the training loop and its recipes, the evaluation protocol, the
-report, datasets and image files. The library never imports the application.
+``metrics``, ``visualize``, ``checkpoint`` (weights files), ``convert`` (the published B-cos-v2
+checkpoints) and ``imagenet`` (ImageNet's classes). ``bcosvit.app`` is the application built on it:
+the command line, the training loop and its recipes, the evaluation protocol, the report, datasets
+and image files. The library never imports the application.
 
 The sub-modules that pull in heavier libraries (``attribution``: Captum; ``visualize``: matplotlib;
-``metrics``, ``app``) are imported on first use, so ``import bcosvit`` stays light while
+``metrics``, ``app``) and ``imagenet`` are imported on first use, so ``import bcosvit`` stays light while
 ``bcosvit.attribution.attribute(...)`` works without importing the module first.
 """
 
@@ -44,7 +44,7 @@ __all__ = [
     "token_contributions",
 ]
 
-_LAZY_SUBMODULES = frozenset({"app", "attribution", "metrics", "visualize"})
+_LAZY_SUBMODULES = frozenset({"app", "attribution", "imagenet", "metrics", "visualize"})
 
 
 def __getattr__(name: str) -> ModuleType:
