@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms import v2
 
 from bcosvit.app.data import (
     DATASETS,
@@ -182,3 +183,24 @@ def test_corrupt_image_in_a_folder_is_named_when_read(tmp_path):
     assert ds[0][0].shape == (3, 8, 8)
     with pytest.raises(DataError, match=r"cannot read image .*b\.png"):
         ds[1]
+
+
+def test_a_folder_of_class_folders_is_its_own_val_split_but_never_a_train_split(tmp_path):
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        Image.fromarray(np.zeros((40, 50, 3), dtype=np.uint8)).save(tmp_path / cls / "a.png")
+    ds, spec = load_dataset("folder", "val", tmp_path, image_size=32)
+    assert ds.root == str(tmp_path) and spec.classes == ["cat", "dog"] and ds[1][0].shape == (3, 32, 32)
+    with pytest.raises(DataError, match=r"train not found; expected .*/\{train,val\}/<class>.*or for evaluation"):
+        load_dataset("folder", "train", tmp_path, image_size=32)
+
+
+def test_folder_evaluation_resizes_the_shorter_side_to_resize_size_then_crops_the_centre():
+    image = torch.randint(0, 256, (3, 200, 300), dtype=torch.uint8)
+    reference = v2.Compose([v2.Resize(36, antialias=True), v2.CenterCrop(32), v2.ToDtype(torch.float32, scale=True)])
+    torch.testing.assert_close(build_transforms(False, 32, None, resize_size=36)(image), reference(image))
+    # resize_size is the evaluation of folder datasets only: training and native-size datasets ignore it
+    assert repr(build_transforms(True, 28, 28, resize_size=36)) == repr(build_transforms(True, 28, 28))
+    assert repr(build_transforms(True, 32, None, resize_size=36)) == repr(build_transforms(True, 32, None))

@@ -2,13 +2,14 @@
 
 The library is everything under ``bcosvit`` except ``bcosvit.app``: ``layers``, ``models``,
 ``explanation`` (``explain``, ``explain_unit``, ``token_contributions``), ``attribution``,
-``metrics``, ``visualize``, ``checkpoint`` (weights files), ``convert`` and ``hub`` (the
-published ImageNet weights: converted, downloaded once, cached). ``bcosvit.app`` is the application
-built on it: the command line, the training loop and its recipes, the evaluation protocol, the
-report, datasets and image files. The library never imports the application.
+``metrics``, ``visualize``, ``checkpoint`` (weights files), ``convert`` (the published B-cos-v2
+checkpoints), ``hub`` (those checkpoints downloaded once, verified and cached) and ``imagenet``
+(ImageNet's classes). ``bcosvit.app`` is the application built on it: the command line, the training
+loop and its recipes, the evaluation protocol, the report, datasets and image files. The library
+never imports the application.
 
 The sub-modules that pull in heavier libraries (``attribution``: Captum; ``visualize``: matplotlib;
-``metrics``, ``app``) are imported on first use, so ``import bcosvit`` stays light while
+``metrics``, ``app``) and ``imagenet`` are imported on first use, so ``import bcosvit`` stays light while
 ``bcosvit.attribution.attribute(...)`` works without importing the module first.
 """
 
@@ -16,6 +17,7 @@ import importlib
 from types import ModuleType
 
 from .checkpoint import load_model
+from .convert import convert_official
 from .errors import BcosVitError, CheckpointError, ConfigError, DataError, InputError
 from .explanation import Explanation, explain, explain_unit, token_contributions
 from .hub import list_pretrained_weights
@@ -33,6 +35,7 @@ __all__ = [
     "InputError",
     "ViTConfig",
     "VisionTransformer",
+    "convert_official",
     "create_model",
     "explain",
     "explain_unit",
@@ -44,7 +47,7 @@ __all__ = [
     "token_contributions",
 ]
 
-_LAZY_SUBMODULES = frozenset({"app", "attribution", "metrics", "visualize"})
+_LAZY_SUBMODULES = frozenset({"app", "attribution", "imagenet", "metrics", "visualize"})
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -223,6 +223,7 @@ def check_models_fit_dataset(models: dict, sources: dict[str, str], spec, args: 
     """Raise ``ConfigError`` for the first model that does not fit the dataset (classes, channels, size),
     saying which ``--dataset``/``--data-dir`` it was trained with."""
     from ..errors import ConfigError
+    from ..imagenet import IMAGENET_NUM_CLASSES
     from .evaluation import dataset_mismatch
 
     for label, model in models.items():
@@ -231,7 +232,26 @@ def check_models_fit_dataset(models: dict, sources: dict[str, str], spec, args: 
             data = args.dataset + (f" in {args.data_dir}" if args.data_dir else "")
             trained = _trained_with(sources[label])
             fix = f"it was trained with {trained}" if trained else "pass the --dataset and --data-dir it was trained on"
+            if model.num_classes == IMAGENET_NUM_CLASSES and args.dataset == "folder":
+                fix += (
+                    " (an ImageNet model reads class folders named by WordNet id, n01440764 ... n15075141, "
+                    "as in ImageNet's val/ folder)"
+                )
             raise ConfigError(f"model {label} ({sources[label]}) {problem}: it does not fit {data}; {fix}")
+
+
+def check_same_preprocessing(models: dict, args: argparse.Namespace) -> None:
+    """Raise ``ConfigError`` when the models read a folder dataset's images differently (their
+    ``config.resize_size``): the images are read once, with the first model's preprocessing."""
+    from ..errors import ConfigError
+
+    sizes = {label: model.config.resize_size for label, model in models.items()}
+    if args.dataset == "folder" and len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{label}: {size}" for label, size in sizes.items())
+        raise ConfigError(
+            f"the models resize images differently before the centre crop (resize_size {listed}); "
+            "evaluate them in separate runs"
+        )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -257,16 +277,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     sources = cli_model_sources(args.checkpoint or [], names) or {name: name for name in models}
     for label, source in sources.items():
         print(f"model {label}: {source}")
+    check_same_preprocessing(models, args)
     first = next(iter(models.values()))
     split = evaluation_split(args.dataset)
-    dataset, spec = load_dataset(args.dataset, split, args.data_dir, first.image_size)
+    dataset, spec = load_dataset(
+        args.dataset,
+        split,
+        args.data_dir,
+        first.image_size,
+        resize_size=first.config.resize_size,
+        num_classes=first.num_classes,
+    )
     check_models_fit_dataset(models, sources, spec, args)
     count = min(len(dataset), config.test_subset or len(dataset))
     if count == 0:
         raise DataError(f"the {args.dataset} {split} split holds no images; check --data-dir")
-    images = torch.stack([dataset[i][0] for i in range(count)])
-    labels = torch.tensor([int(dataset[i][1]) for i in range(count)])
-    print(f"evaluating {', '.join(models)} on {count} {args.dataset} test images")
+    items = [dataset[i] for i in range(count)]
+    images = torch.stack([image for image, _ in items])
+    labels = torch.tensor([int(label) for _, label in items])
+    where = f" from {dataset.root}" if args.dataset == "folder" else ""
+    print(f"evaluating {', '.join(models)} on {count} {args.dataset} {split} images{where}")
     evaluate_models(models, images, labels, args.out, config, dataset=args.dataset, sources=sources)
     return 0
 

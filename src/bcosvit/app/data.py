@@ -4,7 +4,9 @@ Images stay ordinary tensors in [0, 1]: each model owns its input encoding.
 
 - Fashion-MNIST: the four idx ``.gz`` files of Debian's ``dataset-fashion-mnist`` package.
 - CIFAR-10: the standard python-format batches (``data_batch_1`` ... ``test_batch``).
-- Any ImageNet-style folder tree ``<root>/{train,val}/<class>/<image>`` through torchvision.
+- Any ImageNet-style folder tree ``<root>/{train,val}/<class>/<image>`` through torchvision (for
+  evaluation also a single folder of class folders); WordNet-id class folders read by a 1000-class
+  model take their ImageNet class indices.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torchvision import datasets as tv_datasets
 from torchvision.transforms import v2
 
 from ..errors import DataError
+from ..imagenet import IMAGENET_NUM_CLASSES, imagenet_class_names, imagenet_wnids, is_wnid
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -177,11 +180,23 @@ def load_cifar10(split: str, root: str | Path, transform=None) -> TensorImageDat
     )
 
 
-def load_image_folder(split: str, root: str | Path, transform=None) -> tv_datasets.ImageFolder:
-    """An ImageNet-style tree ``root/<split>/<class>/<image>`` read by torchvision."""
-    folder = Path(root) / split
-    if not folder.is_dir():
-        raise DataError(f"image folder {folder} not found; expected {root}/{{train,val}}/<class>/<image files>")
+def load_image_folder(
+    split: str, root: str | Path, transform=None, num_classes: int | None = None
+) -> tv_datasets.ImageFolder:
+    """A folder of class folders read by torchvision: ``root/<split>/<class>/<image>``, or for the
+    evaluation split "val", ``root/<class>/<image>`` when ``root`` has neither ``train`` nor ``val``.
+
+    With ``num_classes`` 1000 (an ImageNet model's) and class folders named by WordNet id (ImageNet's
+    layout, e.g. ``val/n01440764/*.JPEG``, all 1000 classes or only some), each folder's images get
+    the ImageNet index of its id (``bcosvit.imagenet.imagenet_wnids``) and the dataset's ``classes``
+    are ImageNet's 1000 names; otherwise the sorted folder names are the classes.
+
+    Raises:
+        DataError: for a missing folder (naming the accepted layouts), no class folders, a class
+            folder without images, or class folders that are not all ImageNet WordNet ids when some
+            are and ``num_classes`` is 1000.
+    """
+    folder = _split_folder(split, Path(root))
     decode = v2.Compose([v2.ToImage(), v2.RGB()])
     pipeline = (
         v2.Compose([decode, transform])
@@ -189,9 +204,62 @@ def load_image_folder(split: str, root: str | Path, transform=None) -> tv_datase
         else v2.Compose([decode, v2.ToDtype(torch.float32, scale=True)])
     )
     try:
-        return tv_datasets.ImageFolder(str(folder), transform=pipeline, loader=read_folder_image)
+        class_folders = tv_datasets.folder.find_classes(str(folder))[0]
+        mapping = imagenet_class_indices(class_folders, folder) if num_classes == IMAGENET_NUM_CLASSES else None
+        if mapping is None:
+            return tv_datasets.ImageFolder(str(folder), transform=pipeline, loader=read_folder_image)
+        return ImageNetFolder(str(folder), mapping, transform=pipeline, loader=read_folder_image)
+    except DataError:
+        raise
     except OSError as exc:  # no class folders, a class folder without image files, or an unreadable folder
         raise DataError(f"image folder {folder} is unusable: {exc} Expected {folder}/<class>/<image files>") from exc
+
+
+def _split_folder(split: str, root: Path) -> Path:
+    """``root/split``, or ``root`` itself for the "val" split of a folder without ``train``/``val``."""
+    if (root / split).is_dir():
+        return root / split
+    if split == "val" and root.is_dir() and not any((root / name).exists() for name in ("train", "val")):
+        return root
+    raise DataError(
+        f"image folder {root / split} not found; expected {root}/{{train,val}}/<class>/<image files>, "
+        f"or for evaluation a folder of class folders {root}/<class>/<image files> (e.g. ImageNet's val/)"
+    )
+
+
+def imagenet_class_indices(class_folders: list[str], folder: Path) -> dict[str, int] | None:
+    """``{folder name: ImageNet class index}`` when ``class_folders`` are ImageNet WordNet ids; None
+    when none of them looks like a WordNet id (an ordinary folder dataset).
+
+    Raises:
+        DataError: naming the folders that are not ImageNet WordNet ids when some of them are.
+    """
+    index = {wnid: k for k, wnid in enumerate(imagenet_wnids())}
+    if not any(is_wnid(name) for name in class_folders):
+        return None
+    unknown = [name for name in class_folders if name not in index]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise DataError(
+            f"class folder(s) {shown} in {folder} are not ImageNet WordNet ids; an ImageNet (1000-class) model "
+            "reads class folders named by the WordNet id of their class (n01440764 ... n15075141), as in "
+            "ImageNet's val/ folder: rename or remove them"
+        )
+    return {name: index[name] for name in class_folders}
+
+
+class ImageNetFolder(tv_datasets.ImageFolder):
+    """An ``ImageFolder`` of WordNet-id class folders (any subset of ImageNet's 1000) whose targets are
+    ImageNet class indices; ``classes`` are ImageNet's 1000 names in index order."""
+
+    def __init__(self, root: str, class_to_idx: dict[str, int], **kwargs) -> None:
+        self._imagenet_class_to_idx = dict(class_to_idx)
+        super().__init__(root, **kwargs)
+        self.classes = imagenet_class_names()
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        """The class folders and their ImageNet indices (torchvision calls this while indexing files)."""
+        return sorted(self._imagenet_class_to_idx), self._imagenet_class_to_idx
 
 
 def read_folder_image(path: str) -> Image.Image:
@@ -222,12 +290,15 @@ def build_transforms(
     randaugment: int = 0,
     flip: bool = True,
     crop_padding: int | None = None,
+    resize_size: int | None = None,
 ):
     """torchvision v2 transforms from a uint8 image tensor to float ``(C, H, W)`` in [0, 1].
 
     Small datasets with a native size (``native_size``) use pad-and-crop (``crop_padding`` pixels,
     default ``image_size // 8``, 0 disables it); folder datasets random resized crops (train) and
-    resize + centre crop (eval).
+    for evaluation the shorter side resized to ``resize_size`` (a model's ``config.resize_size``;
+    None: ``round(image_size / 0.875)``) then the centre ``image_size`` crop, bilinear with
+    antialiasing (ImageNet: Resize(256), CenterCrop(224)). ``resize_size`` is used only there.
     """
     ops: list = []
     if native_size is not None:
@@ -236,12 +307,11 @@ def build_transforms(
         padding = image_size // 8 if crop_padding is None else crop_padding
         if train and padding > 0:
             ops.append(v2.RandomCrop(image_size, padding=padding))
+    elif train:
+        ops.append(v2.RandomResizedCrop(image_size, antialias=True))
     else:
-        ops += (
-            [v2.RandomResizedCrop(image_size, antialias=True)]
-            if train
-            else [v2.Resize(int(round(image_size / 0.875)), antialias=True), v2.CenterCrop(image_size)]
-        )
+        resize = resize_size if resize_size is not None else int(round(image_size / 0.875))
+        ops += [v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)]
     if train and flip:
         ops.append(v2.RandomHorizontalFlip())
     if train and randaugment > 0:
@@ -252,7 +322,7 @@ def build_transforms(
 
 def evaluation_split(name: str) -> str:
     """The split a model trained on dataset ``name`` is tested on: "test", or "val" for a folder tree
-    (``<root>/{train,val}``)."""
+    (``<root>/{train,val}``, or a folder of class folders, see ``load_image_folder``)."""
     return "val" if name == "folder" else "test"
 
 
@@ -265,8 +335,15 @@ def load_dataset(
     randaugment: int = 0,
     flip: bool = True,
     crop_padding: int | None = None,
+    resize_size: int | None = None,
+    num_classes: int | None = None,
 ) -> tuple[Dataset, DataSpec]:
-    """Load ``name`` ("fashion-mnist", "cifar10" or "folder") with the train or eval transforms."""
+    """Load ``name`` ("fashion-mnist", "cifar10" or "folder") with the train or eval transforms.
+
+    For folder datasets only: ``resize_size`` is the evaluation resize before the centre crop
+    (``build_transforms``), and ``num_classes`` the model's class count, with which a 1000-class
+    model reads WordNet-id class folders as ImageNet classes (``load_image_folder``).
+    """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {DATASETS}")
     if name == "fashion-mnist":
@@ -282,5 +359,6 @@ def load_dataset(
         ds = load_cifar10(split, root, build_transforms(train_transforms, size, 32, randaugment, flip, crop_padding))
         return ds, DataSpec(3, size, 10, ds.classes, CIFAR10_MEAN, CIFAR10_STD)
     size = image_size or 224
-    ds = load_image_folder(split, root, build_transforms(train_transforms, size, None, randaugment, flip, crop_padding))
+    transform = build_transforms(train_transforms, size, None, randaugment, flip, crop_padding, resize_size)
+    ds = load_image_folder(split, root, transform, num_classes)
     return ds, DataSpec(3, size, len(ds.classes), list(ds.classes), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

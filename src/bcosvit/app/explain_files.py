@@ -104,7 +104,8 @@ def explain_files(
 ) -> tuple[list[FileExplanation], list[tuple[Path, str]]]:
     """Explain each readable image in ``paths``; returns the explanations and the (path, error)
     pairs of files that could not be read. Prints what it did for every file. Transparent pixels
-    are composited on the grey level ``background`` in [0, 1] (see ``load_image``)."""
+    are composited on the grey level ``background`` in [0, 1]; images are resized and centre-cropped
+    as the model's ``config.resize_size`` says (see ``load_image``)."""
     if not model.is_bcos:
         raise ConfigError("bcosvit explain needs a B-cos model; standard models get post-hoc attributions in evaluate")
     if topk < 1:
@@ -118,7 +119,7 @@ def explain_files(
     failed: list[tuple[Path, str]] = []
     for path in paths:
         try:
-            loaded.append(load_image(path, model.in_chans, model.image_size, background))
+            loaded.append(load_image(path, model.in_chans, model.image_size, background, model.config.resize_size))
         except InputError as exc:
             failed.append((Path(path), str(exc)))
             print(f"skipped {path}: {exc}")

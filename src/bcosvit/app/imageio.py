@@ -38,7 +38,11 @@ class LoadedImage:
 
 
 def load_image(
-    path: str | Path, in_chans: int, image_size: int, background: float | Sequence[float] = 0.0
+    path: str | Path,
+    in_chans: int,
+    image_size: int,
+    background: float | Sequence[float] = 0.0,
+    resize_size: int | None = None,
 ) -> LoadedImage:
     """Read ``path`` and convert it to ``in_chans`` channels and ``image_size``×``image_size``.
 
@@ -50,7 +54,9 @@ def load_image(
     * Transparent pixels (RGBA, LA, palette or greyscale with a transparent colour) are composited
       on ``background`` unless the model takes 4 channels (RGBA), which keep their alpha.
     * Colour modes are converted with Pillow (greyscale, RGB or RGBA for 1, 3 or 4 channels); the
-      shorter side is resized to ``image_size`` and the centre cropped.
+      shorter side is resized to ``resize_size`` (a model's ``config.resize_size``; None:
+      ``image_size``) and the centre ``image_size``×``image_size`` cropped, as ImageNet models are
+      evaluated (Resize(256) then CenterCrop(224), bilinear with antialiasing).
 
     Every change is recorded in ``notes``.
 
@@ -60,14 +66,19 @@ def load_image(
         image_size: the side of the square output.
         background: what transparent pixels show, a grey level or an RGB triple in [0, 1]; the
             default black is what the shipped Fashion-MNIST models expect (light objects on black).
+        resize_size: the shorter side before the centre crop, at least ``image_size``; None resizes
+            the shorter side to ``image_size``.
 
     Raises:
         InputError: for directories, missing, non-regular, oversized, unreadable or unsupported files.
-        ConfigError: for an unsupported ``in_chans`` or a ``background`` outside [0, 1].
+        ConfigError: for an unsupported ``in_chans``, a ``background`` outside [0, 1] or a
+            ``resize_size`` below ``image_size``.
     """
     path = Path(path)
     if in_chans not in _MODES:
         raise InputError(f"cannot convert image files to {in_chans} channels (supported: 1, 3, 4)")
+    if resize_size is not None and resize_size < image_size:
+        raise ConfigError(f"resize_size must be at least image_size ({image_size}), got {resize_size}")
     fill = background_rgb(background)
     with warnings.catch_warnings():
         # oversized images are refused below with a message; Pillow's warning would only repeat it
@@ -91,12 +102,29 @@ def load_image(
             raise InputError(f"cannot read {path}: {exc}") from exc
     notes += conversion_notes
     tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
-    height, width = tensor.shape[1:]
-    if (width, height) != (image_size, image_size):
-        tensor = v2.functional.center_crop(v2.functional.resize(tensor, image_size, antialias=True), [image_size])
-        tensor = tensor.clamp(0.0, 1.0)
-        notes.append(f"resized {width}x{height} -> {image_size}x{image_size} (shorter side, centre crop)")
-    return LoadedImage(path, tensor, mode, size, notes)
+    tensor, resize_note = resize_and_crop(tensor, image_size, resize_size)
+    return LoadedImage(path, tensor, mode, size, notes + ([resize_note] if resize_note else []))
+
+
+def resize_and_crop(image: Tensor, image_size: int, resize_size: int | None = None) -> tuple[Tensor, str | None]:
+    """``image`` ``(C, H, W)`` in [0, 1] with its shorter side resized to ``resize_size`` (None:
+    ``image_size``; bilinear, antialiased) and its centre ``(C, image_size, image_size)`` cropped,
+    and a note saying what was done (None when nothing was)."""
+    height, width = image.shape[1:]
+    if resize_size is None:
+        if (width, height) == (image_size, image_size):
+            return image, None
+        resized = v2.functional.resize(image, image_size, antialias=True)
+        out = v2.functional.center_crop(resized, [image_size]).clamp(0.0, 1.0)
+        return out, f"resized {width}x{height} -> {image_size}x{image_size} (shorter side, centre crop)"
+    steps = []
+    if min(height, width) != resize_size:
+        image = v2.functional.resize(image, resize_size, antialias=True).clamp(0.0, 1.0)
+        steps.append(f"resized {width}x{height} -> {image.shape[2]}x{image.shape[1]} (shorter side {resize_size})")
+    if tuple(image.shape[1:]) != (image_size, image_size):
+        image = v2.functional.center_crop(image, [image_size])
+        steps.append(f"centre crop {image_size}x{image_size}")
+    return image, ", ".join(steps) or None
 
 
 def background_rgb(background: float | Sequence[float]) -> tuple[int, int, int]:

@@ -126,7 +126,7 @@ class ViTConfig:
             raise ConfigError(f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}")
         if self.resize_size is not None and (not _is_int(self.resize_size) or self.resize_size < self.image_size):
             raise ConfigError(
-                f"resize_size must be null or an integer >= ({self.image_size}), got {self.resize_size!r:.60}"
+                f"resize_size must be null or an integer >= image_size {self.image_size}, got {self.resize_size!r:.60}"
             )
         for name in ("input_mean", "input_std"):
             value = getattr(self, name)
