@@ -18,6 +18,7 @@ import torch
 
 import bcosvit
 from bcosvit import hub
+from bcosvit.convert import CONVERSION_VERSION
 from bcosvit.errors import CheckpointError, ConfigError
 
 NAME = "bcos_vit_tiny_patch16_224"
@@ -185,6 +186,21 @@ def test_a_damaged_conversion_cache_is_converted_again(reference, hub_dir, publi
     with torch.no_grad():
         torch.testing.assert_close(model(reference.image), reference.logits, atol=1e-4, rtol=0)
     assert bcosvit.load_model(hub.converted_path(NAME)).num_classes == 1000
+
+
+def test_a_conversion_cached_by_another_conversion_version_is_converted_again(
+    reference, hub_dir, monkeypatch, publish
+):
+    publish(reference.path)
+    bcosvit.create_model(NAME, pretrained="imagenet", progress=False)
+    assert bcosvit.checkpoint.read_metadata(hub.converted_path(NAME))["conversion_version"] == CONVERSION_VERSION
+    monkeypatch.setattr("bcosvit.convert.CONVERSION_VERSION", CONVERSION_VERSION + 1)
+    calls = []
+    real = bcosvit.convert.convert_official
+    monkeypatch.setattr("bcosvit.convert.convert_official", lambda *a, **k: calls.append(a) or real(*a, **k))
+    bcosvit.create_model(NAME, pretrained="imagenet", progress=False)
+    assert len(calls) == 1
+    assert bcosvit.checkpoint.read_metadata(hub.converted_path(NAME))["conversion_version"] == CONVERSION_VERSION + 1
 
 
 def test_overrides_and_bad_pretrained_values(reference, hub_dir, publish):

@@ -46,6 +46,7 @@ METADATA_FIELDS: dict[str, type] = {
     "shipped_from": str,
     "converted_from": str,  # a model converted from a published checkpoint: its URL or file (bcosvit.hub)
     "source_sha256": str,  # ... and that file's SHA-256
+    "conversion_version": int,  # ... and bcosvit.convert.CONVERSION_VERSION of the conversion
 }
 
 

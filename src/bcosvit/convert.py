@@ -51,6 +51,10 @@ OFFICIAL_NAMES: dict[str, str] = {
 }
 CONVERTIBLE = tuple(name for bcos in OFFICIAL_NAMES.values() for name in (bcos, bcos[len("bcos_") :]))
 
+# Bumped whenever the mapping or the numerics of a converted model change: cached conversions
+# written by another version are converted again (bcosvit.hub).
+CONVERSION_VERSION = 1
+
 # A published file holds at most ViT-L (0.3 G values, 1.2 GB); refuse anything far larger before reading it.
 MAX_CHECKPOINT_BYTES = 4 * 2**30
 _BCOS_WRAPPER_PREFIX = "0."
@@ -209,6 +213,7 @@ def convert_official(checkpoint: str | Path | Mapping[str, Tensor], name: str | 
 
 
 __all__ = [
+    "CONVERSION_VERSION",
     "CONVERTIBLE",
     "OFFICIAL_NAMES",
     "convert_official",

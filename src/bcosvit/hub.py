@@ -251,6 +251,7 @@ def _load_cached(name: str, entry: PublishedCheckpoint) -> VisionTransformer | N
     """The converted model of ``name`` from the cache, or None when there is none that matches the
     published file (a damaged or outdated cache entry is converted again)."""
     from .checkpoint import load_model, read_metadata
+    from .convert import CONVERSION_VERSION
 
     path = converted_path(name)
     if not path.is_file():
@@ -259,6 +260,8 @@ def _load_cached(name: str, entry: PublishedCheckpoint) -> VisionTransformer | N
         meta = read_metadata(path)
         if meta.get("model_name") != name or not str(meta.get("source_sha256", "")).startswith(entry.sha256_prefix):
             return None
+        if meta.get("conversion_version") != CONVERSION_VERSION:
+            return None  # written by a bcosvit whose conversion differs
         return load_model(path)
     except CheckpointError as exc:
         warnings.warn(f"ignoring the cached conversion {path}: {exc}", stacklevel=3)
@@ -268,9 +271,15 @@ def _load_cached(name: str, entry: PublishedCheckpoint) -> VisionTransformer | N
 def _save_cached(model: VisionTransformer, name: str, entry: PublishedCheckpoint, source: Path) -> None:
     """Cache the converted model (atomic writes); a cache that cannot be written only costs a warning."""
     from .checkpoint import save_weights
+    from .convert import CONVERSION_VERSION
 
     path = converted_path(name)
-    meta = {"model_name": name, "converted_from": entry.url, "source_sha256": sha256_of(source)}
+    meta = {
+        "model_name": name,
+        "converted_from": entry.url,
+        "source_sha256": sha256_of(source),
+        "conversion_version": CONVERSION_VERSION,
+    }
     try:
         save_weights(model, path, meta)
     except OSError as exc:
