@@ -188,6 +188,8 @@ def gradcam(model: nn.Module, images: ImagesLike, target: TargetLike = None) -> 
         logits, record = model(images, capture=Capture(layers=(-1,)))
         tokens = record.tokens[-1]  # (N, L, D)
         (grads,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), tokens)
+        prefix = record.num_prefix_tokens  # a class token has no place on the grid
+        tokens, grads = tokens[:, prefix:], grads[:, prefix:]
         weights = grads.mean(dim=1, keepdim=True)  # (N, 1, D): mean gradient over tokens
         cam = torch.relu((weights * tokens).sum(dim=-1)).detach()  # (N, L)
     return _finish(_to_pixels(cam, images, model.patch_size))
@@ -214,14 +216,23 @@ def attention_rollout(attentions: list[Tensor]) -> Tensor:
 def rollout(model: nn.Module, images: ImagesLike, target: TargetLike = None) -> Tensor:
     """Attention rollout, class-agnostic (``target`` is ignored): ``(N, C, H, W)`` -> ``(N, H, W)``.
 
-    Token relevance is the mean over output tokens (rows) of the rollout matrix (no class token);
-    it sums to 1 over the tokens.
+    Token relevance is the mean over output tokens (rows) of the rollout matrix, or the class token's
+    row for a model that classifies from its class token.
     """
     model, images = _prepare(model, images)
     with attribution_state(model, explanation=False, gradients=False):
         _, record = model(images, capture=Capture(attention=True))
-        relevance = attention_rollout(record.attentions).mean(dim=1)  # (N, L)
+        relevance = _patch_relevance(attention_rollout(record.attentions), model)  # (N, L)
     return _finish(_to_pixels(relevance, images, model.patch_size))
+
+
+def _patch_relevance(matrix: Tensor, model: nn.Module) -> Tensor:
+    """Relevance of the patch tokens ``(N, L_patches)`` from a token-to-token matrix ``(N, L, L)``:
+    the class token's row for a model that classifies from it, else the mean over the patch rows."""
+    prefix = getattr(model, "num_prefix_tokens", 0)
+    if getattr(model, "global_pool", "avg") == "token":
+        return matrix[:, 0, prefix:]
+    return matrix[:, prefix:, prefix:].mean(dim=1)
 
 
 def transformer_attribution_matrix(attentions: list[Tensor], gradients: list[Tensor]) -> Tensor:
@@ -252,7 +263,7 @@ def transformer_attribution(model: nn.Module, images: ImagesLike, target: Target
     """Gradient-weighted attention rollout (Chefer et al., ICCV 2021): ``(N, C, H, W)`` -> ``(N, H, W)``.
 
     One backward pass gives ``∂logit_target/∂A_l`` for every block; token relevance is the mean over
-    output tokens (rows) of ``R - I`` (no class token). The identity, with which ``R`` starts, gives
+    output tokens (rows) of ``R - I`` (a class-token model: its row). The identity, with which ``R`` starts, gives
     every token the same share 1/L whatever the class; a class-token model's map leaves it out too
     (it reads ``R[cls, patches]``), so it is left out here.
     """
@@ -263,7 +274,8 @@ def transformer_attribution(model: nn.Module, images: ImagesLike, target: Target
         grads = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), record.attentions)
         with torch.no_grad():
             matrix = transformer_attribution_matrix([a.detach() for a in record.attentions], list(grads))
-            relevance = (matrix - torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)).mean(dim=1)
+            eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+            relevance = _patch_relevance(matrix - eye, model)
     return _finish(_to_pixels(relevance, images, model.patch_size))
 
 

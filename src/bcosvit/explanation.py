@@ -318,7 +318,8 @@ def explain_unit(
     Args:
         layer: 0 for the embedded tokens (after the positional embedding), ``k`` for the output of
             block ``k`` (1-based), ``-1`` for the last block.
-        token: the token index (row-major over the token grid), one int or one per image.
+        token: the token index (row-major over the token grid, after the class token where the model
+            has one: index 0 is then the class token), one int or one per image.
         channel: the channel(s) of that token to explain, in the same forms as ``explain``'s target.
 
     Returns:
@@ -351,7 +352,8 @@ def token_contributions(model: nn.Module, images: ImagesLike, target: TargetLike
 
     Everything after ``layer`` is bias-free and dynamic linear, so the contributions of the tokens
     ``h`` at that layer, ``(∂logit/∂h · h)`` summed over channels, add up exactly to
-    ``logit - logit_bias`` (including the positional part carried by the tokens).
+    ``logit - logit_bias`` (including the positional part carried by the tokens); a class token's
+    share is not on the grid and is left out.
 
     Args:
         layer: 0 for the embedded tokens, ``k`` for the output of block ``k``, -1 for the last.
@@ -367,5 +369,5 @@ def token_contributions(model: nn.Module, images: ImagesLike, target: TargetLike
         target, outputs = _class_targets(model, logits, target)
         _, _, token_grads = dynamic_linear_weights(record, outputs, layer=layer)
     per_token = (token_grads * record.tokens[layer].detach().unsqueeze(1)).sum(dim=-1)  # (N, T, L)
-    per_token = per_token.unflatten(-1, record.grid)
+    per_token = per_token[..., record.num_prefix_tokens :].unflatten(-1, record.grid)
     return per_token.squeeze(1) if target.ndim == 1 else per_token

@@ -1,5 +1,6 @@
 """Reusable layers of B-cos ViTs and their standard twins."""
 
+from .activation import DynamicGELU
 from .attention import Attention
 from .bcos import BcosConv2d, BcosLinear
 from .detach import DetachableModule, explanation_mode, is_explanation_mode, set_explanation_mode
@@ -25,6 +26,7 @@ __all__ = [
     "BcosLinear",
     "DetachableModule",
     "DistancePenalty",
+    "DynamicGELU",
     "LayerNorm2d",
     "LayerSet",
     "LearnedPositionalEmbedding",

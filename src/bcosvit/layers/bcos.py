@@ -88,9 +88,21 @@ class BcosLinear(DetachableModule):
         b: the alignment exponent B >= 1 (B = 1: unit-norm linear layer).
         max_out: MaxOut units M >= 1; each output is the max over M linear units, taken before
             the B-cos factor.
+        bias: add a bias to ``ŵᵀx`` before the B-cos factor. Not dynamic linear: B-cosification
+            (``bcosvit.bcosify``) starts from a standard model's biases and decays them to 0.
+        weight_norm: normalise the weights to unit norm (B-cos); False keeps their norm, as
+            B-cosified layers do (Arya et al. 2024), so a converted layer starts as the original.
     """
 
-    def __init__(self, in_features: int, out_features: int, b: float = 2.0, max_out: int = 1) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        b: float = 2.0,
+        max_out: int = 1,
+        bias: bool = False,
+        weight_norm: bool = True,
+    ) -> None:
         super().__init__()
         if b < 1:
             raise ValueError(f"B-cos exponent b must be >= 1, got {b}")
@@ -100,16 +112,20 @@ class BcosLinear(DetachableModule):
         self.out_features = out_features
         self.b = float(b)
         self.max_out = max_out
+        self.weight_norm = weight_norm
         self.weight = nn.Parameter(torch.empty(out_features * max_out, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features * max_out)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Draw new random weight directions (``nn.Linear``'s default init; only the direction matters)."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = F.normalize(self.weight, dim=1)
-        out = F.linear(x, weight)
+        weight = F.normalize(self.weight, dim=1) if self.weight_norm else self.weight
+        out = F.linear(x, weight, self.bias)
         if self.max_out > 1:
             out = out.unflatten(-1, (self.out_features, self.max_out)).amax(dim=-1)
         if self.b == 1:
@@ -120,13 +136,15 @@ class BcosLinear(DetachableModule):
         return bcos_scale(out, norm, self.b, self.detach, dim=-1)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, b={self.b:g}, max_out={self.max_out}"
+        extra = ("" if self.bias is None else ", bias=True") + ("" if self.weight_norm else ", weight_norm=False")
+        return f"{self.in_features}, {self.out_features}, b={self.b:g}, max_out={self.max_out}{extra}"
 
 
 class BcosConv2d(DetachableModule):
     """B-cos 2-D convolution: ``(N, C_in, H, W) -> (N, C_out, H', W')``.
 
-    The cosine uses the norm of each ``k×k×C_in`` input window in place of ``||x||``.
+    The cosine uses the norm of each ``k×k×C_in`` input window in place of ``||x||``. ``bias`` and
+    ``weight_norm`` as for ``BcosLinear``.
     """
 
     def __init__(
@@ -138,6 +156,8 @@ class BcosConv2d(DetachableModule):
         padding: int = 0,
         b: float = 2.0,
         max_out: int = 1,
+        bias: bool = False,
+        weight_norm: bool = True,
     ) -> None:
         super().__init__()
         if b < 1:
@@ -151,16 +171,20 @@ class BcosConv2d(DetachableModule):
         self.padding = padding
         self.b = float(b)
         self.max_out = max_out
+        self.weight_norm = weight_norm
         self.weight = nn.Parameter(torch.empty(out_channels * max_out, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels * max_out)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Draw new random kernel directions (``nn.Conv2d``'s default init; only the direction matters)."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = F.normalize(self.weight.flatten(1), dim=1).view_as(self.weight)
-        out = F.conv2d(x, weight, stride=self.stride, padding=self.padding)
+        weight = F.normalize(self.weight.flatten(1), dim=1).view_as(self.weight) if self.weight_norm else self.weight
+        out = F.conv2d(x, weight, self.bias, stride=self.stride, padding=self.padding)
         if self.max_out > 1:
             out = out.unflatten(1, (self.out_channels, self.max_out)).amax(dim=2)
         if self.b == 1:
@@ -190,4 +214,6 @@ class BcosConv2d(DetachableModule):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, b={self.b:g}, max_out={self.max_out}"
+            + ("" if self.bias is None else ", bias=True")
+            + ("" if self.weight_norm else ", weight_norm=False")
         )

@@ -15,56 +15,69 @@ from .detach import DetachableModule
 
 
 class BcosLayerNorm(DetachableModule):
-    """LayerNorm over the last axis without bias: ``(..., D) -> (..., D)``, learned scale γ."""
+    """LayerNorm over the last axis without bias: ``(..., D) -> (..., D)``, learned scale γ.
 
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    ``bias=True`` adds a learned shift β, which is not dynamic linear: B-cosification starts from a
+    standard LayerNorm's β and decays it to 0.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = False) -> None:
         super().__init__()
         self.dim = dim
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Set the scale γ back to ones."""
+        """Set the scale γ back to ones (and β to zeros)."""
         nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.detach:
-            return F.layer_norm(x, (self.dim,), self.weight, None, self.eps)
+            return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
         centred = x - x.mean(dim=-1, keepdim=True)
         std = (centred.square().mean(dim=-1, keepdim=True) + self.eps).sqrt()
-        return centred / std.detach() * self.weight
+        out = centred / std.detach() * self.weight
+        return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        return f"{self.dim}, eps={self.eps}"
+        return f"{self.dim}, eps={self.eps}" + ("" if self.bias is None else ", bias=True")
 
 
 class BcosLayerNorm2d(DetachableModule):
     """LayerNorm over (C, H, W) of a feature map without bias: ``(N, C, H, W) -> (N, C, H, W)``.
 
-    One mean and one standard deviation per sample; a learned scale per channel.
+    One mean and one standard deviation per sample; a learned scale per channel (and a shift with
+    ``bias=True``, as ``BcosLayerNorm``).
     """
 
-    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+    def __init__(self, channels: int, eps: float = 1e-5, bias: bool = False) -> None:
         super().__init__()
         self.channels = channels
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(channels))
+        self.bias = nn.Parameter(torch.empty(channels)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Set the scale γ back to ones."""
+        """Set the scale γ back to ones (and β to zeros)."""
         nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.detach:
-            return F.group_norm(x, 1, self.weight, None, self.eps)
+            return F.group_norm(x, 1, self.weight, self.bias, self.eps)
         centred = x - x.mean(dim=(1, 2, 3), keepdim=True)
         std = (centred.square().mean(dim=(1, 2, 3), keepdim=True) + self.eps).sqrt()
-        return centred / std.detach() * self.weight[:, None, None]
+        out = centred / std.detach() * self.weight[:, None, None]
+        return out if self.bias is None else out + self.bias[:, None, None]
 
     def extra_repr(self) -> str:
-        return f"{self.channels}, eps={self.eps}"
+        return f"{self.channels}, eps={self.eps}" + ("" if self.bias is None else ", bias=True")
 
 
 class LayerNorm2d(nn.GroupNorm):

@@ -8,6 +8,7 @@ from functools import partial
 
 from torch import nn
 
+from .activation import DynamicGELU
 from .bcos import BcosConv2d, BcosLinear
 from .norm import BcosLayerNorm, BcosLayerNorm2d, LayerNorm2d
 
@@ -35,32 +36,48 @@ class LayerSet:
     qkv_bias: bool
 
 
-def bcos_layer_set(b: float = 2.0, max_out: int = 1) -> LayerSet:
-    """B-cos layers: bias-free, unit-norm weights, no activation, bias-free LayerNorms."""
+def bcos_layer_set(
+    b: float = 2.0,
+    max_out: int = 1,
+    bias: bool = False,
+    weight_norm: bool = True,
+    act: str = "identity",
+    norm_eps: float = 1e-5,
+) -> LayerSet:
+    """B-cos layers: bias-free, unit-norm weights, no activation, bias-free LayerNorms.
+
+    The other arguments configure the B-cosified models of ``bcosvit.bcosify`` (Arya et al. 2024):
+    ``bias`` keeps biases in every layer (query/key/value included), ``weight_norm=False`` keeps the
+    weights' norms, ``act="gelu"`` a GELU whose gate detaches in explanation mode.
+    """
+    linear = partial(BcosLinear, b=b, max_out=max_out, bias=bias, weight_norm=weight_norm)
     return LayerSet(
-        linear=partial(BcosLinear, b=b, max_out=max_out),
-        conv=lambda i, o, k, s, p: BcosConv2d(i, o, k, stride=s, padding=p, b=b, max_out=max_out),
-        norm=BcosLayerNorm,
-        norm2d=BcosLayerNorm2d,
-        act=nn.Identity,
-        attn_proj=partial(BcosLinear, b=b, max_out=max_out),
-        qkv_bias=False,
+        linear=linear,
+        conv=lambda i, o, k, s, p: BcosConv2d(
+            i, o, k, stride=s, padding=p, b=b, max_out=max_out, bias=bias, weight_norm=weight_norm
+        ),
+        norm=partial(BcosLayerNorm, eps=norm_eps, bias=bias),
+        norm2d=partial(BcosLayerNorm2d, eps=norm_eps, bias=bias),
+        act=DynamicGELU if act == "gelu" else nn.Identity,
+        attn_proj=linear,
+        qkv_bias=bias,
     )
 
 
-def standard_layer_set(attn_bias: bool = True, stem_bias: bool = False) -> LayerSet:
+def standard_layer_set(attn_bias: bool = True, stem_bias: bool = False, norm_eps: float = 1e-5) -> LayerSet:
     """Ordinary ViT layers: linear maps with bias, LayerNorm with bias, GELU.
 
     Args:
         attn_bias: whether the attention's query/key/value and output projections have biases
             (timm's ViTs have them; the B-cos-v2 reference's standard ViTs do not).
         stem_bias: whether the conv stem's convolutions have biases (the reference's do).
+        norm_eps: the LayerNorms' epsilon (timm's ViTs: 1e-6).
     """
     return LayerSet(
         linear=nn.Linear,
         conv=lambda i, o, k, s, p: nn.Conv2d(i, o, k, stride=s, padding=p, bias=stem_bias),
-        norm=nn.LayerNorm,
-        norm2d=LayerNorm2d,
+        norm=partial(nn.LayerNorm, eps=norm_eps),
+        norm2d=partial(LayerNorm2d, eps=norm_eps),
         act=nn.GELU,
         attn_proj=partial(nn.Linear, bias=attn_bias),
         qkv_bias=attn_bias,

@@ -35,6 +35,8 @@ from ..layers import (
 from ..layers.position import Grid
 
 POS_EMBED_SCHEMES = ("sincos", "learned", "rope", "none")
+GLOBAL_POOLS = ("avg", "token")
+ACTIVATIONS = {True: ("identity", "gelu"), False: ("gelu",)}  # by family (bcos)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -62,6 +64,13 @@ class ViTConfig:
     input_std: list[float] | None = None
     attn_bias: bool | None = None  # standard twin only; None: True (timm's layout); B-cos layers have no bias
     stem_bias: bool | None = None  # standard twin only; None: False
+    norm_eps: float = 1e-5  # every LayerNorm's epsilon (timm's ViTs: 1e-6)
+    class_token: bool = False  # prepend a learned class token (timm's ViTs); positions then exclude it
+    global_pool: str = "avg"  # "avg": mean over the patch tokens; "token": the class token
+    # B-cosified models (bcosvit.bcosify, Arya et al. 2024), B-cos family only:
+    bias: bool = False  # every layer keeps a bias (the conversion step; decayed to 0 by fine-tuning)
+    weight_norm: bool = True  # False: B-cos layers keep their weights' norms
+    act: str | None = None  # None: the family's (B-cos: none, standard: GELU); "gelu": for B-cos, detachable
     # Evaluation preprocessing: the shorter side is resized to resize_size, then the centre
     # image_size × image_size crop is taken (ImageNet: 256 -> 224). None: resized to image_size.
     resize_size: int | None = None
@@ -124,6 +133,20 @@ class ViTConfig:
                 )
         if self.image_size % self.patch_size:
             raise ConfigError(f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}")
+        if not _is_number(self.norm_eps) or self.norm_eps <= 0:
+            raise ConfigError(f"norm_eps must be a positive number, got {self.norm_eps!r:.60}")
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ConfigError(f"global_pool must be one of {GLOBAL_POOLS}, got {self.global_pool!r:.60}")
+        if self.global_pool == "token" and not self.class_token:
+            raise ConfigError("global_pool='token' needs class_token=true")
+        if self.class_token and (self.pos_embed == "rope" or self.attn_distance_penalty > 0):
+            raise ConfigError(
+                "a class token has no grid position: use pos_embed 'sincos', 'learned' or 'none' "
+                "and no attn_distance_penalty"
+            )
+        if self.act not in (None, *ACTIVATIONS[self.bcos]):
+            family = ACTIVATIONS[self.bcos]
+            raise ConfigError(f"act must be null or one of {family} for this family, got {self.act!r:.60}")
         if self.resize_size is not None and (not _is_int(self.resize_size) or self.resize_size < self.image_size):
             raise ConfigError(
                 f"resize_size must be null or an integer >= image_size {self.image_size}, got {self.resize_size!r:.60}"
@@ -146,6 +169,11 @@ class ViTConfig:
             raise ConfigError(f"max_out must be a positive integer, got {self.max_out!r:.60}")
         if not isinstance(self.bcos, bool):
             raise ConfigError(f"bcos must be true or false, got {self.bcos!r:.60}")
+        for name in ("class_token", "bias", "weight_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r:.60}")
+        if not self.bcos and (self.bias or not self.weight_norm):
+            raise ConfigError("bias and weight_norm configure B-cos layers; a standard twin has its own biases")
         for name in ("attn_bias", "stem_bias"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
@@ -320,8 +348,12 @@ class CaptureRecord:
             for a standard twin): a leaf that requires gradients; the rest of the pass starts from it.
         embedded: ``(N, L, D)`` the tokens after the additive positional embedding (the tokenizer's
             output where the scheme adds none).
-        positional: ``(L, D)`` the additive positional embedding; None where the scheme adds none.
-        grid: the token grid ``(rows, cols)``; ``L = rows * cols``, row-major.
+        positional: ``(L, D)`` the input-independent part of ``embedded``: the additive positional
+            embedding, and the class token (its row first) when the model has one; None where
+            there is neither.
+        grid: the token grid ``(rows, cols)`` of the patch tokens, row-major.
+        num_prefix_tokens: tokens before the patch tokens (1 for a class token, else 0);
+            ``L = num_prefix_tokens + rows * cols``.
         tokens: ``{layer: (N, L, D)}`` the tokens at each layer of ``Capture.layers``, keyed as requested.
         attentions: per block, first block first, the attention maps ``(N, heads, L, L)`` (rows sum
             to 1 over the keys); empty unless ``Capture.attention``.
@@ -333,6 +365,7 @@ class CaptureRecord:
     grid: Grid
     tokens: dict[int, Tensor] = field(default_factory=dict)
     attentions: list[Tensor] = field(default_factory=list)
+    num_prefix_tokens: int = 0
 
 
 def _additive_positional_embedding(scheme: str, dim: int, grid: Grid) -> AdditivePositionalEmbedding | None:
@@ -364,10 +397,19 @@ class VisionTransformer(nn.Module):
         self.embed_dim = self.num_features = config.embed_dim
         self.grad_checkpointing = False
         layers = (
-            bcos_layer_set(config.b, config.max_out)
+            bcos_layer_set(
+                config.b,
+                config.max_out,
+                bias=config.bias,
+                weight_norm=config.weight_norm,
+                act=config.act or "identity",
+                norm_eps=config.norm_eps,
+            )
             if config.bcos
             else standard_layer_set(
-                attn_bias=True if config.attn_bias is None else config.attn_bias, stem_bias=bool(config.stem_bias)
+                attn_bias=True if config.attn_bias is None else config.attn_bias,
+                stem_bias=bool(config.stem_bias),
+                norm_eps=config.norm_eps,
             )
         )
         self._layers = layers
@@ -391,6 +433,11 @@ class VisionTransformer(nn.Module):
 
         grid = (config.image_size // config.patch_size,) * 2
         self.pos_embed = _additive_positional_embedding(config.pos_embed, dim, grid)
+        self.num_prefix_tokens = int(config.class_token)
+        self.global_pool = config.global_pool
+        self.cls_token = nn.Parameter(torch.empty(1, 1, dim)) if config.class_token else None
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)  # timm's init
         rotary = Rotary2d(dim // config.num_heads) if config.pos_embed == "rope" else None
         penalty = DistancePenalty(config.attn_distance_penalty) if config.attn_distance_penalty > 0 else None
         self.blocks = nn.ModuleList(
@@ -453,7 +500,10 @@ class VisionTransformer(nn.Module):
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
         """Tokens ``(N, L, D)`` -> logits ``(N, num_classes)`` (or pooled features ``(N, D)``)."""
-        pooled = self.norm(tokens.mean(dim=1))
+        if self.global_pool == "token":
+            pooled = self.norm(tokens[:, 0])
+        else:
+            pooled = self.norm(tokens[:, self.num_prefix_tokens :].mean(dim=1))
         if pre_logits:
             return pooled
         return self.logit_bias(self.head(pooled))
@@ -481,7 +531,14 @@ class VisionTransformer(nn.Module):
         positional = None if self.pos_embed is None else self.pos_embed.embedding(grid)
         if positional is not None:
             tokens = tokens + positional
-        return tokens, grid, None if capture is None else CaptureRecord(encoded, tokens, positional, grid)
+        if self.cls_token is not None:
+            cls = self.cls_token.to(tokens.dtype)
+            tokens = torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+            patch_part = positional if positional is not None else tokens.new_zeros(tokens.shape[1] - 1, cls.shape[-1])
+            positional = torch.cat([cls[0], patch_part], dim=0)
+        if capture is None:
+            return tokens, grid, None
+        return tokens, grid, CaptureRecord(encoded, tokens, positional, grid, num_prefix_tokens=self.num_prefix_tokens)
 
     def _forward_features(self, x: Tensor, capture: Capture | None) -> tuple[Tensor, CaptureRecord | None]:
         """Tokens after the last block ``(N, L, D)`` and, with ``capture``, the filled record."""
