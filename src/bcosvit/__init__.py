@@ -3,8 +3,8 @@
 The library is everything under ``bcosvit`` except ``bcosvit.app``: ``layers``, ``models``,
 ``explanation`` (``explain``, ``explain_unit``, ``token_contributions``), ``attribution``,
 ``metrics``, ``visualize``, ``checkpoint`` (weights files), ``convert`` (the published B-cos-v2
-checkpoints), ``hub`` (those checkpoints downloaded once, verified and cached) and ``imagenet``
-(ImageNet's classes). ``bcosvit.app`` is the application built on it: the command line, the training
+checkpoints), ``hub`` (those checkpoints downloaded once, verified and cached), ``bcosification``
+(``bcosify``: trained standard ViTs as B-cos models) and ``imagenet`` (ImageNet's classes). ``bcosvit.app`` is the application built on it: the command line, the training
 loop and its recipes, the evaluation protocol, the report, datasets and image files. The library
 never imports the application.
 
@@ -16,6 +16,7 @@ The sub-modules that pull in heavier libraries (``attribution``: Captum; ``visua
 import importlib
 from types import ModuleType
 
+from .bcosification import bcosify
 from .checkpoint import load_model
 from .convert import convert_official
 from .errors import BcosVitError, CheckpointError, ConfigError, DataError, InputError
@@ -35,6 +36,7 @@ __all__ = [
     "InputError",
     "ViTConfig",
     "VisionTransformer",
+    "bcosify",
     "convert_official",
     "create_model",
     "explain",
