@@ -75,6 +75,15 @@ class TrainConfig:
     # this many canvases tiled from its images carry the energy loss alone
     energy_canvases: int = 0
     init_from: str | None = None  # start from these weights (run folder or .safetensors), e.g. a stage-1 run
+    # B-cosification (Arya et al., NeurIPS 2024): the model is bcosify(this standard ViT: a run folder or a
+    # name with shipped weights); over the first bcosify_warmup_epochs B rises from 1 to 2 and the biases
+    # shrink linearly to 0, then the saved model is bias-free (0: B = 2 and no biases from the start)
+    bcosify_from: str | None = None
+    bcosify_warmup_epochs: float = 1.0
+    # alignment (ALOE, Maser et al., CVPR 2026): train the model to match this frozen teacher's tokens
+    # (run folder or shipped name) by cosine distance, without labels
+    align_to: str | None = None
+    train_head_only: bool = False  # a linear probe: only the classifier head trains (e.g. after alignment)
     label_smoothing: float = 0.0  # standard models only
     ema: float = 0.0  # EMA decay per step; 0 disables it
     precision: str = "auto"  # "auto" (bf16 where the hardware has it natively, else fp32), "fp32" or "bf16"
@@ -143,11 +152,38 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self._validate_teachers()
         if self.energy_loss and not self.is_bcos:
             raise ConfigError(
                 f"energy_loss trains on the exact B-cos explanation; {self.model} is a standard model "
                 "(use a bcos_* model or energy_loss = 0)"
             )
+
+    def _validate_teachers(self) -> None:
+        """``ConfigError`` for B-cosification or alignment settings that do not go together."""
+        if self.bcosify_warmup_epochs < 0:
+            raise ConfigError(f"bcosify_warmup_epochs must be >= 0, got {self.bcosify_warmup_epochs}")
+        if self.bcosify_from is not None:
+            if not self.is_bcos:
+                raise ConfigError(
+                    f"bcosify_from makes a B-cos model; model must name its B-cos family (bcos_*), got {self.model}"
+                )
+            if self.model_options:
+                raise ConfigError(
+                    f"bcosify_from takes the architecture from {self.bcosify_from}; leave model_options empty "
+                    f"(got {self.model_options})"
+                )
+        if self.align_to is not None:
+            labelled = [name for name in ("mixup", "mosaic", "energy_loss", "label_smoothing") if getattr(self, name)]
+            if self.train_head_only:
+                labelled.append("train_head_only")
+            if labelled:
+                raise ConfigError(
+                    f"alignment (align_to) trains without labels; {labelled} need labels: leave them off "
+                    "in the alignment stage"
+                )
+            if not self.is_bcos:
+                raise ConfigError(f"alignment trains a B-cos student; model must be a bcos_* model, got {self.model}")
 
     @property
     def is_bcos(self) -> bool:

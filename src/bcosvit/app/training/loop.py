@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from ...bcosification import remove_biases, scale_biases, set_b
 from ...checkpoint import load_state_dict, save_weights
 from ...errors import CheckpointError, ConfigError
 from ...explanation import dynamic_linear_weights
@@ -39,10 +40,13 @@ from ...models.registry import create_model
 from ...models.vit import Capture, VisionTransformer
 from ..data import evaluation_split, load_dataset
 from ..precision import PrecisionChoice, autocast, compile_available, resolve_precision
+from .align import AlignmentNet
 from .config import TrainConfig
 from .recipe import (
     adaptive_clip_grad_,
     bce_uniform_off_labels,
+    bcosify_progress,
+    bias_step_ratio,
     draw_mosaic_grid,
     energy_loss,
     mosaic,
@@ -51,6 +55,7 @@ from .recipe import (
     soft_cross_entropy,
     warmup_cosine,
 )
+from .teacher import bcos_student, bcosified_teacher, load_teacher
 
 
 @dataclasses.dataclass
@@ -100,6 +105,12 @@ def _subset(ds, n: int | None):
 
 
 def build_model(config: TrainConfig, spec) -> VisionTransformer:
+    """The model a new run starts from: ``config.model`` with fresh weights, or the B-cosified
+    ``bcosify_from`` (with its biases and B = 1 for a warmup, else bias-free with B = 2)."""
+    if config.bcosify_from is not None:
+        if config.bcosify_warmup_epochs > 0:
+            return bcosified_teacher(config.bcosify_from, spec.num_classes)
+        return bcos_student(config.bcosify_from, spec.num_classes)
     options = dict(config.model_options)
     options.setdefault("in_chans", spec.in_chans)
     options.setdefault("image_size", spec.image_size)
@@ -144,7 +155,8 @@ def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     ax_loss.plot(epochs, [h["test_loss"] for h in history], "o-", label="test")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_loss.legend()
-    ax_acc.plot(epochs, [h["train_top1"] for h in history], "o-", label="train")
+    if all("train_top1" in h for h in history):  # an alignment stage has no train accuracy (no labels)
+        ax_acc.plot(epochs, [h["train_top1"] for h in history], "o-", label="train")
     ax_acc.plot(epochs, [h["test_top1"] for h in history], "o-", label="test")
     ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
     ax_acc.legend()
@@ -162,8 +174,10 @@ def _save_run(
     epoch: int,
     history: list[dict[str, Any]],
     classes: list[str],
+    extra_state: dict[str, Any] | None = None,
 ) -> None:
-    """Write the weights, metadata, state, metrics and curves of a run after ``epoch``; ``config`` is resolved."""
+    """Write the weights, metadata, state, metrics and curves of a run after ``epoch``; ``config`` is
+    resolved; ``extra_state``: what else ``--resume`` needs (``Trainer.extra_state``)."""
     save_weights(
         unwrap(eval_model),
         out / "model.safetensors",
@@ -184,6 +198,7 @@ def _save_run(
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
+        **(extra_state or {}),
     }
     atomic_write(out / "state.pt", lambda tmp: torch.save(state, tmp))
     lines = "".join(json.dumps(h) + "\n" for h in history)
@@ -233,6 +248,8 @@ _RESUME_STATE_TYPES: dict[str, tuple[type, ...]] = {
     "optimizer": (dict,),
     "ema": (dict, type(None)),
 }
+# entries only some runs write: alignment's projections, B-cosification's schedule
+_OPTIONAL_STATE_TYPES: dict[str, tuple[type, ...]] = {"align_projections": (dict,), "bcosify": (dict,)}
 
 
 def _check_resume_state(state: Any, path: Path) -> None:
@@ -240,7 +257,8 @@ def _check_resume_state(state: Any, path: Path) -> None:
     would not have written (wrong type, missing, or a stored config with invalid values)."""
     if not isinstance(state, dict):
         raise CheckpointError(f"--resume: {path} holds a {type(state).__name__}, not a run state; use a fresh folder")
-    for key, types in _RESUME_STATE_TYPES.items():
+    optional = {key: types for key, types in _OPTIONAL_STATE_TYPES.items() if key in state}
+    for key, types in {**_RESUME_STATE_TYPES, **optional}.items():
         value = state.get(key)
         if key not in state or not isinstance(value, types) or isinstance(value, bool):
             raise CheckpointError(
@@ -255,13 +273,18 @@ def _check_resume_state(state: Any, path: Path) -> None:
         raise CheckpointError(f"--resume: {path}: stored 'config' is invalid: {exc}") from exc
 
 
-def _restore_resume_state(state: dict[str, Any], model: nn.Module, optimizer, ema, out: Path) -> None:
-    """Load the model, optimizer and EMA states; a state that does not fit them is a ``CheckpointError``."""
+def _restore_resume_state(
+    state: dict[str, Any], model: nn.Module, optimizer, ema, out: Path, align: AlignmentNet | None = None
+) -> None:
+    """Load the model, optimizer, EMA and alignment projections' states; a state that does not fit
+    them is a ``CheckpointError``."""
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None and state["ema"] is not None:
             ema.load_state_dict(state["ema"])
+        if align is not None:
+            align.projections.load_state_dict(state["align_projections"])
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
         raise CheckpointError(
             f"--resume: the state in {out / 'state.pt'} does not fit the model or optimizer ({str(exc)[:300]}); "
@@ -314,11 +337,13 @@ def build_data(config: TrainConfig, rt: Runtime) -> TrainData:
 
 
 def _build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """The resolved ``config``'s optimizer; no weight decay on norms, biases and positional embeddings."""
+    """The resolved ``config``'s optimizer over ``model``'s trainable parameters; no weight decay on
+    norms, biases and positional embeddings."""
     decayed = lambda name, p: p.ndim > 1 and "pos_embed" not in name  # noqa: E731
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
-        {"params": [p for n, p in model.named_parameters() if decayed(n, p)], "weight_decay": config.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if not decayed(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if decayed(n, p)], "weight_decay": config.weight_decay},
+        {"params": [p for n, p in named if not decayed(n, p)], "weight_decay": 0.0},
     ]
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.lr)
@@ -339,12 +364,56 @@ class Trainer:
     rt: Runtime
     num_classes: int
     total_steps: int
+    align: AlignmentNet | None = None  # an alignment stage: the loss is the distance to this teacher's tokens
+    bcosify_warmup: int | None = None  # steps of the B-cosification schedule (None: no schedule)
 
     def __post_init__(self) -> None:
         self.loss_fn = loss_function(self.recipe)
         self.mixup = v2.MixUp(alpha=self.recipe.mixup, num_classes=self.num_classes) if self.recipe.mixup else None
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        trained = self.align if self.align is not None else self.model
+        self.params = [p for p in trained.parameters() if p.requires_grad]
         self.energy_sum, self.energy_batches = 0.0, 0
+
+    def bcosified_models(self) -> list[VisionTransformer]:
+        """The models the B-cosification schedule sets: the trained one and its EMA."""
+        return [self.model] + ([unwrap(self.ema)] if self.ema is not None else [])
+
+    def start_bcosify(self, step: int) -> None:
+        """Set B as the schedule has it after ``step`` steps (the biases are in the model's state)."""
+        if self.bcosify_warmup is not None:
+            b, _ = bcosify_progress(step, self.bcosify_warmup)
+            for model in self.bcosified_models():
+                set_b(model, b)
+
+    def _advance_bcosify(self, step: int) -> None:
+        """After the update of ``step``: B and the biases as the schedule has them after ``step + 1``."""
+        b, _ = bcosify_progress(step + 1, self.bcosify_warmup)
+        ratio = bias_step_ratio(step, self.bcosify_warmup)
+        for model in self.bcosified_models():
+            set_b(model, b)
+            scale_biases(model, ratio)
+
+    def biases_gone(self, step: int) -> bool:
+        """Whether the schedule has taken the biases to 0 after ``step`` steps (they are then dropped
+        from the saved model)."""
+        return self.bcosify_warmup is not None and bcosify_progress(step, self.bcosify_warmup)[1] == 0
+
+    def exported(self, model: nn.Module, step: int) -> VisionTransformer:
+        """The plain model to save after ``step`` steps: bias-free (``remove_biases``) once the
+        B-cosification schedule has taken its biases to 0."""
+        plain = unwrap(model)
+        return remove_biases(plain) if self.biases_gone(step) and plain.config.bias else plain
+
+    def extra_state(self, step: int) -> dict[str, Any]:
+        """What ``--resume`` needs beyond the model, optimizer and EMA: the alignment projections and
+        where the B-cosification schedule stands (it is also a function of ``step``)."""
+        state: dict[str, Any] = {}
+        if self.align is not None:
+            state["align_projections"] = self.align.projections.state_dict()
+        if self.bcosify_warmup is not None:
+            b, scale = bcosify_progress(step, self.bcosify_warmup)
+            state["bcosify"] = {"warmup_steps": self.bcosify_warmup, "b": b, "bias_scale": scale}
+        return state
 
     def pop_energy(self) -> float | None:
         """Mean energy loss of the mosaic batches since the last call (None if there were none)."""
@@ -367,6 +436,23 @@ class Trainer:
         self.energy_sum, self.energy_batches = self.energy_sum + loss.item(), self.energy_batches + 1
         return loss
 
+    def _update(self, loss: Tensor, step: int) -> None:
+        """Backward, clipping, the optimizer's step, the B-cosification schedule, the EMA."""
+        recipe = self.recipe
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {float(loss)} at step {step}; lower lr or enable clipping")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if recipe.clip == "agc":
+            adaptive_clip_grad_(self.params, recipe.clip_value, recipe.agc_eps)
+        elif recipe.clip == "norm":
+            nn.utils.clip_grad_norm_(self.params, recipe.clip_value)
+        self.optimizer.step()
+        if self.bcosify_warmup is not None:
+            self._advance_bcosify(step)
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
     def energy_canvases(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, int]:
         """Up to ``recipe.energy_canvases`` mosaic canvases tiled from a single-image batch
         ``(N, C, H, W)`` with targets ``(N, K)``, for the energy loss alone:
@@ -378,13 +464,20 @@ class Trainer:
 
     def step(self, images: Tensor, labels: Tensor, step: int) -> tuple[float, int, int]:
         """One step; returns the batch's summed loss, number of correct predictions (the predicted
-        class is a top-scored target class: for mosaics, one of the classes shown) and of samples."""
+        class is a top-scored target class: for mosaics, one of the classes shown; 0 for an
+        alignment step, which never reads ``labels``) and of samples."""
         recipe = self.recipe
         for group in self.optimizer.param_groups:
             group["lr"] = recipe.lr * warmup_cosine(
                 step, recipe.warmup_steps, self.total_steps, recipe.min_lr / recipe.lr
             )
-        images, labels = images.to(self.rt.device, non_blocking=True), labels.to(self.rt.device, non_blocking=True)
+        images = images.to(self.rt.device, non_blocking=True)
+        if self.align is not None:
+            with autocast(recipe.precision, self.rt.device):
+                loss = self.net(images)  # the AlignmentNet: student vs teacher tokens
+            self._update(loss, step)
+            return loss.item() * len(images), 0, len(images)
+        labels = labels.to(self.rt.device, non_blocking=True)
         targets = F.one_hot(labels, self.num_classes).float()
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)
@@ -402,17 +495,7 @@ class Trainer:
             loss = loss + recipe.energy_loss * self._energy_loss(images, cells, grid)
         elif recipe.energy_loss and recipe.energy_canvases:
             loss = loss + recipe.energy_loss * self._energy_loss(*self.energy_canvases(images, targets))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {float(loss)} at step {step}; lower lr or enable clipping")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if recipe.clip == "agc":
-            adaptive_clip_grad_(self.params, recipe.clip_value, recipe.agc_eps)
-        elif recipe.clip == "norm":
-            nn.utils.clip_grad_norm_(self.params, recipe.clip_value)
-        self.optimizer.step()
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
+        self._update(loss, step)
         hits = targets.gather(1, logits.argmax(1, keepdim=True)).squeeze(1) >= targets.amax(1)
         return classification.item() * len(targets), int(hits.sum()), len(targets)
 
@@ -475,6 +558,30 @@ def _wrap(model: nn.Module, config: TrainConfig, rt: Runtime) -> tuple[nn.Module
     return net, compiled
 
 
+def bcosify_warmup_steps(config: TrainConfig, steps_per_epoch: int) -> int | None:
+    """Steps of the B-cosification schedule (at least 1 for a warmup > 0); None without one (no
+    ``bcosify_from``, or ``bcosify_warmup_epochs = 0``: the model starts bias-free with B = 2)."""
+    if config.bcosify_from is None or config.bcosify_warmup_epochs == 0:
+        return None
+    return max(1, round(config.bcosify_warmup_epochs * steps_per_epoch))
+
+
+def _without_compile_for_schedule(config: TrainConfig, warmup: int | None, rt: Runtime) -> TrainConfig:
+    """``config`` without ``compile`` while a B-cosification schedule runs: B changes every step,
+    and a compiled graph would be recompiled for each value."""
+    if warmup is None or not config.compile:
+        return config
+    if rt.is_main:
+        print("torch.compile skipped: B changes at every step of the B-cosification warmup")
+    return dataclasses.replace(config, compile=False)
+
+
+def _freeze_all_but_head(model: VisionTransformer) -> None:
+    """Leave only the classifier head trainable (a linear probe on frozen features)."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("head."))
+
+
 @dataclasses.dataclass
 class TrainingRun:
     """A run being trained: built by ``build``, advanced one epoch at a time by ``run_epoch``."""
@@ -497,18 +604,25 @@ class TrainingRun:
         model = build_model(config, data.spec).to(rt.device)
         if config.init_from and state is None:
             load_state_dict(model, config.init_from)  # fails clearly on a missing or mismatched file
-        optimizer = _build_optimizer(model, config)
+        if config.train_head_only:
+            _freeze_all_but_head(model)
+        align = AlignmentNet(model, load_teacher(config.align_to).to(rt.device)) if config.align_to else None
+        trained = align if align is not None else model
+        optimizer = _build_optimizer(trained, config)
         ema = None
         if config.ema:
             ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
         if state is not None:
-            _restore_resume_state(state, model, optimizer, ema, out)
-        net, compiled = _wrap(model, config, rt)
+            _restore_resume_state(state, model, optimizer, ema, out, align)
+        warmup = bcosify_warmup_steps(config, len(data.train_loader))
+        net, compiled = _wrap(trained, _without_compile_for_schedule(config, warmup, rt), rt)
         steps = len(data.train_loader) * config.epochs
-        trainer = Trainer(net, model, optimizer, ema, config, rt, data.spec.num_classes, steps)
+        trainer = Trainer(net, model, optimizer, ema, config, rt, data.spec.num_classes, steps, align, warmup)
+        epoch = 0 if state is None else int(state["epoch"])
+        trainer.start_bcosify(epoch * len(data.train_loader))
         if state is None:
             return cls(config, out, rt, data, trainer, compiled)
-        return cls(config, out, rt, data, trainer, compiled, int(state["epoch"]), list(state["history"]))
+        return cls(config, out, rt, data, trainer, compiled, epoch, list(state["history"]))
 
     def announce(self, precision: PrecisionChoice) -> None:
         """Print what the run trains on what, and what its "auto" settings resolved to."""
@@ -527,6 +641,20 @@ class TrainingRun:
             f"precision {precision}; "
             + ("torch.compile on (the first step compiles)" if self.compiled else "no torch.compile (eager)")
         )
+        if config.bcosify_from is not None:
+            warmup = self.trainer.bcosify_warmup
+            print(
+                f"B-cosified from {config.bcosify_from}: "
+                + (f"B 1 -> 2 and biases -> 0 over the first {warmup} steps" if warmup else "B = 2, no biases")
+            )
+        if self.trainer.align is not None:
+            align = self.trainer.align
+            print(
+                f"aligning to {config.align_to} without labels: student layers {align.student_layers}, "
+                f"teacher layers {align.teacher_layers} and pooled features, cosine distance"
+            )
+        if config.train_head_only:
+            print("linear probe: only the classifier head trains")
 
     def train_epoch(self, epoch: int, progress: bool = True) -> dict[str, Any]:
         """The optimisation steps of epoch ``epoch``: its train loss, accuracy, last lr and speed."""
@@ -550,16 +678,20 @@ class TrainingRun:
             batch_loss, batch_correct, batch_size = trainer.step(images, labels, (epoch - 1) * steps_per_epoch + i)
             loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + batch_size
             bar.update(config.batch_size)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.1f}%")
+            accuracy = {} if trainer.align is not None else {"acc": f"{100 * correct / seen:.1f}%"}
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", **accuracy)
         bar.close()
         elapsed = time.perf_counter() - started
+        images = steps_per_epoch * config.batch_size
+        metrics = {"epoch": epoch, "train_loss": loss_sum / seen}
+        if trainer.align is None:  # alignment reads no labels: no train accuracy
+            metrics["train_top1"] = 100 * correct / seen
         return {
-            "epoch": epoch,
-            "train_loss": loss_sum / seen,
-            "train_top1": 100 * correct / seen,
+            **metrics,
             "lr": trainer.optimizer.param_groups[0]["lr"],
             "epoch_seconds": elapsed,
-            "train_images_per_s": steps_per_epoch * config.batch_size / elapsed,
+            "train_images_per_s": images / elapsed,  # teacher forward passes included
+            "teacher_forwards": images if trainer.align is not None else 0,  # images through the teacher
         }
 
     def run_epoch(self, epoch: int, progress: bool = True) -> dict[str, Any]:
@@ -575,10 +707,12 @@ class TrainingRun:
             metrics.update(evaluate(eval_model, self.data.test_loader, config, rt.device))
             self.history.append(metrics)
             classes = list(self.data.spec.classes)
-            _save_run(self.out, model, eval_model, self.trainer.optimizer, ema, config, epoch, self.history, classes)
+            step = epoch * len(self.data.train_loader)
+            saved, extra = self.trainer.exported(eval_model, step), self.trainer.extra_state(step)
+            _save_run(self.out, model, saved, self.trainer.optimizer, ema, config, epoch, self.history, classes, extra)
+            accuracy = f"acc {metrics['train_top1']:.2f}% " if "train_top1" in metrics else "(alignment) "
             print(
-                f"epoch {epoch}/{config.epochs}: train loss {metrics['train_loss']:.4f} "
-                f"acc {metrics['train_top1']:.2f}% | "
+                f"epoch {epoch}/{config.epochs}: train loss {metrics['train_loss']:.4f} {accuracy}| "
                 f"test top-1 {metrics['test_top1']:.2f}% top-5 {metrics['test_top5']:.2f}% | "
                 f"{metrics['epoch_seconds']:.0f}s ({metrics['train_images_per_s']:.0f} img/s)"
                 + (f" | energy loss {energy:.4f}" if energy is not None else ""),

@@ -1,5 +1,6 @@
 """Pieces of the training recipe: losses, adaptive gradient clipping, the learning-rate schedule,
-mosaic batches and the energy loss that teaches explanations to stay inside their mosaic cell."""
+mosaic batches, the energy loss that teaches explanations to stay inside their mosaic cell, the
+B-cosification schedule (B from 1 to 2, biases to 0) and the alignment loss to a teacher."""
 
 from __future__ import annotations
 
@@ -105,3 +106,27 @@ def energy_loss(maps: Tensor, inside: Tensor, grid: int) -> Tensor:
     per_cell = positive_mass_per_cell(maps, grid)
     share = (per_cell * inside).sum(dim=1) / per_cell.sum(dim=1).clamp_min(1e-12)
     return (1 - share).mean()
+
+
+def bcosify_progress(step: int, warmup_steps: int) -> tuple[float, float]:
+    """``(b, bias_scale)`` of a B-cosified model after ``step`` optimisation steps: over the first
+    ``warmup_steps`` steps B rises linearly from 1 to 2 and the biases shrink linearly to exactly 0
+    (``bias_scale``: their factor relative to the converted model's). ``warmup_steps = 0`` is the
+    released choice of Arya et al. (NeurIPS 2024, "B-cosification"): B = 2 and no biases from the start."""
+    done = 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+    return 1.0 + done, 1.0 - done
+
+
+def bias_step_ratio(step: int, warmup_steps: int) -> float:
+    """The factor that takes the biases from ``bias_scale`` after ``step`` steps to that after
+    ``step + 1`` (multiplied in after each update): ``s(t+1)/s(t)``, and 0 once the warmup is over,
+    which holds the biases at exactly 0 however the optimizer moves them."""
+    _, before = bcosify_progress(step, warmup_steps)
+    _, after = bcosify_progress(step + 1, warmup_steps)
+    return after / before if before > 0 else 0.0
+
+
+def cosine_distance(student: Tensor, teacher: Tensor) -> Tensor:
+    """``mean(1 - cos(student, teacher))`` over every leading index: tokens ``(N, L, D)`` or pooled
+    features ``(N, D)``, the mean over tokens then over the batch (ALOE, Maser et al., CVPR 2026)."""
+    return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()

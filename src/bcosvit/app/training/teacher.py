@@ -1,0 +1,70 @@
+"""Teachers: trained standard ViTs that a run B-cosifies (``bcosify_from``, Arya et al., NeurIPS
+2024) or aligns its student to (``align_to``, ALOE: Maser et al., CVPR 2026)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ...bcosification import bcosify, remove_biases, set_b
+from ...checkpoint import load_model, read_metadata
+from ...errors import ConfigError
+from ...models.registry import create_model, list_models, list_pretrained
+from ...models.vit import VisionTransformer
+
+
+def load_teacher(source: str) -> VisionTransformer:
+    """The model ``source`` names: a run folder or ``.safetensors`` file (``bcosvit.load_model``), or
+    a registered name with shipped weights (``create_model(name, pretrained=True)``); in eval mode."""
+    if Path(source).exists():
+        return load_model(source).eval()
+    if source in list_pretrained():
+        return create_model(source, pretrained=True).eval()
+    raise ConfigError(
+        f"teacher {source!r} is neither a run folder nor a model with shipped weights "
+        f"({', '.join(list_pretrained())}); pass the folder of a `bcosvit train` run or one of those names"
+    )
+
+
+def bcos_twin_name(source: str) -> str:
+    """The registered B-cos name of the teacher ``source``'s family (``vitc_micro_28`` ->
+    ``bcos_vitc_micro_28``): the ``model`` a run B-cosifying or aligning to it records."""
+    name = source
+    if Path(source).exists():
+        name = str(read_metadata(source).get("model_name", ""))
+    twin = name if name.startswith("bcos_") else f"bcos_{name}"
+    if twin not in list_models():
+        raise ConfigError(
+            f"teacher {source!r} (model {name!r}) has no registered B-cos twin; name the model with --model"
+        )
+    return twin
+
+
+def bcosified_teacher(source: str, num_classes: int, b: float = 1.0) -> VisionTransformer:
+    """``bcosify`` of the teacher ``source`` at exponent ``b``, with its biases: the start of a
+    B-cosification run (``b = 1``: the teacher's logits exactly). ``num_classes``: the dataset's."""
+    teacher = load_teacher(source)
+    if teacher.num_classes != num_classes:
+        raise ConfigError(
+            f"teacher {source!r} has {teacher.num_classes} classes but the dataset {num_classes}; "
+            "B-cosify a teacher trained on this dataset"
+        )
+    model = bcosify(teacher).train()
+    set_b(model, b)
+    return model
+
+
+def bcos_student(source: str, num_classes: int) -> VisionTransformer:
+    """The teacher ``source`` B-cosified as the published students start: B = 2, every bias dropped
+    (``remove_biases``), unnormalised weights, detachable GELU (Arya et al.'s released ViT configs;
+    ALOE's student initialisation)."""
+    return remove_biases(bcosified_teacher(source, num_classes, b=2.0))
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode without gradients (a teacher)."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
