@@ -1,4 +1,5 @@
-"""The ``bcosvit`` command: ``models``, ``train``, ``explain``, ``evaluate`` and ``convert`` (``--help`` on each)."""
+"""The ``bcosvit`` command: ``models``, ``train``, ``align``, ``explain``, ``evaluate`` and ``convert``
+(``--help`` on each)."""
 
 from __future__ import annotations
 
@@ -65,15 +66,27 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 # the training options with a flag of their own (every option: --set KEY=VALUE)
-TRAIN_FLAGS = ("model", "dataset", "data_dir", "epochs", "batch_size", "lr", "seed")
+TRAIN_FLAGS = ("model", "dataset", "data_dir", "epochs", "batch_size", "lr", "seed", "bcosify_from")
+
+
+def command_line_settings(args: argparse.Namespace) -> tuple[dict, dict]:
+    """``(settings, stage_settings)`` of the training flags given and ``--set`` (which wins)."""
+    from .training.config import parse_settings
+
+    settings, stage_settings = parse_settings(args.set or [])
+    flags = {key: getattr(args, key, None) for key in TRAIN_FLAGS}
+    return {**{key: value for key, value in flags.items() if value is not None}, **settings}, stage_settings
 
 
 def train_run_from_args(args: argparse.Namespace) -> tuple[Recipe, Path]:
-    """The recipe, with the command line's options applied, and the run folder of ``bcosvit train``."""
-    from .training.config import build_recipe, load_recipe, parse_settings
+    """The recipe, with the command line's options applied, and the run folder of ``bcosvit train``.
+    With ``--bcosify-from`` and no ``--model`` the model is the teacher's B-cos twin."""
+    from .training.config import build_recipe, load_recipe
+    from .training.teacher import bcos_twin_name
 
-    settings, stage_settings = parse_settings(args.set or [])
-    settings = {**{key: getattr(args, key) for key in TRAIN_FLAGS if getattr(args, key) is not None}, **settings}
+    settings, stage_settings = command_line_settings(args)
+    if args.bcosify_from and "model" not in settings:
+        settings["model"] = bcos_twin_name(args.bcosify_from)
     if args.recipe:
         recipe = load_recipe(args.recipe, settings, stage_settings)
     else:
@@ -94,6 +107,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe_flag = f" --recipe {args.recipe}" if args.recipe else ""
     command = f"bcosvit train{recipe_flag} --out {out} --resume (plus the same options)"
     run_recipe(recipe, out, args.resume, not args.no_progress, args.stop_after, command)
+    return 0
+
+
+def align_run_from_args(args: argparse.Namespace) -> tuple[Recipe, Path]:
+    """The recipe of ``bcosvit align`` with its alignment stages aligning to ``--teacher``: the
+    student is the teacher B-cosified (B = 2, no biases) or, with ``--student``, a fresh model."""
+    from ..errors import ConfigError
+    from .training.config import load_recipe
+    from .training.teacher import bcos_twin_name
+
+    settings, stage_settings = command_line_settings(args)
+    if args.student:
+        student = {"model": args.student, "bcosify_from": None}
+    else:
+        student = {"model": bcos_twin_name(args.teacher), "bcosify_from": args.teacher, "bcosify_warmup_epochs": 0.0}
+    settings = {**student, **settings}
+    stages = load_recipe(args.recipe, settings, stage_settings).stages
+    aligning = [stage.name for stage in stages if stage.config.align_to]
+    if not aligning:
+        raise ConfigError(
+            f"recipe {args.recipe} has no alignment stage (align_to); use an alignment recipe, e.g. fmnist-align"
+        )
+    if aligning == [""]:  # a recipe without stages
+        settings["align_to"] = args.teacher
+    for name in filter(None, aligning):
+        stage_settings[name] = {**stage_settings.get(name, {}), "align_to": args.teacher}
+    return load_recipe(args.recipe, settings, stage_settings), Path(args.out)
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    from .training.main_job import run_recipe
+
+    recipe, out = align_run_from_args(args)
+    student = f" --student {args.student}" if args.student else ""
+    command = f"bcosvit align --teacher {args.teacher}{student} --recipe {args.recipe} --out {out} --resume"
+    run_recipe(recipe, out, args.resume, not args.no_progress, args.stop_after, command + " (plus the same options)")
     return 0
 
 
@@ -354,7 +403,6 @@ def _add_pretrained_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data import DATASETS
     from .training.config import TrainConfig
 
     parser = argparse.ArgumentParser(prog="bcosvit", description="Holistically explainable B-cos Vision Transformers.")
@@ -377,13 +425,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="a recipe's name (see --list-recipes) or the path of a recipe .toml file")
     p.add_argument("--list-recipes", action="store_true", help="list the recipes and exit")
     p.add_argument("--out", help="run folder (default: runs/<recipe name, or model without --recipe>)")
+    _add_run_options(p)
+    group = p.add_argument_group("training options (every stage of the recipe)")
+    group.add_argument("--model", help="model name (bcosvit models)")
+    group.add_argument(
+        "--bcosify-from",
+        metavar="RUN_OR_NAME",
+        help="B-cosify this trained standard ViT (a run folder, or a name with shipped weights such as "
+        "vitc_micro_28) and fine-tune it: B 1 -> 2 and biases -> 0 over bcosify_warmup_epochs (--set); "
+        "--model defaults to its B-cos twin",
+    )
+    _add_training_options(group)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "align",
+        help="align a B-cos student to a trained ViT without labels, then train its head (ALOE)",
+        description="Align Once to Explain (Maser et al., CVPR 2026): the student (the teacher B-cosified "
+        "with B = 2 and no biases, or a fresh --student model) learns the frozen teacher's tokens at a third, "
+        "two thirds and all of its depth and its pooled features (cosine distance; no labels), then a linear "
+        "B-cos head trains on its frozen features. Each stage of the recipe runs into a sub-folder of --out; "
+        "the last one is an ordinary run folder (explain, evaluate --checkpoint). Distributed: "
+        "torchrun --nproc_per_node=N -m bcosvit align ...",
+    )
+    p.add_argument(
+        "--teacher", required=True, metavar="RUN_OR_NAME", help="a run folder or a name with shipped weights"
+    )
+    p.add_argument("--student", help="a registered B-cos model to align from scratch (default: the teacher B-cosified)")
+    p.add_argument("--recipe", default="fmnist-align", help="an alignment recipe (default fmnist-align) or .toml file")
+    p.add_argument("--out", required=True, help="run folder (one sub-folder per stage)")
+    _add_run_options(p)
+    _add_training_options(p.add_argument_group("training options (every stage of the recipe)"))
+    p.set_defaults(func=cmd_align)
+    _add_other_commands(sub)
+    return parser
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """``--resume``, ``--stop-after`` and ``--no-progress``: how a run is carried out."""
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out (finished stages of a recipe are skipped)"
     )
     p.add_argument("--stop-after", type=int, metavar="N", help="end after N epochs of this invocation (resume later)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
-    group = p.add_argument_group("training options (every stage of the recipe)")
-    group.add_argument("--model", help="model name (bcosvit models)")
+
+
+def _add_training_options(group) -> None:
+    """The training options with a flag of their own (``TRAIN_FLAGS`` but the model) and ``--set``."""
+    from .data import DATASETS
+
     group.add_argument("--dataset", choices=DATASETS)
     group.add_argument("--data-dir", help="dataset location (default for Fashion-MNIST: the Debian package's)")
     group.add_argument("--epochs", type=int)
@@ -397,7 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="any training option (keys below), for every stage or for STAGE only; VALUE is read as JSON where "
         "it is JSON: --set warmup_steps=200 --set model_options='{\"pos_embed\": \"rope\"}' --set cycle1.epochs=3",
     )
-    p.set_defaults(func=cmd_train)
+
+
+def _add_other_commands(sub) -> None:
+    """``explain``, ``evaluate`` and ``convert``."""
+    from .data import DATASETS
 
     p = sub.add_parser(
         "explain",
@@ -471,7 +565,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the bcosvit model name (default: found from the tensor shapes)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing its model files")
     p.set_defaults(func=cmd_convert)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
