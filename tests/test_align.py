@@ -11,8 +11,8 @@ from torch.utils.data import Dataset
 
 from bcosvit import ConfigError, create_model, explain, load_model
 from bcosvit.app.cli import main
-from bcosvit.app.training import train
 from bcosvit.app.training import loop as training_loop
+from bcosvit.app.training import train
 from bcosvit.app.training.align import AlignmentNet, aligned_depths
 from bcosvit.app.training.teacher import bcos_student, load_teacher
 from bcosvit.checkpoint import save_weights
@@ -138,7 +138,8 @@ def test_align_command_aligns_then_trains_only_the_head_into_ordinary_run_folder
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "aligning to" in printed and "linear probe" in printed
-    aligned, probed = load_file(str(out / "align" / "model.safetensors")), load_file(str(out / "head" / "model.safetensors"))
+    aligned = load_file(str(out / "align" / "model.safetensors"))
+    probed = load_file(str(out / "head" / "model.safetensors"))
     assert aligned.keys() == probed.keys()
     changed = sorted(k for k in aligned if not torch.equal(aligned[k], probed[k]))
     assert changed and all(k.startswith("head.") for k in changed)  # a linear probe on frozen features

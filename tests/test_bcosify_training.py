@@ -93,7 +93,8 @@ def test_bcosify_settings_that_cannot_work_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="already a B-cos model"):
         bcosify(create_model("bcos_vit_nano_patch4_28"))
     with pytest.raises(ConfigError, match="12 classes but the dataset 10"):
-        build_model(bcosify_config(standard_teacher(tmp_path / "t12", num_classes=12)), type("S", (), {"num_classes": 10}))
+        twelve = standard_teacher(tmp_path / "t12", num_classes=12)
+        build_model(bcosify_config(twelve), type("Spec", (), {"num_classes": 10}))
 
 
 def test_bcosify_from_the_shipped_twin_trains_an_epoch_into_a_run_folder_that_explains(tmp_path, capsys):
