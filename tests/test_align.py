@@ -16,7 +16,7 @@ from bcosvit.app.training import train
 from bcosvit.app.training.align import AlignmentNet, aligned_depths
 from bcosvit.app.training.teacher import bcos_student, load_teacher
 from bcosvit.checkpoint import save_weights
-from tests.test_train import SUBSET, tiny_config
+from tests.test_train import SUBSET, needs_torchrun, tiny_config, torchrun_two
 
 FASHION = dict(in_chans=1, image_size=28, num_classes=10, input_mean=[0.286], input_std=[0.353])
 
@@ -150,3 +150,17 @@ def test_align_command_aligns_then_trains_only_the_head_into_ordinary_run_folder
     stored = json.loads((out / "align" / "config.json").read_text())
     assert stored["align_to"] == str(teacher) and stored["bcosify_from"] == str(teacher)
     assert json.loads((out / "head" / "config.json").read_text())["align_to"] is None
+
+
+@pytest.mark.ddp
+@needs_torchrun
+def test_align_under_torchrun_runs_both_stages_in_one_process_group(tmp_path):
+    teacher = standard_teacher(tmp_path / "teacher", embed_dim=48, depth=4)
+    out = tmp_path / "aloe"
+    args = ["-m", "bcosvit", "align", "--teacher", str(teacher), "--student", "bcos_vit_nano_patch4_28"]
+    args += ["--out", str(out), "--data-dir", SUBSET, "--epochs", "1", "--batch-size", "32", "--no-progress"]
+    args += ["--set", "train_subset=64", "--set", "test_subset=32", "--set", "explain_examples=false"]
+    args += ["--set", 'model_options={"embed_dim": 16, "depth": 2, "num_heads": 2}']
+    ddp = torchrun_two(*args)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "on 2 process(es)" in ddp.stdout and load_model(out / "head").embed_dim == 16

@@ -725,14 +725,20 @@ class TrainingRun:
 
 
 def train(
-    config: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True, stop_after: int | None = None
+    config: TrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    keep_process_group: bool = False,
 ) -> dict[str, Any]:
     """Train ``config`` into the run folder ``out``; returns the last epoch's metrics.
 
     "auto" settings are resolved once, here, and the resolved config is what the run uses and
     stores (``config.json``, ``model.json``, ``state.pt``). ``stop_after``: end this invocation
     after that many epochs (the run stays resumable), e.g. to fit a time-limited session; the
-    schedule still follows ``config.epochs``.
+    schedule still follows ``config.epochs``. ``keep_process_group``: leave a ``torchrun`` job's
+    process group open for a next stage (re-creating it between stages fails or hangs at random).
     """
     out = Path(out)
     config, precision, rt = _start(config, out, resume, stop_after)
@@ -746,6 +752,6 @@ def train(
     metrics: dict[str, Any] = run.history[-1] if run.history else {}
     for epoch in range(run.epoch + 1, last_epoch + 1):
         metrics = run.run_epoch(epoch, progress)
-    if rt.world_size > 1:
+    if rt.world_size > 1 and not keep_process_group:
         dist.destroy_process_group()
     return metrics

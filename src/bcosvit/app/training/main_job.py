@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ...checkpoint import load_model
 from ..data import evaluation_split, load_dataset
@@ -54,11 +55,16 @@ def write_explanation_figure(run: Path, config: TrainConfig) -> Path | None:
 
 
 def run_training(
-    config: TrainConfig, out: Path, resume: bool = False, progress: bool = True, stop_after: int | None = None
+    config: TrainConfig,
+    out: Path,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    keep_process_group: bool = False,
 ) -> dict:
     """Train, then (on the main process) print the test accuracy and write the explanation figure."""
     started = time.perf_counter()
-    metrics = train(config, out, resume=resume, progress=progress, stop_after=stop_after)
+    metrics = train(config, out, resume, progress, stop_after, keep_process_group)
     if not is_main_process() or not metrics:
         return metrics
     finished = metrics.get("epoch") == config.epochs
@@ -106,7 +112,8 @@ def run_recipe(
             print(f"\nstage {folder.name} ({i + 1} of {len(runs)}): {folder}")
         # the first stage resumes as asked (and says so if there is nothing to resume); a later stage
         # without a state.pt has not started yet
-        metrics = run_training(config, folder, resume and (i == 0 or done > 0), progress, stop_after=budget)
+        # one process group for all stages of a torchrun job, closed below
+        metrics = run_training(config, folder, resume and (i == 0 or done > 0), progress, budget, True)
         reached = metrics.get("epoch", done)
         if budget is not None:
             budget -= reached - done
@@ -114,4 +121,6 @@ def run_recipe(
             if is_main_process():
                 print(f"Continue with: {resume_command}")
             break
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return metrics
