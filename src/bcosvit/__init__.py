@@ -4,9 +4,10 @@ The library is everything under ``bcosvit`` except ``bcosvit.app``: ``layers``, 
 ``explanation`` (``explain``, ``explain_unit``, ``token_contributions``), ``attribution``,
 ``metrics``, ``visualize``, ``checkpoint`` (weights files), ``convert`` (the published B-cos-v2
 checkpoints), ``hub`` (those checkpoints downloaded once, verified and cached), ``bcosification``
-(``bcosify``: trained standard ViTs as B-cos models) and ``imagenet`` (ImageNet's classes). ``bcosvit.app`` is the application built on it: the command line, the training
-loop and its recipes, the evaluation protocol, the report, datasets and image files. The library
-never imports the application.
+(``bcosify``: trained standard ViTs as B-cos models) and ``imagenet`` (ImageNet's classes).
+``bcosvit.app`` is the application built on it: the command line, the training loop and its
+recipes, the evaluation protocol, the report, datasets and image files. The library never imports
+the application.
 
 The sub-modules that pull in heavier libraries (``attribution``: Captum; ``visualize``: matplotlib;
 ``metrics``, ``app``) and ``imagenet`` are imported on first use, so ``import bcosvit`` stays light while
