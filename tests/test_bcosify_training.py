@@ -77,6 +77,20 @@ def test_a_run_interrupted_mid_warmup_resumes_to_the_uninterrupted_weights(tmp_p
     assert not _biases(a)  # the EMA's biases went to 0 with the model's
 
 
+def test_the_ema_follows_the_model_during_the_warmup_and_averages_after_it(tmp_path):
+    """Weights from different B and bias scales are different functions: averaging starts after the warmup."""
+    teacher = standard_teacher(tmp_path / "teacher")
+    config = bcosify_config(teacher, bcosify_warmup_epochs=1.0, epochs=2, ema=0.9)
+    train(config, tmp_path / "run", progress=False, stop_after=1)  # the whole warmup (4 steps)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    ema = {k[len("module.") :]: v for k, v in state["ema"].items() if k.startswith("module.")}
+    assert all(torch.equal(ema[k], v) for k, v in state["model"].items())
+    train(config, tmp_path / "run", progress=False, resume=True)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    ema = {k[len("module.") :]: v for k, v in state["ema"].items() if k.startswith("module.")}
+    assert any(not torch.equal(ema[k], v) for k, v in state["model"].items() if v.is_floating_point())
+
+
 def test_without_warmup_the_model_is_bias_free_with_b_2_from_the_first_step(tmp_path):
     teacher = standard_teacher(tmp_path / "teacher")
     spec = type("Spec", (), {"num_classes": 10})

@@ -451,6 +451,10 @@ class Trainer:
         if self.bcosify_warmup is not None:
             self._advance_bcosify(step)
         if self.ema is not None:
+            if self.bcosify_warmup is not None and step < self.bcosify_warmup:
+                # While B and the biases change, each step's weights belong to another function: the
+                # EMA follows the model and starts averaging once the schedule is over.
+                self.ema.n_averaged.zero_()
             self.ema.update_parameters(self.model)
 
     def energy_canvases(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, int]:
