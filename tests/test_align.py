@@ -16,7 +16,7 @@ from bcosvit.app.training import train
 from bcosvit.app.training.align import AlignmentNet, aligned_depths
 from bcosvit.app.training.teacher import bcos_student, load_teacher
 from bcosvit.checkpoint import save_weights
-from tests.test_train import SUBSET, needs_torchrun, tiny_config, torchrun_two
+from tests.test_train import SUBSET, needs_torchrun, straight_and_resumed, tiny_config, torchrun_two
 
 FASHION = dict(in_chans=1, image_size=28, num_classes=10, input_mean=[0.286], input_std=[0.353])
 
@@ -107,11 +107,7 @@ def test_alignment_reads_no_labels_the_same_student_whatever_the_labels(tmp_path
 def test_a_different_shape_teacher_aligns_through_projections_and_resumes_exactly(tmp_path):
     teacher = standard_teacher(tmp_path / "teacher", embed_dim=48, depth=4)
     config = fresh_student_config(teacher, epochs=2)
-    train(config, tmp_path / "straight", progress=False)
-    train(config, tmp_path / "resumed", progress=False, stop_after=1)
-    train(config, tmp_path / "resumed", progress=False, resume=True)
-    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
-    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    a, b = straight_and_resumed(config, tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     state = torch.load(tmp_path / "resumed" / "state.pt", weights_only=True)
     assert state["align_projections"]["0.weight"].shape == (48, 16)  # student width -> teacher width

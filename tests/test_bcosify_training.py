@@ -14,7 +14,7 @@ from bcosvit.app.training import train
 from bcosvit.app.training.loop import build_model
 from bcosvit.app.training.recipe import bcosify_progress, bias_step_ratio
 from tests.test_align import standard_teacher
-from tests.test_train import SUBSET, tiny_config
+from tests.test_train import SUBSET, straight_and_resumed, tiny_config
 
 
 def bcosify_config(teacher, **overrides):
@@ -68,11 +68,7 @@ def test_a_run_starts_as_the_teacher_and_ends_the_warmup_bias_free_with_b_2_and_
 def test_a_run_interrupted_mid_warmup_resumes_to_the_uninterrupted_weights(tmp_path):
     teacher = standard_teacher(tmp_path / "teacher")
     config = bcosify_config(teacher, bcosify_warmup_epochs=1.5, epochs=3, ema=0.9)
-    train(config, tmp_path / "straight", progress=False)
-    train(config, tmp_path / "resumed", progress=False, stop_after=1)
-    train(config, tmp_path / "resumed", progress=False, resume=True)
-    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
-    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    a, b = straight_and_resumed(config, tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not _biases(a)  # the EMA's biases went to 0 with the model's
 

@@ -96,6 +96,16 @@ def test_explanation_figure_of_a_run_shows_class_names_with_dollar_signs_literal
     assert figure == tmp_path / "run" / "explanations.png" and figure.is_file()
 
 
+def straight_and_resumed(config, folder: Path) -> tuple[dict, dict]:
+    """The saved weights of a run of ``config`` straight through and of one stopped after its first
+    epoch and resumed (``folder/straight``, ``folder/resumed``)."""
+    train(config, folder / "straight", progress=False)
+    train(config, folder / "resumed", progress=False, stop_after=1)
+    train(config, folder / "resumed", progress=False, resume=True)
+    straight, resumed = (load_file(str(folder / name / "model.safetensors")) for name in ("straight", "resumed"))
+    return straight, resumed
+
+
 @pytest.mark.slow
 def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
     config = tiny_config(epochs=3, randaugment=3)
@@ -272,11 +282,7 @@ def test_mosaic_tiles_consecutive_images_row_major_and_sums_their_targets():
 @pytest.mark.slow
 def test_mosaic_training_resumes_exactly_and_init_from_starts_from_given_weights(tmp_path):
     config = tiny_config(epochs=2, mosaic=0.5, mosaic_grid=3)
-    train(config, tmp_path / "straight", progress=False)
-    train(config, tmp_path / "resumed", progress=False, stop_after=1)
-    train(config, tmp_path / "resumed", progress=False, resume=True)
-    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
-    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    a, b = straight_and_resumed(config, tmp_path)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-7, msg=key)
     # stage 2 from the stage-1 weights: with lr ~ 0 the weights stay those of the first run
