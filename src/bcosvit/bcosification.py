@@ -58,10 +58,15 @@ def bcosify(model: nn.Module) -> VisionTransformer:
         stem_bias=None,
         class_names=None if standard.config.class_names is None else list(standard.config.class_names),
     )
-    param = next(standard.parameters())
-    converted = VisionTransformer(config).to(device=param.device, dtype=param.dtype)
+    converted = _built_like(config, standard)
     converted.load_state_dict(_bcos_state(standard, converted))
-    return converted.train(standard.training)
+    return converted
+
+
+def _built_like(config: ViTConfig, like: nn.Module) -> VisionTransformer:
+    """A new model of ``config`` on ``like``'s device and dtype, in ``like``'s training mode."""
+    param = next(like.parameters())
+    return VisionTransformer(config).to(device=param.device, dtype=param.dtype).train(like.training)
 
 
 def _bcos_state(standard: VisionTransformer, converted: VisionTransformer) -> dict[str, Tensor]:
@@ -141,11 +146,10 @@ def remove_biases(model: VisionTransformer) -> VisionTransformer:
     if not model.is_bcos:
         raise ConfigError("remove_biases takes a B-cos model (from bcosify)")
     config = dataclasses.replace(model.config, bias=False)
-    param = next(model.parameters())
-    bias_free = VisionTransformer(config).to(device=param.device, dtype=param.dtype)
+    bias_free = _built_like(config, model)
     kept = {k: v for k, v in model.state_dict().items() if k in bias_free.state_dict()}
     bias_free.load_state_dict(kept)
-    return bias_free.train(model.training)
+    return bias_free
 
 
 # --- timm -------------------------------------------------------------------------------------
@@ -183,10 +187,9 @@ def from_timm(model: nn.Module) -> VisionTransformer:
         class_token=model.cls_token is not None,
         global_pool="token" if pool == "token" else "avg",
     )
-    param = next(model.parameters())
-    twin = VisionTransformer(config).to(device=param.device, dtype=param.dtype)
+    twin = _built_like(config, model)
     twin.load_state_dict(_timm_state(model, twin))
-    return twin.train(model.training)
+    return twin
 
 
 def _check_timm_supported(model: nn.Module) -> None:

@@ -405,8 +405,9 @@ class Trainer:
         return remove_biases(plain) if self.biases_gone(step) and plain.config.bias else plain
 
     def extra_state(self, step: int) -> dict[str, Any]:
-        """What ``--resume`` needs beyond the model, optimizer and EMA: the alignment projections and
-        where the B-cosification schedule stands (it is also a function of ``step``)."""
+        """Run state beyond the model, optimizer and EMA: the alignment projections (``--resume``
+        needs them) and, as a record, where the B-cosification schedule stands (``--resume``
+        derives it again from the step, ``start_bcosify``)."""
         state: dict[str, Any] = {}
         if self.align is not None:
             state["align_projections"] = self.align.projections.state_dict()

@@ -10,7 +10,7 @@ from torch import nn
 from ...bcosification import bcosify, remove_biases, set_b
 from ...checkpoint import load_model, read_metadata
 from ...errors import ConfigError
-from ...models.registry import create_model, list_models, list_pretrained
+from ...models.registry import BCOS_PREFIX, create_model, list_models, list_pretrained, twin_name
 from ...models.vit import VisionTransformer
 
 
@@ -33,7 +33,7 @@ def bcos_twin_name(source: str) -> str:
     name = source
     if Path(source).exists():
         name = str(read_metadata(source).get("model_name", ""))
-    twin = name if name.startswith("bcos_") else f"bcos_{name}"
+    twin = name if name.startswith(BCOS_PREFIX) else twin_name(name)
     if twin not in list_models():
         raise ConfigError(
             f"teacher {source!r} (model {name!r}) has no registered B-cos twin; name the model with --model"
