@@ -264,6 +264,38 @@ def test_explain_unit_with_several_channels_per_token(build, images):
     assert (e.completeness_error / e.outputs.abs()).max() < 1e-10
 
 
+def test_explain_unit_max_explains_the_largest_channel_and_norm_the_tokens_norm(build, images):
+    model = build("bcos_vit_nano_patch4_28", depth=2, image_size=8, pos_embed="learned")
+    x = images(2, 1, 8)
+    _, record = model(x, capture=Capture(layers=(1,)))
+    token = record.tokens[1][:, 3].detach()  # (N, D)
+    largest = bcosvit.explain_unit(model, x, 1, 3, "max")
+    torch.testing.assert_close(largest.target, token.argmax(dim=1))
+    same = bcosvit.explain_unit(model, x, 1, 3, token.argmax(dim=1))
+    torch.testing.assert_close(largest.weights, same.weights, rtol=0, atol=0)
+    norm = bcosvit.explain_unit(model, x, 1, 3, "norm")
+    assert norm.target.tolist() == [-1, -1] and norm.weights.shape == (2, 2, 8, 8)
+    torch.testing.assert_close(norm.outputs, token.norm(dim=1), rtol=1e-12, atol=1e-12)
+    assert (norm.completeness_error / norm.outputs.abs()).max() < 1e-10
+    # the norm direction's weights are the direction-weighted sum of the channels' weights
+    every = bcosvit.explain_unit(model, x, 1, 3, torch.arange(token.shape[1]).expand(2, -1))
+    direction = token / token.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(norm.weights, torch.einsum("nd,ndchw->nchw", direction, every.weights))
+
+
+def test_token_contributions_at_several_layers_equal_each_layer_alone(build, images):
+    model = build("bcos_vit_nano_patch4_28", depth=2, image_size=8, pos_embed="learned")
+    x = images(2, 1, 8, 12)
+    target = torch.tensor([[1, 2], [4, 0]])
+    every = bcosvit.token_contributions(model, x, target=target, layer=range(3))
+    assert every.shape == (2, 2, 3, 2, 3)
+    for k in range(3):
+        torch.testing.assert_close(every[:, :, k], bcosvit.token_contributions(model, x, target=target, layer=k))
+    predicted = bcosvit.token_contributions(model, x, layer=[0, -1])
+    assert predicted.shape == (2, 2, 2, 3)
+    torch.testing.assert_close(predicted[:, 1], bcosvit.token_contributions(model, x, layer=-1))
+
+
 @pytest.mark.parametrize("layer", [0, 1, 2, -1])
 def test_token_contributions_sum_to_logit_minus_logit_bias(build, images, layer):
     model = build("bcos_vit_nano_patch4_28", depth=2, image_size=8)

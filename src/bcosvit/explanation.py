@@ -160,7 +160,11 @@ def baseline_image(baseline: BaselineLike, images: Tensor) -> Tensor:
 
 
 def dynamic_linear_weights(
-    record: CaptureRecord, outputs: Tensor, create_graph: bool = False, *, layer: int | None = None
+    record: CaptureRecord,
+    outputs: Tensor,
+    create_graph: bool = False,
+    *,
+    layer: int | Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The dynamic linear map of ``outputs`` ``(N, T)``, computed from ``record`` in explanation mode.
 
@@ -173,19 +177,22 @@ def dynamic_linear_weights(
         outputs: ``(N, T)`` values computed from it (target logits, or units of ``record.tokens``).
         create_graph: keep the graph so the results can be differentiated again (a loss on the
             explanation that trains the parameters).
-        layer: a key of ``record.tokens``: also return the gradients with respect to those tokens.
+        layer: a key of ``record.tokens``, or a sequence of them: also return the gradients with
+            respect to those tokens (all layers from the same backward passes).
 
     Returns:
         ``weights`` ``(N, T, C', H, W)`` = ``∂outputs/∂record.inputs`` (``w(x)``), ``positional``
         ``(N, T)`` = ``∂outputs/∂record.embedded · record.positional`` (0 where the model adds no
-        positional embedding), and ``(N, T, L, D)`` = ``∂outputs/∂record.tokens[layer]`` (None
-        without ``layer``).
+        positional embedding), and ``(N, T, L, D)`` = ``∂outputs/∂record.tokens[layer]`` (for a
+        sequence of K layers ``(N, T, K, L, D)``; None without ``layer``).
     """
+    several = layer is not None and not isinstance(layer, int)
+    layers = [] if layer is None else list(layer) if several else [layer]
     sources = [record.inputs]
     if record.positional is not None:
         sources.append(record.embedded)
-    if layer is not None:
-        sources.append(record.tokens[layer])
+    first_token_source = len(sources)
+    sources.extend(record.tokens[k] for k in layers)
     weights, positional, token_grads = [], [], []
     num_targets = outputs.shape[1]
     for t in range(num_targets):
@@ -200,8 +207,9 @@ def dynamic_linear_weights(
         weights.append(grads[0])
         if record.positional is not None:
             positional.append((grads[1] * record.positional).sum(dim=(1, 2)))
-        if layer is not None:
-            token_grads.append(grads[-1])
+        if layers:
+            per_layer = grads[first_token_source:]
+            token_grads.append(torch.stack(per_layer, dim=1) if several else per_layer[0])
     return (
         torch.stack(weights, dim=1),
         torch.stack(positional, dim=1) if positional else outputs.new_zeros(outputs.shape),
@@ -310,8 +318,15 @@ def explain(
     return _assemble(logits, target, outputs, record.inputs, weights, positional, bias, encoded_baseline)
 
 
+UNIT_CHOICES = ("max", "norm")  # explain_unit's channel choices besides channel indices
+
+
 def explain_unit(
-    model: nn.Module, images: ImagesLike, layer: int, token: int | Sequence[int] | Tensor, channel: TargetLike
+    model: nn.Module,
+    images: ImagesLike,
+    layer: int,
+    token: int | Sequence[int] | Tensor,
+    channel: TargetLike,
 ) -> Explanation:
     """Explain intermediate units: ``W_{1->layer}(x)`` for channel(s) of one token per image.
 
@@ -320,11 +335,15 @@ def explain_unit(
             block ``k`` (1-based), ``-1`` for the last block.
         token: the token index (row-major over the token grid, after the class token where the model
             has one: index 0 is then the class token), one int or one per image.
-        channel: the channel(s) of that token to explain, in the same forms as ``explain``'s target.
+        channel: the channel(s) of that token to explain, in the same forms as ``explain``'s target;
+            or ``"max"``: each image's channel of largest value at that token; or ``"norm"``: the
+            token's norm ``||h|| = (h / ||h||) · h``, the unit along the token's own direction (the
+            direction, like every input-dependent factor in explanation mode, held constant).
 
     Returns:
-        an ``Explanation`` whose ``outputs`` are the unit values and ``target`` the channels, in the
-        model's dtype and on its device (``images`` as in ``explain``).
+        an ``Explanation`` whose ``outputs`` are the unit values ``(N, [T])`` and ``target`` the
+        channels (for ``"norm"``: -1), in the model's dtype and on its device (``images`` as in
+        ``explain``).
     """
     model = _require_bcos(model)
     images = as_model_input(model, images)
@@ -338,17 +357,26 @@ def explain_unit(
         if token_index.ndim != 1:
             raise InputError(f"token must be an int or one index per image, got shape {tuple(token_index.shape)}")
         if channel is None:
-            raise InputError("channel is required: the unit(s) of the token to explain")
-        channels = normalize_target(channel, token_index, dim, "channel")
+            raise InputError(f"channel is required: the unit(s) of the token to explain, or one of {UNIT_CHOICES}")
         picked = tokens[torch.arange(n, device=tokens.device), token_index]  # (N, D)
-        index = channels if channels.ndim == 2 else channels[:, None]
-        outputs = picked.gather(1, index)
+        if isinstance(channel, str) and channel in UNIT_CHOICES:
+            channel = picked.detach().argmax(dim=1) if channel == "max" else None
+        if channel is None:  # "norm": the token along its own direction
+            direction = picked.detach() / picked.detach().norm(dim=1, keepdim=True).clamp_min(1e-12)
+            channels = torch.full((n,), -1, dtype=torch.long, device=tokens.device)
+            outputs = (picked * direction).sum(dim=1, keepdim=True)
+        else:
+            channels = normalize_target(channel, token_index, dim, "channel")
+            index = channels if channels.ndim == 2 else channels[:, None]
+            outputs = picked.gather(1, index)
         weights, positional, _ = dynamic_linear_weights(record, outputs)
     return _assemble(logits.detach(), channels, outputs, record.inputs, weights, positional, 0.0)
 
 
-def token_contributions(model: nn.Module, images: ImagesLike, target: TargetLike = None, layer: int = -1) -> Tensor:
-    """Per-token contributions to the target logits at a chosen layer.
+def token_contributions(
+    model: nn.Module, images: ImagesLike, target: TargetLike = None, layer: int | Sequence[int] = -1
+) -> Tensor:
+    """Per-token contributions to the target logits at a chosen layer (or at several).
 
     Everything after ``layer`` is bias-free and dynamic linear, so the contributions of the tokens
     ``h`` at that layer, ``(∂logit/∂h · h)`` summed over channels, add up exactly to
@@ -356,18 +384,27 @@ def token_contributions(model: nn.Module, images: ImagesLike, target: TargetLike
     share is not on the grid and is left out.
 
     Args:
-        layer: 0 for the embedded tokens, ``k`` for the output of block ``k``, -1 for the last.
+        layer: 0 for the embedded tokens, ``k`` for the output of block ``k``, -1 for the last; or
+            a sequence of K such layers, all computed from one forward and one backward pass per
+            target (e.g. ``range(model.config.depth + 1)``: where the evidence sits block by block).
 
     Returns:
-        ``(N, [T,] rows, cols)`` contributions on the token grid, in the model's dtype and on its
-        device (``images`` and ``target`` as in ``explain``).
+        ``(N, [T,] rows, cols)`` contributions on the token grid, or ``(N, [T,] K, rows, cols)`` for
+        a sequence of layers, in the model's dtype and on its device (``images`` and ``target`` as
+        in ``explain``).
     """
     model = _require_bcos(model)
     images = as_model_input(model, images)
+    several = not isinstance(layer, int)
+    layers = tuple(layer) if several else (layer,)
+    if not layers:
+        raise InputError("layer must be a layer index or a non-empty sequence of them")
     with attribution_state(model):
-        logits, record = model(images, capture=Capture(layers=(layer,)))
+        logits, record = model(images, capture=Capture(layers=layers))
         target, outputs = _class_targets(model, logits, target)
-        _, _, token_grads = dynamic_linear_weights(record, outputs, layer=layer)
-    per_token = (token_grads * record.tokens[layer].detach().unsqueeze(1)).sum(dim=-1)  # (N, T, L)
+        _, _, token_grads = dynamic_linear_weights(record, outputs, layer=list(layers))
+    tokens = torch.stack([record.tokens[k].detach() for k in layers], dim=1)  # (N, K, L, D)
+    per_token = (token_grads * tokens.unsqueeze(1)).sum(dim=-1)  # (N, T, K, L)
     per_token = per_token[..., record.num_prefix_tokens :].unflatten(-1, record.grid)
+    per_token = per_token if several else per_token.squeeze(2)
     return per_token.squeeze(1) if target.ndim == 1 else per_token
