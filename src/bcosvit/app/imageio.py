@@ -43,11 +43,15 @@ def load_image(
     image_size: int,
     background: float | Sequence[float] = 0.0,
     resize_size: int | None = None,
+    *,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
 ) -> LoadedImage:
     """Read ``path`` and convert it to ``in_chans`` channels and ``image_size``×``image_size``.
 
-    * Only regular files are opened (a FIFO or device would block or never end); images with more
-      pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` are refused before they are decoded.
+    * Only regular files are opened (a FIFO or device would block or never end); files of more than
+      ``max_bytes`` bytes are refused before they are read, and images with more pixels than
+      ``max_pixels`` (None: ``PIL.Image.MAX_IMAGE_PIXELS``) before they are decoded.
     * The EXIF orientation is applied (a photo taken upright shows upright).
     * High bit depths keep their levels: 16-bit greyscale is divided by 65535; float images (mode
       ``F``) are used as they are when their values lie in [0, 1], otherwise min-max scaled.
@@ -68,6 +72,9 @@ def load_image(
             default black is what the shipped Fashion-MNIST models expect (light objects on black).
         resize_size: the shorter side before the centre crop, at least ``image_size``; None resizes
             the shorter side to ``image_size``.
+        max_pixels: the most pixels (width × height, read from the header) an image may have; None:
+            Pillow's ``MAX_IMAGE_PIXELS``. A server bounds what one upload may cost with it.
+        max_bytes: the largest file size accepted; None: no bound.
 
     Raises:
         InputError: for directories, missing, non-regular, oversized, unreadable or unsupported files.
@@ -84,12 +91,14 @@ def load_image(
         # oversized images are refused below with a message; Pillow's warning would only repeat it
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            with open_regular_file(path) as file, Image.open(file) as image:
-                _check_pixel_count(path, image.size)
-                image.load()
-                mode, size = image.mode, image.size
-                upright, notes = _apply_orientation(image)
-                array, conversion_notes = _to_array(upright, _MODES[in_chans], fill)
+            with open_regular_file(path) as file:
+                _check_file_size(path, os.fstat(file.fileno()).st_size, max_bytes)
+                with Image.open(file) as image:
+                    _check_pixel_count(path, image.size, max_pixels)
+                    image.load()
+                    mode, size = image.mode, image.size
+                    upright, notes = _apply_orientation(image)
+                    array, conversion_notes = _to_array(upright, _MODES[in_chans], fill)
         except InputError:
             raise
         except UnidentifiedImageError as exc:
@@ -172,14 +181,22 @@ def _not_a_regular_file(path: Path, mode: int) -> str | None:
     return f"{path} is {kind}, not an image file; pass image files"
 
 
-def _check_pixel_count(path: Path, size: tuple[int, int]) -> None:
-    """Refuse images above Pillow's ``MAX_IMAGE_PIXELS`` (read from the header, before decoding)."""
-    limit = Image.MAX_IMAGE_PIXELS or _DEFAULT_MAX_PIXELS
+def _check_file_size(path: Path, size: int, limit: int | None) -> None:
+    """Refuse files of more than ``limit`` bytes (None: any size), before anything is read."""
+    if limit is not None and size > limit:
+        raise InputError(f"{path} is {size} bytes, more than the {limit} allowed; shrink the image first")
+
+
+def _check_pixel_count(path: Path, size: tuple[int, int], limit: int | None = None) -> None:
+    """Refuse images above ``limit`` pixels (None: Pillow's ``MAX_IMAGE_PIXELS``), read from the
+    header, before decoding."""
+    where = "" if limit is not None else "PIL.Image.MAX_IMAGE_PIXELS; "
+    limit = limit if limit is not None else (Image.MAX_IMAGE_PIXELS or _DEFAULT_MAX_PIXELS)
     width, height = size
     if width * height > limit:
         raise InputError(
             f"{path} is {width}x{height} = {width * height} pixels, more than the {limit} allowed "
-            "(PIL.Image.MAX_IMAGE_PIXELS; a decompression bomb?); shrink the image first"
+            f"({where}a decompression bomb?); shrink the image first"
         )
 
 
