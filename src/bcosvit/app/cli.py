@@ -1,5 +1,5 @@
-"""The ``bcosvit`` command: ``models``, ``train``, ``align``, ``explain``, ``evaluate`` and ``convert``
-(``--help`` on each)."""
+"""The ``bcosvit`` command: ``models``, ``train``, ``align``, ``explain``, ``evaluate``, ``serve`` and
+``convert`` (``--help`` on each)."""
 
 from __future__ import annotations
 
@@ -244,6 +244,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0 if results and not failed else (1 if results else 2)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    names, pretrained, weights = pretrained_from_args(args)
+    models = load_cli_models(args.checkpoint or [], names, pretrained=pretrained, weights=weights)
+    for label, model in models.items():
+        family = "B-cos" if model.is_bcos else "standard"
+        size = f"{model.in_chans}x{model.image_size}x{model.image_size}"
+        print(f"model {label}: {family}, {size} inputs, {model.num_classes} classes")
+    print(f"serving on http://{args.host}:{args.port} (Ctrl+C ends it)")
+    serve(models, port=args.port, host=args.host)
+    return 0
+
+
 def _trained_with(source: str) -> str:
     """The ``--dataset``/``--data-dir`` options the model at ``source`` (checkpoint path or shipped
     name) was trained with, from its metadata; "" when the metadata does not say."""
@@ -485,7 +499,7 @@ def _add_training_options(group) -> None:
         action="append",
         metavar="[STAGE.]KEY=VALUE",
         help="any training option (keys below), for every stage or for STAGE only; VALUE is read as JSON where "
-        "it is JSON: --set warmup_steps=200 --set model_options='{\"pos_embed\": \"rope\"}' --set cycle1.epochs=3",
+        'it is JSON: --set warmup_steps=200 --set model_options=\'{"pos_embed": "rope"}\' --set cycle1.epochs=3',
     )
 
 
@@ -552,6 +566,21 @@ def _add_other_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="evaluation", help="output folder (default: evaluation/)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "serve",
+        help="a local web page to walk through exact explanations (needs bcosvit[serve])",
+        description="Starts a local web app (Gradio): upload, paste or pick an image; the top classes, the exact "
+        "explanation of any of them, any unit of any block explained by a click on its token, the evidence block "
+        "by block, post-hoc maps of a standard twin beside it, and export (PNG, .npz). Default models: the "
+        "shipped ones. Nothing is fetched from outside.",
+    )
+    p.add_argument("--checkpoint", nargs="+", help="run folders or .safetensors files (B-cos or standard)")
+    p.add_argument("--model", nargs="+", help="names of models with shipped (or, with --pretrained, published) weights")
+    _add_pretrained_options(p)
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "convert",

@@ -9,6 +9,7 @@ the system's.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -30,6 +31,7 @@ UNIT_LABELS = {"largest channel": "max", "token norm": "norm", "channel": "chann
 SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
 MONO_FONTS = ("ui-monospace", "Consolas", "monospace")
 MAX_FILE_SIZE = views.MAX_UPLOAD_BYTES
+SERIAL = {"concurrency_id": "bcosvit-serve", "concurrency_limit": 1}  # one queue for all events (build_app)
 CSS = """
 #input-picture img, .bcos-picture img { image-rendering: pixelated; }
 #status p { margin: 0; }
@@ -56,6 +58,7 @@ def guarded(count: int) -> Callable:
     as they are (``gr.skip()``) and puts its message in the status line (and a warning toast)."""
 
     def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)  # keeps the signature: Gradio passes gr.SelectData by its annotation
         def run(*args):
             try:
                 return fn(*args)
@@ -67,7 +70,6 @@ def guarded(count: int) -> Callable:
             gr.Warning(message)
             return (_status(message, ok=False), *[gr.skip()] * count)
 
-        run.__name__ = fn.__name__
         return run
 
     return wrap
@@ -211,7 +213,7 @@ def build_app(explorer: Explorer, export_dir: str | Path | None = None) -> gr.Bl
         with gr.Row():
             with gr.Column(scale=1):
                 model = gr.Dropdown(explorer.labels, value=explorer.default_label, label="Model", elem_id="model")
-                upload = gr.File(label="Upload an image", file_types=["image"], type="filepath", elem_id="upload")
+                upload = gr.UploadButton("Upload an image", file_types=["image"], type="filepath", elem_id="upload")
                 paste = gr.Image(
                     label="...or paste one", sources=["clipboard"], type="filepath", height=120, elem_id="paste"
                 )
@@ -270,28 +272,33 @@ def build_app(explorer: Explorer, export_dir: str | Path | None = None) -> gr.Bl
         unit_outputs = [picker, layer, unit_text, unit_colour, unit_contributions, unit_overlay]
         everything = [status, conversion, *class_outputs, *unit_outputs, session]
         unit_inputs = [layer, unit, channel, session]
-        compare_step = {"fn": guarded(3)(page.compare), "inputs": [compare_with, session]}
+        # One queue for every event of the page (SERIAL): each step reads the session as the step before it
+        # left it. Separate queues would let the side-by-side step, chained after a class switch, run beside
+        # a token click and write back the session it started from, undoing the click.
+        compare_step = {"fn": guarded(3)(page.compare), "inputs": [compare_with, session], **SERIAL}
         compare_outputs = [status, compared, compare_text, session]
 
         def chain(event):  # every new explanation of a class also updates the side-by-side maps
             event.then(outputs=compare_outputs, **compare_step)
 
-        chain(upload.upload(guarded(14)(page.open), [upload, model, *unit_inputs], everything))
-        chain(paste.change(guarded(14)(page.paste), [paste, model, *unit_inputs], everything))
-        chain(gallery.select(guarded(14)(page.pick_example), [model, *unit_inputs], everything))
-        chain(model.change(guarded(14)(page.switch_model), [model, *unit_inputs], everything))
-        chain(classes.select(guarded(7)(page.select_class), [classes, session], [status, *class_outputs, session]))
+        chain(upload.upload(guarded(14)(page.open), [upload, model, *unit_inputs], everything, **SERIAL))
+        chain(paste.change(guarded(14)(page.paste), [paste, model, *unit_inputs], everything, **SERIAL))
+        chain(gallery.select(guarded(14)(page.pick_example), [model, *unit_inputs], everything, **SERIAL))
+        chain(model.change(guarded(14)(page.switch_model), [model, *unit_inputs], everything, **SERIAL))
+        class_outputs_ = [status, *class_outputs, session]
+        chain(classes.select(guarded(7)(page.select_class), [classes, session], class_outputs_, **SERIAL))
         unit_step = {
             "fn": guarded(7)(page.select_unit),
             "inputs": unit_inputs,
             "outputs": [status, *unit_outputs, session],
+            **SERIAL,
         }
         layer.release(**unit_step)  # the slider's value is also set by a new image: its change is no user's choice
         unit.change(**unit_step)
         channel.submit(**unit_step)
-        picker.select(guarded(7)(page.click_token), unit_inputs, [status, *unit_outputs, session])
+        picker.select(guarded(7)(page.click_token), unit_inputs, [status, *unit_outputs, session], **SERIAL)
         compare_with.change(outputs=compare_outputs, **compare_step)
-        export.click(guarded(1)(page.export), [session], [status, exported])
+        export.click(guarded(1)(page.export), [session], [status, exported], **SERIAL)
     return app
 
 
@@ -304,7 +311,7 @@ def _picture(label: str, elem_id: str) -> gr.Image:
 def launch(app: gr.Blocks, port: int, host: str = "127.0.0.1", block: bool = True) -> None:
     """Serve ``app`` on ``host:port``: no share link, no analytics, no server-side rendering (it would
     need Node), uploads bounded by ``views.MAX_UPLOAD_BYTES``."""
-    app.queue(default_concurrency_limit=1)  # one explanation at a time: they share the CPU cores
+    app.queue()  # the events share one queue of their own (SERIAL): one step at a time, in order
     app.launch(
         server_name=host,
         server_port=port,
