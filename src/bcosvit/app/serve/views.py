@@ -36,7 +36,6 @@ from ..imageio import LoadedImage, load_image
 MAX_UPLOAD_BYTES = 20 * 2**20  # an uploaded file may have at most this many bytes ...
 MAX_UPLOAD_PIXELS = 40_000_000  # ... and this many pixels (read from its header before decoding)
 COMPARISON_METHODS = ("gradcam", "integrated_gradients", "rollout", "transformer_attribution")
-UNIT_KINDS = {"largest channel": "max", "token norm": "norm", "channel": "channel"}
 DISPLAY_SIZE = 224  # pictures are enlarged (nearest neighbour) to at least this side for the page
 
 
