@@ -262,7 +262,7 @@ def build_app(explorer: Explorer, export_dir: str | Path | None = None) -> gr.Bl
                 standard, value=standard[0] if standard else None, label="Standard model", elem_id="compare-with"
             )
             compare_text = gr.Markdown(elem_id="compare-text")
-        compared = gr.Gallery(columns=5, height=220, allow_preview=False, elem_id="compared", label="Maps")
+        compared = gr.Gallery(columns=5, height=270, allow_preview=False, elem_id="compared", label="Maps")
         gr.Markdown("### Export")
         with gr.Row():
             export = gr.Button("Export the figure (PNG) and the arrays (.npz)", elem_id="export")
