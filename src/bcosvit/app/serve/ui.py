@@ -9,6 +9,7 @@ the system's.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -99,7 +100,7 @@ class Page:
         return (
             gr.Radio(choices=choices, value=session.target),
             self._numbers_markdown(session),
-            for_page(views.overlay(np.zeros(view.colour.shape[:2]), view.colour, image_weight=0.0)),
+            for_page(view.colour_on_black),
             for_page(view.contributions),
             for_page(view.overlay),
             [(for_page(p), c) for p, c in pictures],
@@ -112,7 +113,7 @@ class Page:
             for_page(views.input_picture(model, session.image, session.token)),
             gr.Slider(maximum=model.config.depth, value=session.layer % (model.config.depth + 1)),
             self.explorer.unit_title(session),
-            for_page(views.overlay(np.zeros(view.colour.shape[:2]), view.colour, image_weight=0.0)),
+            for_page(view.colour_on_black),
             for_page(view.contributions),
             for_page(view.overlay),
         )
@@ -162,7 +163,7 @@ class Page:
     def click_token(self, layer: int, unit: str, channel: float, session: Session, evt: gr.SelectData) -> tuple:
         start = time.perf_counter()
         model = self.explorer.model(session.label)
-        size = views.enlarge(np.zeros((model.image_size, model.image_size, 1))).shape[0]
+        size = model.image_size * views.enlargement(model.image_size)  # the side of the picture clicked on
         x, y = evt.index
         session = self.explorer.click(session, x, y, size, size, int(layer), UNIT_LABELS[unit], int(channel or 0))
         return self._unit_update(session, time.perf_counter() - start)
@@ -192,8 +193,6 @@ class Page:
 
 
 def _with_unit(session: Session, layer: int, unit: str, channel: float) -> Session:
-    import dataclasses
-
     return dataclasses.replace(session, layer=int(layer), unit=UNIT_LABELS[unit], channel=int(channel or 0))
 
 
@@ -275,28 +274,35 @@ def build_app(explorer: Explorer, export_dir: str | Path | None = None) -> gr.Bl
         # One queue for every event of the page (SERIAL): each step reads the session as the step before it
         # left it. Separate queues would let the side-by-side step, chained after a class switch, run beside
         # a token click and write back the session it started from, undoing the click.
-        compare_step = {"fn": guarded(3)(page.compare), "inputs": [compare_with, session], **SERIAL}
         compare_outputs = [status, compared, compare_text, session]
+        compare_fn = guarded(len(compare_outputs) - 1)(page.compare)
+        compare_step = {"fn": compare_fn, "inputs": [compare_with, session], **SERIAL}
 
         def chain(event):  # every new explanation of a class also updates the side-by-side maps
             event.then(outputs=compare_outputs, **compare_step)
 
-        chain(upload.upload(guarded(14)(page.open), [upload, model, *unit_inputs], everything, **SERIAL))
-        chain(paste.change(guarded(14)(page.paste), [paste, model, *unit_inputs], everything, **SERIAL))
-        chain(gallery.select(guarded(14)(page.pick_example), [model, *unit_inputs], everything, **SERIAL))
-        chain(model.change(guarded(14)(page.switch_model), [model, *unit_inputs], everything, **SERIAL))
+        skipped = len(everything) - 1  # the outputs after the status line that an error leaves as they are
+        chain(upload.upload(guarded(skipped)(page.open), [upload, model, *unit_inputs], everything, **SERIAL))
+        chain(paste.change(guarded(skipped)(page.paste), [paste, model, *unit_inputs], everything, **SERIAL))
+        chain(gallery.select(guarded(skipped)(page.pick_example), [model, *unit_inputs], everything, **SERIAL))
+        chain(model.change(guarded(skipped)(page.switch_model), [model, *unit_inputs], everything, **SERIAL))
         class_outputs_ = [status, *class_outputs, session]
-        chain(classes.select(guarded(7)(page.select_class), [classes, session], class_outputs_, **SERIAL))
+        chain(
+            classes.select(
+                guarded(len(class_outputs_) - 1)(page.select_class), [classes, session], class_outputs_, **SERIAL
+            )
+        )
+        unit_outputs_ = [status, *unit_outputs, session]
         unit_step = {
-            "fn": guarded(7)(page.select_unit),
+            "fn": guarded(len(unit_outputs_) - 1)(page.select_unit),
             "inputs": unit_inputs,
-            "outputs": [status, *unit_outputs, session],
+            "outputs": unit_outputs_,
             **SERIAL,
         }
         layer.release(**unit_step)  # the slider's value is also set by a new image: its change is no user's choice
         unit.change(**unit_step)
         channel.submit(**unit_step)
-        picker.select(guarded(7)(page.click_token), unit_inputs, [status, *unit_outputs, session], **SERIAL)
+        picker.select(guarded(len(unit_outputs_) - 1)(page.click_token), unit_inputs, unit_outputs_, **SERIAL)
         compare_with.change(outputs=compare_outputs, **compare_step)
         export.click(guarded(1)(page.export), [session], [status, exported], **SERIAL)
     return app

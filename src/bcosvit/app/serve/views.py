@@ -120,6 +120,11 @@ class ExplanationView:
     overlay: np.ndarray
 
     @property
+    def colour_on_black(self) -> np.ndarray:
+        """``(S, S, 3)`` the colour explanation alone (over black), as the page and the figure show it."""
+        return overlay(np.zeros(self.colour.shape[:2]), self.colour, image_weight=0.0)
+
+    @property
     def output(self) -> float:
         return float(self.explanation.outputs[0])
 
@@ -266,10 +271,15 @@ def comparison(
 # --- Pictures for the page, figure and arrays for export ------------------------------------------
 
 
+def enlargement(side: int, size: int = DISPLAY_SIZE) -> int:
+    """The whole factor ``enlarge`` repeats a picture of ``side`` pixels by to reach ``size``."""
+    return max(1, -(-size // side))
+
+
 def enlarge(picture: np.ndarray, size: int = DISPLAY_SIZE) -> np.ndarray:
     """``picture`` ``(H, W, C)`` repeated (nearest neighbour) to at least ``size`` pixels a side, so that
     a 28x28 map shows sharp pixels instead of a browser's blur."""
-    factor = max(1, -(-size // max(picture.shape[:2])))
+    factor = enlargement(max(picture.shape[:2]), size)
     return np.repeat(np.repeat(picture, factor, axis=0), factor, axis=1)
 
 
@@ -318,7 +328,7 @@ def view_figure(
             class_title,
             [
                 (to_display_image(image[0]), "input"),
-                (overlay(np.zeros(image.shape[-2:]), view.colour, image_weight=0.0), "colour explanation"),
+                (view.colour_on_black, "colour explanation"),
                 (view.contributions, "contributions"),
                 (view.overlay, "overlay"),
             ],
@@ -329,7 +339,7 @@ def view_figure(
             (
                 unit_title or "unit",
                 [
-                    (overlay(np.zeros(image.shape[-2:]), unit.colour, image_weight=0.0), "colour explanation"),
+                    (unit.colour_on_black, "colour explanation"),
                     (unit.contributions, "contributions"),
                     (unit.overlay, "overlay"),
                 ],
