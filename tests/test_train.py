@@ -209,7 +209,9 @@ def torchrun_two(*args: str) -> subprocess.CompletedProcess:
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
     common = ["--model", "bcos_vit_nano_patch4_28", "--data-dir", SUBSET, "--epochs", "1", "--batch-size", "64"]
     common += ["--no-progress", *settings("train_subset=256", "test_subset=64", "warmup_steps=2", "flip=false")]
-    common += settings("crop_padding=0", "explain_examples=false")
+    # fp32 on every machine: "auto" picks bf16 where the CPU has it, and bf16 rounds a batch split
+    # over two processes differently from the whole batch, far beyond this comparison's tolerance
+    common += settings("crop_padding=0", "explain_examples=false", "precision=fp32")
     single = subprocess.run(
         [sys.executable, "-m", "bcosvit", "train", *common, "--out", str(tmp_path / "one")],
         env=SUBPROCESS_ENV,
