@@ -103,11 +103,11 @@ def recipe_file(row: Row, folder: Path, images: int) -> Path:
     """A one-stage recipe file: ``row``'s stage as its recipe sets it, one epoch on ``images`` images."""
     recipe = load_recipe(row.recipe)
     stage = next(s for s in recipe.stages if row.stage is None or s.name == row.stage)
-    config = {k: v for k, v in stage.config.to_dict().items() if v is not None}
+    config = stage.config.to_dict()
     config.update(epochs=1, train_subset=images, test_subset=256, compile=False, explain_examples=False)
     config.pop("init_from", None)  # the timing does not depend on the starting weights
     config.update(row.overrides)
-    config = {k: v for k, v in config.items() if v is not None}  # an override of None unsets the option
+    config = {k: v for k, v in config.items() if v is not None}  # TOML has no None: unset (overrides too)
     lines = [f'description = "{row.name}, timed"', "", "[train]"]
     lines += [f"{key} = {toml_value(value)}" for key, value in config.items()]
     path = folder / f"{row.name.replace(' ', '-')}.toml"
