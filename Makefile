@@ -56,4 +56,4 @@ demo: install data
 SHIPPED ?= bcos_vitc_micro_28 vitc_micro_28
 STAGE ?= cycle4
 ship: install
-	for name in $(SHIPPED); do $(PY) -c "from bcosvit.checkpoint import ship_weights; print(ship_weights('runs/fmnist-$$name/$(STAGE)'))"; done
+	for name in $(SHIPPED); do $(PY) -c "from bcosvit.weights import ship_weights; print(ship_weights('runs/fmnist-$$name/$(STAGE)'))"; done

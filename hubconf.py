@@ -23,7 +23,7 @@ except ImportError:  # a checkout, not installed: the package lives in src/
     _sys.path.insert(0, str(_Path(__file__).resolve().parent / "src"))
     import bcosvit as _bcosvit
 
-from bcosvit.hub import PUBLISHED as _PUBLISHED  # noqa: E402
+from bcosvit.weights.hub import PUBLISHED as _PUBLISHED  # noqa: E402
 
 
 def _entry_point(name: str):

@@ -39,8 +39,8 @@ from pathlib import Path
 from throughput import log, machine_info, machine_line, positive_int, run_record, write_results
 
 from bcosvit.app.training import load_recipe
-from bcosvit.checkpoint import save_weights
 from bcosvit.models import create_model
+from bcosvit.weights.checkpoint import save_weights
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "bcosify_compute.json"
 TRAIN_IMAGES = 60_000

@@ -42,12 +42,12 @@ from torch import Tensor
 import bcosvit
 from bcosvit import metrics
 from bcosvit.app.data import load_fashion_mnist
-from bcosvit.checkpoint import load_model
 from bcosvit.errors import InputError
 from bcosvit.fileio import write_json
 from bcosvit.layers import DistancePenalty
 from bcosvit.layers.attention import Attention
 from bcosvit.layers.norm import BcosLayerNorm2d
+from bcosvit.weights.checkpoint import load_model
 
 
 @contextlib.contextmanager

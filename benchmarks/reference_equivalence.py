@@ -6,7 +6,7 @@ Reproduce (from the repository root)::
 
 For each of the 16 published configurations (8 B-cos ViTs, 8 standard twins) of the reference
 package ``bcos`` 0.1.3: a randomly initialised reference model (norm scales and biases randomised
-too), converted with ``bcosvit.convert.convert_official``, both run in float64 on the same two
+too), converted with ``bcosvit.weights.convert.convert_official``, both run in float64 on the same two
 random images. Reports the largest logit difference relative to the largest logit and, for B-cos
 models, the largest difference between ``bcosvit.explain(...).weights`` and the reference's
 gradient with respect to its 6-channel input in its explanation mode, relative to the largest
@@ -24,7 +24,8 @@ from pathlib import Path
 from throughput import log, machine_info, machine_line, positive_int, run_record, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bcosvit.convert import OFFICIAL_NAMES, convert_official  # noqa: E402
+from bcosvit.weights.convert import convert_official  # noqa: E402
+from bcosvit.weights.published import OFFICIAL_NAMES  # noqa: E402
 from tests.test_convert import ENTRIES, compare, reference_model  # noqa: E402
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "reference_equivalence.json"

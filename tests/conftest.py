@@ -122,7 +122,7 @@ def reference(tmp_path_factory) -> Reference:
 @pytest.fixture
 def hub_dir(tmp_path, monkeypatch) -> Path:
     """torch.hub's folder in tmp_path (restored afterwards), and no BCOSVIT_WEIGHTS_DIR."""
-    from bcosvit import hub
+    from bcosvit.weights import hub
 
     previous = torch.hub.get_dir()
     folder = tmp_path / "torch-hub"
@@ -136,7 +136,7 @@ def hub_dir(tmp_path, monkeypatch) -> Path:
 def publish(monkeypatch) -> Callable:
     """``publish(path, name="bcos_vit_tiny_patch16_224")``: the registry entry of ``name`` points at
     ``path`` (a file:// URL; the hash in the file's name is the one checked)."""
-    from bcosvit import hub
+    from bcosvit.weights import hub
 
     def point(path: Path, name: str = "bcos_vit_tiny_patch16_224"):
         entry = dataclasses.replace(hub.PUBLISHED[name], url=path.as_uri())

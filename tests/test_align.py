@@ -15,7 +15,7 @@ from bcosvit.app.training import loop as training_loop
 from bcosvit.app.training import train
 from bcosvit.app.training.align import AlignmentNet, aligned_depths
 from bcosvit.app.training.teacher import bcos_student, load_teacher
-from bcosvit.checkpoint import save_weights
+from bcosvit.weights.checkpoint import save_weights
 from tests.test_train import SUBSET, needs_torchrun, straight_and_resumed, tiny_config, torchrun_two
 
 FASHION = dict(in_chans=1, image_size=28, num_classes=10, input_mean=[0.286], input_std=[0.353])

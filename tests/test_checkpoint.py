@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import bcosvit
-from bcosvit import CheckpointError, ConfigError, checkpoint
-from bcosvit.checkpoint import load_model, load_state_dict, save_weights
+from bcosvit import CheckpointError, ConfigError
+from bcosvit.weights import checkpoint
+from bcosvit.weights.checkpoint import load_model, load_state_dict, save_weights
 
 
 def saved_model(tmp_path, name="bcos_vit_nano_patch4_28", **overrides):

@@ -165,7 +165,7 @@ def test_convert_writes_a_model_folder_that_explain_accepts(reference, tmp_path,
     printed = capsys.readouterr().out
     assert "bcos_vit_tiny_patch16_224 weights" in printed and f"--checkpoint {out}" in printed
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
-    meta = bcosvit.checkpoint.read_metadata(out)
+    meta = bcosvit.weights.read_metadata(out)
     assert meta["model_name"] == "bcos_vit_tiny_patch16_224" and meta["source_sha256"] == reference.sha256
     model = bcosvit.load_model(out)
     with torch.no_grad():
@@ -207,7 +207,7 @@ def test_explain_with_published_imagenet_weights(reference, hub_dir, publish, tm
     assert "--pretrained imagenet" in capsys.readouterr().err
     assert main([*args, "--pretrained", "imagenet", "--topk", "3"]) == 0
     out = capsys.readouterr().out
-    names = bcosvit.load_model(bcosvit.hub.converted_path("bcos_vit_tiny_patch16_224")).config.class_names
+    names = bcosvit.load_model(bcosvit.weights.hub.converted_path("bcos_vit_tiny_patch16_224")).config.class_names
     assert "explaining 1 file(s) with bcos_vit_tiny_patch16_224" in out and "1000 classes" in out
     assert len(_ranked_classes(out)) == 3 and set(_ranked_classes(out)) <= set(names)
     assert (tmp_path / "figures" / "photo.explained.png").is_file()

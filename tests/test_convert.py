@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import bcosvit
-from bcosvit import convert
 from bcosvit.errors import CheckpointError, ConfigError
 from bcosvit.models.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer
+from bcosvit.weights import convert, published
 
 pretrained = pytest.importorskip("bcos.models.pretrained")
 
@@ -104,7 +104,7 @@ def compare(
 def test_converted_model_computes_the_reference_function(entry, standard):
     reference = reference_model(entry, standard)
     model = convert.convert_official(reference.state_dict())
-    name = convert.OFFICIAL_NAMES[entry]
+    name = published.OFFICIAL_NAMES[entry]
     assert model.config == bcosvit.models.registry.model_config(name if not standard else name[len("bcos_") :])
     logit_diff, explanation_diff = compare(reference, model, standard)
     assert logit_diff < RTOL
@@ -129,7 +129,7 @@ def _shapes_only(name: str) -> dict[str, torch.Tensor]:
     return {k: torch.empty(shape, device="meta") for k, shape in convert.official_shapes(model).items()}
 
 
-@pytest.mark.parametrize("name", convert.CONVERTIBLE)
+@pytest.mark.parametrize("name", published.CONVERTIBLE)
 def test_the_configuration_is_inferred_from_the_tensor_shapes(name):
     assert convert.match_official(_shapes_only(name)) == name
 

@@ -10,9 +10,9 @@ from bcosvit import create_model
 from bcosvit.app.cli import main
 from bcosvit.app.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from bcosvit.app.evaluation import EvalConfig, baseline_value, evaluate_model, evaluate_models
-from bcosvit.checkpoint import save_weights
 from bcosvit.errors import ConfigError
 from bcosvit.metrics import CompletenessStats, CurveResult, GridResult, TopkAccuracy
+from bcosvit.weights.checkpoint import save_weights
 
 from .browser import check_page
 

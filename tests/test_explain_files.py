@@ -18,7 +18,7 @@ from bcosvit import InputError
 from bcosvit.app.cli import main
 from bcosvit.app.data import load_fashion_mnist
 from bcosvit.app.imageio import load_image
-from bcosvit.checkpoint import save_weights
+from bcosvit.weights.checkpoint import save_weights
 
 SUBSET = str(Path(__file__).parent / "data" / "fashion-mnist")
 
@@ -155,7 +155,7 @@ def test_explain_command_rejects_unknown_class_and_standard_models(run, files, t
 
 
 def test_explanation_of_a_file_is_complete(run, files):
-    model = bcosvit.checkpoint.load_model(run)
+    model = bcosvit.load_model(run)
     image = load_image(files / "boot.png", 1, 28).tensor[None]
     e = bcosvit.explain(model, image, target=torch.tensor([[9, 7]]))
     assert float(e.completeness_error.max()) < 1e-5

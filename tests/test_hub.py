@@ -1,4 +1,4 @@
-"""The published ImageNet weights (bcosvit.hub): fetched, verified, converted once and cached.
+"""The published ImageNet weights (bcosvit.weights.hub): fetched, verified, converted once and cached.
 
 No network: the registry entry points at a ``file://`` URL of a checkpoint the test writes itself
 (the reference's full-size ViT-Ti with random weights, named like a published file), and torch.hub's
@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import bcosvit
-from bcosvit import hub
-from bcosvit.convert import CONVERSION_VERSION
 from bcosvit.errors import CheckpointError, ConfigError
+from bcosvit.weights import hub
+from bcosvit.weights.convert import CONVERSION_VERSION
 
 NAME = "bcos_vit_tiny_patch16_224"
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def cache_files(folder: Path) -> list[str]:
 def test_registry_holds_the_sixteen_published_files():
     from bcos.models.pretrained import URLS
 
-    from bcosvit.convert import CONVERTIBLE
+    from bcosvit.weights.published import CONVERTIBLE
 
     assert sorted(hub.PUBLISHED) == sorted(CONVERTIBLE)
     assert sorted(entry.url for entry in hub.PUBLISHED.values()) == sorted(URLS["vit_final"].values())
@@ -58,7 +58,7 @@ def test_download_verifies_converts_and_matches_the_reference_logits(reference, 
         f"bcosvit/{NAME}-imagenet.safetensors",
         f"checkpoints/{reference.path.name}",
     ]
-    meta = bcosvit.checkpoint.read_metadata(hub.converted_path(NAME))
+    meta = bcosvit.weights.read_metadata(hub.converted_path(NAME))
     assert meta["source_sha256"] == reference.sha256 and meta["model_name"] == NAME
 
 
@@ -70,7 +70,7 @@ def test_second_call_reads_the_cache_without_download_or_conversion(reference, h
         raise AssertionError("the second call must not download or convert")
 
     monkeypatch.setattr(hub, "download_url_to_file", fail)
-    monkeypatch.setattr("bcosvit.convert.convert_official", fail)
+    monkeypatch.setattr("bcosvit.weights.convert.convert_official", fail)
     second = bcosvit.create_model(NAME, pretrained="imagenet")
     with torch.no_grad():
         assert torch.equal(first(reference.image), second(reference.image))
@@ -193,14 +193,14 @@ def test_a_conversion_cached_by_another_conversion_version_is_converted_again(
 ):
     publish(reference.path)
     bcosvit.create_model(NAME, pretrained="imagenet", progress=False)
-    assert bcosvit.checkpoint.read_metadata(hub.converted_path(NAME))["conversion_version"] == CONVERSION_VERSION
-    monkeypatch.setattr("bcosvit.convert.CONVERSION_VERSION", CONVERSION_VERSION + 1)
+    assert bcosvit.weights.read_metadata(hub.converted_path(NAME))["conversion_version"] == CONVERSION_VERSION
+    monkeypatch.setattr("bcosvit.weights.convert.CONVERSION_VERSION", CONVERSION_VERSION + 1)
     calls = []
-    real = bcosvit.convert.convert_official
-    monkeypatch.setattr("bcosvit.convert.convert_official", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = bcosvit.weights.convert.convert_official
+    monkeypatch.setattr("bcosvit.weights.convert.convert_official", lambda *a, **k: calls.append(a) or real(*a, **k))
     bcosvit.create_model(NAME, pretrained="imagenet", progress=False)
     assert len(calls) == 1
-    assert bcosvit.checkpoint.read_metadata(hub.converted_path(NAME))["conversion_version"] == CONVERSION_VERSION + 1
+    assert bcosvit.weights.read_metadata(hub.converted_path(NAME))["conversion_version"] == CONVERSION_VERSION + 1
 
 
 def test_overrides_and_bad_pretrained_values(reference, hub_dir, publish):

@@ -15,10 +15,10 @@ from torchvision.transforms import v2
 from bcosvit.app.cli import main
 from bcosvit.app.data import build_transforms, load_dataset
 from bcosvit.app.imageio import load_image
-from bcosvit.checkpoint import save_weights
 from bcosvit.errors import ConfigError, DataError
-from bcosvit.imagenet import imagenet_class_names, imagenet_wnids, is_wnid, parse_classes
 from bcosvit.models.vit import VisionTransformer, ViTConfig
+from bcosvit.weights.checkpoint import save_weights
+from bcosvit.weights.imagenet import imagenet_class_names, imagenet_wnids, is_wnid, parse_classes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_callers_get_their_own_lists():
 
 def test_the_class_list_ships_as_package_data():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "imagenet_classes.json" in config["tool"]["setuptools"]["package-data"]["bcosvit"]
+    assert "weights/imagenet_classes.json" in config["tool"]["setuptools"]["package-data"]["bcosvit"]
 
 
 def _class_list(entries) -> str:

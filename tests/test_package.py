@@ -61,6 +61,6 @@ def test_importing_the_library_loads_no_application_module():
 
 
 def test_load_model_is_exported():
-    from bcosvit.checkpoint import load_model
+    from bcosvit.weights.checkpoint import load_model
 
     assert bcosvit.load_model is load_model and "load_model" in bcosvit.__all__

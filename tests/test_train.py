@@ -27,8 +27,8 @@ from bcosvit.app.training.recipe import (
     mosaic_targets,
     warmup_cosine,
 )
-from bcosvit.checkpoint import load_model
 from bcosvit.errors import CheckpointError
+from bcosvit.weights.checkpoint import load_model
 
 SUBSET = str(Path(__file__).parent / "data" / "fashion-mnist")
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_explanation_figure_of_a_run_shows_class_names_with_dollar_signs_literal
     from PIL import Image
 
     from bcosvit.app.training.main_job import write_explanation_figure
-    from bcosvit.checkpoint import save_weights
+    from bcosvit.weights.checkpoint import save_weights
 
     classes = ["a$x^2$", r"b$\foo$"]  # folder names that matplotlib would read as (broken) mathtext
     for k, name in enumerate(classes):

@@ -19,23 +19,25 @@ if TYPE_CHECKING:
 
 
 def _count(name: str) -> tuple[int, object]:
-    from ..models import create_model
+    from ..models import build_model
 
     with torch.device("meta"):
-        model = create_model(name)
+        model = build_model(name)
     return sum(p.numel() for p in model.parameters()), model.config
 
 
 def weights_label(record) -> str:
-    """The ``weights`` column of ``bcosvit models`` for a ``bcosvit.hub.PretrainedWeights`` record."""
-    if record.weights == "shipped":
-        return "shipped"
+    """The ``weights`` column of ``bcosvit models`` for a ``bcosvit.weights.PretrainedWeights`` record."""
+    from ..weights import SHIPPED
+
+    if record.weights == SHIPPED:
+        return SHIPPED
     return f"imagenet {record.top1:.1f}% ({record.status})"
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from ..hub import list_pretrained_weights
     from ..models import list_models
+    from ..weights import list_pretrained_weights
 
     weights = {record.name: weights_label(record) for record in list_pretrained_weights()}
     names = list_models(args.pattern)
@@ -179,16 +181,15 @@ def load_cli_models(
     checkpoints: list[str],
     names: list[str],
     shipped_prefix: str = "",
-    pretrained: str = "shipped",
+    pretrained: bool | str = True,
     weights: str | None = None,
 ) -> dict:
     """Models from ``--checkpoint`` paths (run folders or weights files) and ``--model`` names
     (``pretrained``: the shipped weights, or the published ImageNet ones, from ``weights`` when
     given), keyed by a distinct label (``cli_model_sources``); with neither, every shipped model
     whose name starts with ``shipped_prefix``."""
-    from ..checkpoint import load_model
     from ..errors import ConfigError
-    from ..models import create_model, list_pretrained
+    from ..weights import create_model, list_pretrained, load_model
 
     sources = cli_model_sources(checkpoints, names)
     by_name = partial(create_model, pretrained=pretrained, weights=weights)
@@ -207,13 +208,13 @@ def pretrained_from_args(args: argparse.Namespace) -> tuple[list[str], str, str 
     and ``evaluate``: ``--weights`` implies ``--pretrained imagenet``, and without ``--model`` it
     names the model by the published file's name."""
     from ..errors import ConfigError
-    from ..hub import IMAGENET, PUBLISHED
+    from ..weights import IMAGENET, PUBLISHED, SHIPPED
 
     names = [args.model] if isinstance(args.model, str) else list(args.model or [])
     if args.weights is None:
         if args.pretrained and not names:
             raise ConfigError("--pretrained chooses the weights of --model NAME; add --model")
-        return names, args.pretrained or "shipped", None
+        return names, args.pretrained or SHIPPED, None
     if (args.pretrained or IMAGENET) != IMAGENET:
         raise ConfigError("--weights is a published ImageNet .pth file: use it with --pretrained imagenet")
     if not names:
@@ -261,14 +262,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _trained_with(source: str) -> str:
     """The ``--dataset``/``--data-dir`` options the model at ``source`` (checkpoint path or shipped
     name) was trained with, from its metadata; "" when the metadata does not say."""
-    from ..checkpoint import read_metadata
-    from ..models import list_pretrained
-    from ..models.registry import weights_dir
+    from ..weights import weights_metadata
     from .training.config import TrainConfig
 
-    path = weights_dir() / f"{source}.safetensors" if source in list_pretrained() else source
     try:
-        stored = read_metadata(path).get("train_config")
+        stored = weights_metadata(source).get("train_config")
         train_config = TrainConfig.from_dict(stored) if stored else None
     except BcosVitError:
         return ""
@@ -286,7 +284,7 @@ def check_models_fit_dataset(models: dict, sources: dict[str, str], spec, args: 
     """Raise ``ConfigError`` for the first model that does not fit the dataset (classes, channels, size),
     saying which ``--dataset``/``--data-dir`` it was trained with."""
     from ..errors import ConfigError
-    from ..imagenet import IMAGENET_NUM_CLASSES
+    from ..weights.imagenet import IMAGENET_NUM_CLASSES
     from .evaluation import dataset_mismatch
 
     for label, model in models.items():
@@ -378,10 +376,10 @@ def check_out_folder(out: Path, force: bool) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ..checkpoint import save_weights
-    from ..convert import convert_official, match_official, read_official_checkpoint
     from ..fileio import ensure_writable_dir
-    from ..hub import PUBLISHED, sha256_of
+    from ..weights import PUBLISHED, save_weights
+    from ..weights.convert import convert_official, match_official, read_official_checkpoint
+    from ..weights.hub import conversion_metadata, sha256_of
 
     out = Path(args.out)
     check_out_folder(out, args.force)
@@ -392,8 +390,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     entry = PUBLISHED.get(name)
     ensure_writable_dir(out, "output folder (--out)")
     model = convert_official(state, name)
-    meta = {"model_name": name, "converted_from": str(source), "source_sha256": digest}
-    path = save_weights(model, out / "model.safetensors", meta)
+    path = save_weights(model, out / "model.safetensors", conversion_metadata(name, str(source), digest))
     same = entry is not None and digest.startswith(entry.sha256_prefix)
     origin = f"the published {entry.file_name}" if same else f"{name} weights (SHA-256 {digest[:12]}...)"
     print(f"converted {source}: {origin}, {model.num_classes} classes")
@@ -402,9 +399,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _add_pretrained_options(p: argparse.ArgumentParser) -> None:
+    from ..weights import PRETRAINED_CHOICES
+
     p.add_argument(
         "--pretrained",
-        choices=("shipped", "imagenet"),
+        choices=PRETRAINED_CHOICES,
         help="weights of --model: 'shipped' inside the package (default), or the published 'imagenet' ones "
         "(downloaded once into torch.hub's cache, then loaded from there)",
     )

@@ -25,7 +25,7 @@ from torchvision import datasets as tv_datasets
 from torchvision.transforms import v2
 
 from ..errors import DataError
-from ..imagenet import IMAGENET_NUM_CLASSES, imagenet_class_names, imagenet_wnids, is_wnid
+from ..weights.imagenet import IMAGENET_NUM_CLASSES, imagenet_class_names, imagenet_wnids, is_wnid
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -188,7 +188,7 @@ def load_image_folder(
 
     With ``num_classes`` 1000 (an ImageNet model's) and class folders named by WordNet id (ImageNet's
     layout, e.g. ``val/n01440764/*.JPEG``, all 1000 classes or only some), each folder's images get
-    the ImageNet index of its id (``bcosvit.imagenet.imagenet_wnids``) and the dataset's ``classes``
+    the ImageNet index of its id (``bcosvit.weights.imagenet.imagenet_wnids``) and the dataset's ``classes``
     are ImageNet's 1000 names; otherwise the sorted folder names are the classes.
 
     Raises:

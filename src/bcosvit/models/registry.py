@@ -1,15 +1,15 @@
 """Registry of named configurations and ``create_model``.
 
 Every configuration is registered twice: the B-cos model (``bcos_...``) and its standard twin
-(the same name without the ``bcos_`` prefix), so the two always share their shapes.
+(the same name without the ``bcos_`` prefix), so the two always share their shapes. The registry
+builds models from configurations (``build_model``); loading weights into them is the weights
+wing's job (``bcosvit.weights.create_model``), which sits above it.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
-from importlib import resources
-from pathlib import Path
 
 from ..errors import ConfigError
 from .vit import VisionTransformer, ViTConfig
@@ -53,91 +53,13 @@ def model_config(name: str, **overrides) -> ViTConfig:
     return config
 
 
-def weights_dir() -> Path:
-    """The folder of weights shipped inside the package."""
-    return Path(str(resources.files("bcosvit") / "weights"))
+def build_model(name: str, num_classes: int | None = None, **overrides) -> VisionTransformer:
+    """The registered model ``name`` with fresh weights (``model_config(name, ...)``).
 
-
-def list_pretrained() -> list[str]:
-    """Names of models whose trained weights ship inside the package (``create_model(name, pretrained=True)``).
-
-    ``bcosvit.list_pretrained_weights()`` lists these and the published ImageNet weights
-    (``pretrained="imagenet"``), each with whether it is on this machine or would be downloaded.
+    Weights are the weights wing's business: ``bcosvit.create_model(name, pretrained=...)`` builds
+    through this function and loads them; the registry never reads a file.
     """
-    folder = weights_dir()
-    if not folder.is_dir():
-        return []
-    return sorted(
-        p.name[: -len(".safetensors")] for p in folder.glob("*.safetensors") if (p.with_suffix(".json")).exists()
-    )
-
-
-PRETRAINED_CHOICES = ("shipped", "imagenet")
-
-
-def create_model(
-    name: str,
-    pretrained: bool | str = False,
-    num_classes: int | None = None,
-    *,
-    weights: str | Path | None = None,
-    progress: bool = True,
-    **overrides,
-) -> VisionTransformer:
-    """Build the registered model ``name``.
-
-    Args:
-        name: a registered name (``bcosvit.list_models()``).
-        pretrained: False for random weights; True or ``"shipped"`` for the weights shipped inside
-            the package (offline, ``list_pretrained()``); ``"imagenet"`` for the published B-cos-v2
-            ImageNet weights (downloaded, verified and converted once, then loaded from torch.hub's
-            cache; ``bcosvit.hub``). The architecture and classes come from the weights, and only the
-            input size may be overridden.
-        num_classes: number of classes (default: the configuration's, or the weights'; with
-            pretrained weights, a different number replaces the head with a new one).
-        weights: with ``pretrained="imagenet"``, a published ``.pth`` file you already have.
-        progress: with ``pretrained="imagenet"``, show a progress bar while downloading.
-        **overrides: any ``ViTConfig`` field, e.g. ``image_size=32, in_chans=1, pos_embed="rope"``.
-    """
-    kind = _pretrained_kind(pretrained)
-    if weights is not None and kind != "imagenet":
-        raise ConfigError(f"weights= is the published file of pretrained='imagenet'; got pretrained={pretrained!r}")
-    if kind is None:
-        return VisionTransformer(model_config(name, num_classes=num_classes, **overrides))
-    if kind == "imagenet":
-        from ..hub import load_published
-
-        model_config(name)  # unknown names fail with a suggestion
-        return load_published(name, weights, progress, num_classes=num_classes, **overrides)
-    from ..checkpoint import load_pretrained
-
-    _suggest_imagenet(name)
-    return load_pretrained(name, num_classes=num_classes, **overrides)
-
-
-def _pretrained_kind(pretrained: bool | str | None) -> str | None:
-    """``None`` (random weights), ``"shipped"`` or ``"imagenet"``; ``ConfigError`` for anything else."""
-    if pretrained is None or pretrained is False:
-        return None
-    if pretrained is True:
-        return "shipped"
-    if isinstance(pretrained, str) and pretrained.lower() in PRETRAINED_CHOICES:
-        return pretrained.lower()
-    raise ConfigError(
-        f"pretrained must be False, True or 'shipped' (the weights inside the package) or 'imagenet' (the "
-        f"published B-cos-v2 weights, downloaded once); got {pretrained!r}"
-    )
-
-
-def _suggest_imagenet(name: str) -> None:
-    """``ConfigError`` pointing to ``pretrained="imagenet"`` when ``name`` ships no weights but has published ones."""
-    from ..hub import PUBLISHED
-
-    if name in PUBLISHED and name not in list_pretrained():
-        raise ConfigError(
-            f"no weights for {name!r} ship inside the package; its published ImageNet weights load with "
-            f"pretrained='imagenet' (command line: --pretrained imagenet), downloaded once from {PUBLISHED[name].url}"
-        )
+    return VisionTransformer(model_config(name, num_classes=num_classes, **overrides))
 
 
 # --- Published ImageNet architectures (docs/design.md#published-architectures) --------------------

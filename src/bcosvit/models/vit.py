@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, InputError
+from ..inputs import check_images
 from ..layers import (
     AddInverse,
     AdditivePositionalEmbedding,
@@ -459,26 +460,16 @@ class VisionTransformer(nn.Module):
 
     # --- timm-like contract -------------------------------------------------------------
     def check_input(self, x: Tensor) -> None:
-        """Raise ``InputError`` when ``x`` cannot be fed to this model."""
-        if not isinstance(x, Tensor):
-            raise InputError(f"expected a torch.Tensor of images, got {type(x).__name__}")
-        if x.ndim != 4:
-            raise InputError(f"expected images of shape (N, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise InputError(
-                f"expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
-                f"convert the images or create the model with in_chans={x.shape[1]}"
-            )
+        """Raise ``InputError`` when ``x`` cannot be fed to this model: not a floating-point
+        ``(N, in_chans, H, W)`` tensor (``bcosvit.inputs.check_images``), a size not divisible by the
+        patch size, another device or dtype than the model's, NaN/Inf or values far outside [0, 1]."""
+        check_images(x, self.in_chans)
         h, w = x.shape[-2:]
         if h % self.patch_size or w % self.patch_size or h == 0 or w == 0:
             raise InputError(
                 f"image size {h}×{w} is not divisible by the patch size {self.patch_size}; "
                 f"resize or crop to a multiple of {self.patch_size} "
                 f"(the model was built for {self.image_size}×{self.image_size})"
-            )
-        if not x.is_floating_point():
-            raise InputError(
-                f"expected floating-point images in [0, 1], got dtype {x.dtype}; divide uint8 images by 255"
             )
         param = self.norm.weight
         if x.device != param.device:
@@ -508,21 +499,26 @@ class VisionTransformer(nn.Module):
             return pooled
         return self.logit_bias(self.head(pooled))
 
-    def forward(self, x: Tensor, capture: Capture | None = None) -> Tensor | tuple[Tensor, CaptureRecord]:
+    def forward(
+        self, x: Tensor, capture: Capture | None = None, *, check: bool = True
+    ) -> Tensor | tuple[Tensor, CaptureRecord]:
         """Images ``(N, C, H, W)`` in [0, 1] -> logits ``(N, num_classes)``.
 
         With ``capture``, returns ``(logits, record)``: the ``CaptureRecord`` of the tensors it asks
         for, from this same pass (a DistributedDataParallel wrapper sees it like any forward).
-        ``ConfigError`` names a captured layer outside ``[-depth - 1, depth]``.
+        ``ConfigError`` names a captured layer outside ``[-depth - 1, depth]``. ``check=False`` skips
+        ``check_input``, for a caller that has just checked ``x`` (``bcosvit.inputs.as_model_input``).
         """
-        tokens, record = self._forward_features(x, capture)
+        tokens, record = self._forward_features(x, capture, check)
         logits = self.forward_head(tokens)
         return logits if record is None else (logits, record)
 
-    def _embed(self, x: Tensor, capture: Capture | None) -> tuple[Tensor, Grid, CaptureRecord | None]:
+    def _embed(
+        self, x: Tensor, capture: Capture | None, check: bool = True
+    ) -> tuple[Tensor, Grid, CaptureRecord | None]:
         """``forward_tokens``, and with ``capture`` the record begun at the encoded input, made a leaf
-        so that gradients of an explanation stop where ``w(x)`` is read off."""
-        if not torch.compiler.is_compiling():
+        so that gradients of an explanation stop where ``w(x)`` is read off. ``check``: run ``check_input``."""
+        if check and not torch.compiler.is_compiling():
             self.check_input(x)
         encoded = self.encode(x)
         if capture is not None:
@@ -540,11 +536,13 @@ class VisionTransformer(nn.Module):
             return tokens, grid, None
         return tokens, grid, CaptureRecord(encoded, tokens, positional, grid, num_prefix_tokens=self.num_prefix_tokens)
 
-    def _forward_features(self, x: Tensor, capture: Capture | None) -> tuple[Tensor, CaptureRecord | None]:
+    def _forward_features(
+        self, x: Tensor, capture: Capture | None, check: bool = True
+    ) -> tuple[Tensor, CaptureRecord | None]:
         """Tokens after the last block ``(N, L, D)`` and, with ``capture``, the filled record."""
         wanted = {} if capture is None else {layer: self._check_layer(layer) for layer in capture.layers}
         keep = set(wanted.values())
-        tokens, grid, record = self._embed(x, capture)
+        tokens, grid, record = self._embed(x, capture, check)
         kept = {0: tokens} if 0 in keep else {}
         for k, block in enumerate(self.blocks, start=1):
             if record is not None and capture.attention:

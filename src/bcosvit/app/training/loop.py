@@ -30,14 +30,14 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from ...bcosification import remove_biases, scale_biases, set_b
-from ...checkpoint import load_state_dict, save_weights
 from ...errors import CheckpointError, ConfigError
 from ...explanation import dynamic_linear_weights
 from ...fileio import atomic_write, ensure_writable_dir, remove_stale_temporaries, write_json
 from ...layers import explanation_mode
 from ...metrics import TopkAccuracy, topk_accuracy
-from ...models.registry import create_model
+from ...models import registry
 from ...models.vit import Capture, VisionTransformer
+from ...weights.checkpoint import load_state_dict, save_weights
 from ..data import evaluation_split, load_dataset
 from ..precision import PrecisionChoice, autocast, compile_available, resolve_precision
 from .align import AlignmentNet
@@ -117,7 +117,7 @@ def build_model(config: TrainConfig, spec) -> VisionTransformer:
     if not config.is_bcos:
         options.setdefault("input_mean", list(spec.mean))
         options.setdefault("input_std", list(spec.std))
-    return create_model(config.model, num_classes=spec.num_classes, class_names=list(spec.classes), **options)
+    return registry.build_model(config.model, num_classes=spec.num_classes, class_names=list(spec.classes), **options)
 
 
 def loss_function(config: TrainConfig):

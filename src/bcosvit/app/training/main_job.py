@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ...checkpoint import load_model
+from ...weights.checkpoint import load_model
 from ..data import evaluation_split, load_dataset
 from .config import Recipe, TrainConfig
 from .loop import finished_epochs, is_main_process, train

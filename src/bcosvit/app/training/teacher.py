@@ -8,23 +8,19 @@ from pathlib import Path
 from torch import nn
 
 from ...bcosification import bcosify, remove_biases, set_b
-from ...checkpoint import load_model, read_metadata
 from ...errors import ConfigError
-from ...models.registry import BCOS_PREFIX, create_model, list_models, list_pretrained, twin_name
+from ...models.registry import BCOS_PREFIX, list_models, twin_name
 from ...models.vit import VisionTransformer
+from ...weights import load_weights, weights_metadata
 
 
 def load_teacher(source: str) -> VisionTransformer:
-    """The model ``source`` names: a run folder or ``.safetensors`` file (``bcosvit.load_model``), or
-    a registered name with shipped weights (``create_model(name, pretrained=True)``); in eval mode."""
-    if Path(source).exists():
-        return load_model(source).eval()
-    if source in list_pretrained():
-        return create_model(source, pretrained=True).eval()
-    raise ConfigError(
-        f"teacher {source!r} is neither a run folder nor a model with shipped weights "
-        f"({', '.join(list_pretrained())}); pass the folder of a `bcosvit train` run or one of those names"
-    )
+    """The model ``source`` names: a run folder or ``.safetensors`` file, or a registered name with
+    shipped weights (``bcosvit.weights.load_weights``); in eval mode."""
+    try:
+        return load_weights(source)
+    except ConfigError as exc:
+        raise ConfigError(f"teacher: {exc}") from None
 
 
 def bcos_twin_name(source: str) -> str:
@@ -32,7 +28,7 @@ def bcos_twin_name(source: str) -> str:
     ``bcos_vitc_micro_28``): the ``model`` a run B-cosifying or aligning to it records."""
     name = source
     if Path(source).exists():
-        name = str(read_metadata(source).get("model_name", ""))
+        name = str(weights_metadata(source).get("model_name", ""))
     twin = name if name.startswith(BCOS_PREFIX) else twin_name(name)
     if twin not in list_models():
         raise ConfigError(

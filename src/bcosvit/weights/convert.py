@@ -31,28 +31,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import CheckpointError, ConfigError
+from ..layers import BcosConv2d, BcosLinear
+from ..models.registry import model_config
+from ..models.vit import VisionTransformer
 from .checkpoint import check_shapes
-from .errors import CheckpointError, ConfigError
-from .layers import BcosConv2d, BcosLinear
-from .models.registry import model_config
-from .models.vit import VisionTransformer
-
-# The published configurations: reference entry point -> bcosvit name (B-cos; the standard twins
-# drop the "bcos_" prefix on both sides' file names: ``standard_<entry>`` -> ``<name minus bcos_>``).
-OFFICIAL_NAMES: dict[str, str] = {
-    "simple_vit_ti_patch16_224": "bcos_vit_tiny_patch16_224",
-    "simple_vit_s_patch16_224": "bcos_vit_small_patch16_224",
-    "simple_vit_b_patch16_224": "bcos_vit_base_patch16_224",
-    "simple_vit_l_patch16_224": "bcos_vit_large_patch16_224",
-    "vitc_ti_patch1_14": "bcos_vitc_tiny_224",
-    "vitc_s_patch1_14": "bcos_vitc_small_224",
-    "vitc_b_patch1_14": "bcos_vitc_base_224",
-    "vitc_l_patch1_14": "bcos_vitc_large_224",
-}
-CONVERTIBLE = tuple(name for bcos in OFFICIAL_NAMES.values() for name in (bcos, bcos[len("bcos_") :]))
+from .imagenet import imagenet_class_names
+from .published import CONVERTIBLE, OFFICIAL_NAMES
 
 # Bumped whenever the mapping or the numerics of a converted model change: cached conversions
-# written by another version are converted again (bcosvit.hub).
+# written by another version are converted again (bcosvit.weights.hub).
 CONVERSION_VERSION = 1
 
 # A published file holds at most ViT-L (0.3 G values, 1.2 GB); refuse anything far larger before reading it.
@@ -200,8 +188,6 @@ def convert_official(checkpoint: str | Path | Mapping[str, Tensor], name: str | 
     name = match_official(state, name, source)
     config = model_config(name, num_classes=_num_classes(state))
     if config.num_classes == 1000:
-        from .imagenet import imagenet_class_names
-
         config.class_names = imagenet_class_names()
     model = VisionTransformer(config)
     converted = {}

@@ -12,7 +12,7 @@ import re
 from functools import cache
 from importlib import resources
 
-from .errors import DataError
+from ..errors import DataError
 
 IMAGENET_NUM_CLASSES = 1000
 _FILE = "imagenet_classes.json"

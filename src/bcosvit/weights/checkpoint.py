@@ -1,6 +1,6 @@
 """Weights on disk: safetensors for tensors, a JSON file for everything else.
 
-A run folder (or the package's ``weights/`` folder) holds ``<stem>.safetensors`` and
+A run folder (or the package's ``weights/shipped/`` folder) holds ``<stem>.safetensors`` and
 ``<stem>.json`` (model name, architecture, class names, epoch, metrics). Every file is written to
 a temporary name and renamed, so an interrupted write never leaves a half-written file; both files
 carry the id of the save that wrote them, so a pair mixed by an interrupted save is detected.
@@ -19,10 +19,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError, ConfigError
-from .fileio import atomic_write, write_json
-from .models.registry import list_pretrained, model_config, weights_dir
-from .models.vit import VisionTransformer, ViTConfig
+from ..errors import CheckpointError, ConfigError
+from ..fileio import atomic_write, write_json
+from ..models.vit import VisionTransformer, ViTConfig
+from ..validation import check_fields
 
 # Bounds on what a checkpoint may ask for, checked on a model built on the "meta" device (no memory)
 # before anything is allocated: far above every published ViT (ViT-L/16: 0.3 G values, 24 blocks).
@@ -44,9 +44,9 @@ METADATA_FIELDS: dict[str, type] = {
     "precision": str,
     "train_config": dict,  # the application's record of the run; bcosvit.app validates it where it reads it
     "shipped_from": str,
-    "converted_from": str,  # a model converted from a published checkpoint: its URL or file (bcosvit.hub)
+    "converted_from": str,  # a model converted from a published checkpoint: its URL or file (bcosvit.weights.hub)
     "source_sha256": str,  # ... and that file's SHA-256
-    "conversion_version": int,  # ... and bcosvit.convert.CONVERSION_VERSION of the conversion
+    "conversion_version": int,  # ... and bcosvit.weights.convert.CONVERSION_VERSION of the conversion
 }
 
 
@@ -102,15 +102,9 @@ def check_metadata(meta: Any, path: Path) -> None:
     ``classes`` that are not one string per class. The one place the metadata is validated."""
     if not isinstance(meta, dict):
         raise CheckpointError(f"metadata file {path} must hold a JSON object, got {type(meta).__name__}")
-    unknown = sorted(set(meta) - set(METADATA_FIELDS), key=str)
-    if unknown:
-        raise CheckpointError(f"metadata file {path} has unknown field(s) {unknown}; known: {list(METADATA_FIELDS)}")
+    check_fields(meta, METADATA_FIELDS, f"metadata file {path}", error=CheckpointError)
     if "architecture" not in meta:
         raise CheckpointError(f"metadata file {path} has no 'architecture'; it was not written by bcosvit")
-    for name, kind in METADATA_FIELDS.items():
-        value = meta.get(name)
-        if name in meta and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-            raise CheckpointError(f"metadata file {path}: '{name}' must be of type {kind.__name__}, got {value!r:.60}")
     try:
         config = ViTConfig.from_dict(meta["architecture"])
     except ConfigError as exc:
@@ -220,6 +214,24 @@ def _check_model_size(skeleton: VisionTransformer, path: Path) -> None:
         )
 
 
+# What may differ between a trained model's architecture and the model it is loaded into.
+MAY_CHANGE_WHEN_TRAINED = ("image_size",)
+
+
+def trained_config(architecture: dict[str, Any], overrides: dict[str, Any]) -> ViTConfig:
+    """The validated architecture of trained weights with ``overrides`` applied: only
+    ``MAY_CHANGE_WHEN_TRAINED`` (the input size; the weights do not depend on it) may change; an
+    override equal to the stored value, or None, changes nothing."""
+    fixed = {k: v for k, v in overrides.items() if v is not None and k not in MAY_CHANGE_WHEN_TRAINED}
+    bad = sorted(k for k, v in fixed.items() if architecture.get(k) != v)
+    if bad:
+        raise ConfigError(
+            f"cannot override {bad} of a trained model (only {list(MAY_CHANGE_WHEN_TRAINED)} may change)"
+        )
+    changed = {k: v for k, v in overrides.items() if k in MAY_CHANGE_WHEN_TRAINED and v is not None}
+    return ViTConfig.from_dict({**architecture, **changed})
+
+
 def load_model(path: str | Path, **overrides) -> VisionTransformer:
     """Rebuild the model stored at ``path`` (run folder or ``.safetensors``) and load its weights.
 
@@ -229,13 +241,7 @@ def load_model(path: str | Path, **overrides) -> VisionTransformer:
     """
     weights = resolve_weights(path)
     meta = read_metadata(weights)
-    arch = dict(meta["architecture"])
-    allowed = {"image_size"}
-    bad = sorted(k for k, v in overrides.items() if v is not None and k not in allowed and arch.get(k) != v)
-    if bad:
-        raise ConfigError(f"cannot override {bad} of a trained model (only {sorted(allowed)} may change)")
-    arch.update({k: v for k, v in overrides.items() if k in allowed and v is not None})
-    config = ViTConfig.from_dict(arch)
+    config = trained_config(meta["architecture"], overrides)
     shapes, header = read_weights_header(weights)
     _check_same_save(meta, header, weights)
     skeleton = _meta_model(config, weights, len(shapes))
@@ -246,33 +252,3 @@ def load_model(path: str | Path, **overrides) -> VisionTransformer:
     load_state_dict(model, weights)
     model.eval()
     return model
-
-
-def load_pretrained(name: str, num_classes: int | None = None, **overrides) -> VisionTransformer:
-    """The shipped weights of ``name`` (see ``list_pretrained()``), loaded offline."""
-    model_config(name)  # unknown names fail with a suggestion
-    if name not in list_pretrained():
-        raise ConfigError(
-            f"no shipped weights for {name!r}; models with weights: {list_pretrained() or 'none'}. "
-            "Train one with `bcosvit train` and load it with bcosvit.load_model(run_folder)"
-        )
-    path = weights_dir() / f"{name}.safetensors"
-    if num_classes is not None and num_classes != read_metadata(path)["architecture"]["num_classes"]:
-        model = load_model(path, **overrides)
-        model.reset_classifier(num_classes)
-        return model
-    return load_model(path, **overrides)
-
-
-def ship_weights(run: str | Path, name: str | None = None, dest: str | Path | None = None) -> Path:
-    """Copy a finished run's weights into the package (``bcosvit/weights/<name>.safetensors`` + ``.json``)
-    so ``create_model(name, pretrained=True)`` loads them offline. Returns the weights path."""
-    source = resolve_weights(run)
-    meta = read_metadata(source)
-    name = name or meta.get("model_name")
-    model_config(name)  # must be a registered name
-    model = load_model(source)  # proves the files load before they are shipped
-    folder = Path(dest) if dest is not None else weights_dir()
-    kept = ("model_name", "classes", "epoch", "metrics", "ema", "precision", "train_config")
-    keep = {k: meta[k] for k in kept if k in meta}
-    return save_weights(model, folder / f"{name}.safetensors", {**keep, "model_name": name, "shipped_from": str(run)})
