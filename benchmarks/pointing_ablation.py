@@ -102,7 +102,7 @@ def distance_penalty(model, slope: float) -> Iterator[None]:
 
 
 def _contributions(model, x, target):
-    return bcosvit.explain(model, x, target).contributions
+    return bcosvit.explain(model, x, target).contributions[:, 0]  # (N, H, W): the one target per image
 
 
 def single_image_mass(model, images: Tensor, labels: Tensor) -> dict[str, float]:

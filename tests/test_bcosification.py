@@ -92,7 +92,7 @@ def test_the_final_configuration_is_a_bias_free_b_cos_model_with_complete_explan
 def test_the_conversion_step_is_explainable_but_its_biases_leave_a_remainder():
     converted = bcosify(timm_vit())
     expl = bcosvit.explain(converted, IMAGES)
-    assert expl.weights.shape == (2, 6, 224, 224) and torch.isfinite(expl.weights).all()
+    assert expl.weights.shape == (2, 1, 6, 224, 224) and torch.isfinite(expl.weights).all()
     assert expl.completeness_error.max() > 1e-3  # biases are not part of w(x)·x
 
 

@@ -156,3 +156,30 @@ def test_pairs_written_before_weights_ids_still_load(tmp_path):
     edit_metadata(tmp_path, lambda m: {k: v for k, v in m.items() if k != "weights_id"})
     x = torch.rand(2, 1, 28, 28)
     torch.testing.assert_close(load_model(tmp_path)(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_ship_weights_copies_a_run_into_a_shipped_folder(tmp_path):
+    from bcosvit.weights import ship_weights
+
+    model = bcosvit.create_model("bcos_vit_nano_patch4_28", num_classes=3, class_names=["a", "b", "c"]).eval()
+    run = tmp_path / "run"
+    meta = {"model_name": "bcos_vit_nano_patch4_28", "epoch": 4, "classes": ["a", "b", "c"]}
+    save_weights(model, run / "model.safetensors", meta)
+    path = ship_weights(run, dest=tmp_path / "shipped")
+    assert path == tmp_path / "shipped" / "bcos_vit_nano_patch4_28.safetensors"
+    meta = bcosvit.weights.read_metadata(path)
+    assert (meta["epoch"], meta["classes"], meta["shipped_from"]) == (4, ["a", "b", "c"], str(run))
+    assert meta["weights_id"] != bcosvit.weights.read_metadata(run)["weights_id"]  # a save of its own
+    shipped = load_model(path)
+    x = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(shipped(x), model(x), rtol=0, atol=0)
+
+
+def test_ship_weights_refuses_an_unregistered_name(tmp_path):
+    from bcosvit.weights import ship_weights
+
+    model = bcosvit.create_model("bcos_vit_nano_patch4_28").eval()
+    save_weights(model, tmp_path / "run" / "model.safetensors", {"model_name": "bcos_vit_nano_patch4_28"})
+    with pytest.raises(ConfigError, match="unknown model name 'not_a_model'"):
+        ship_weights(tmp_path / "run", name="not_a_model", dest=tmp_path / "shipped")
+    assert not (tmp_path / "shipped").exists()

@@ -96,7 +96,7 @@ def compare(
     leaf = inputs[:1].clone().requires_grad_()
     with float64_default(), reference.explanation_mode():
         reference(leaf)[0, target].backward()
-    weights = bcosvit.explain(model, images[:1], target=target).weights
+    weights = bcosvit.explain(model, images[:1], target=target).weights[:, 0]
     return logit_diff, relative_difference(leaf.grad, weights)
 
 

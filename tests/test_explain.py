@@ -23,13 +23,11 @@ def _assert_complete(model, x, e, rel=1e-10):
     """Completeness both as reported and recomputed from an ordinary forward pass."""
     assert (e.completeness_error / e.outputs.abs()).max() < rel
     logits = model(x)  # normal mode, independent of the explanation pass
-    target = e.target if e.target.ndim == 2 else e.target[:, None]
-    weights = e.weights if e.target.ndim == 2 else e.weights[:, None]
-    positional = e.positional if e.target.ndim == 2 else e.positional[:, None]
-    expected = logits.gather(1, target)
-    total = (weights * _encoded(x)[:, None]).flatten(2).sum(-1) + positional + e.logit_bias
+    assert e.target.ndim == 2 and e.weights.shape[:2] == e.target.shape == e.outputs.shape == e.positional.shape
+    expected = logits.gather(1, e.target)
+    total = (e.weights * _encoded(x)[:, None]).flatten(2).sum(-1) + e.positional + e.logit_bias
     assert ((expected - total).abs() / expected.abs()).max() < rel
-    torch.testing.assert_close(e.outputs if e.target.ndim == 2 else e.outputs[:, None], expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(e.outputs, expected, rtol=1e-12, atol=0)
 
 
 # --- Completeness ----------------------------------------------------------------------------
@@ -43,7 +41,7 @@ def test_every_registered_bcos_model_is_complete_in_float64(build, images, name)
     model = build(name, image_size=2 * patch)  # published depth and width, 2×2 tokens
     x = images(2, model.in_chans, 2 * patch)
     e = bcosvit.explain(model, x)
-    assert e.weights.shape == (2, 2 * model.in_chans, 2 * patch, 2 * patch)
+    assert e.weights.shape == (2, 1, 2 * model.in_chans, 2 * patch, 2 * patch)
     _assert_complete(model, x, e)
     assert (e.positional.abs() > 1e-6).all()  # published models add a sin-cos embedding
     assert e.logit_bias == pytest.approx(model.logit_bias_value)
@@ -89,7 +87,7 @@ def test_float32_completeness_error_is_small(build, images):
     # recompute it in float64 from the float32 parts to see the real error.
     residual = (
         e.outputs.double()
-        - (e.weights.double() * e.inputs.double()).flatten(1).sum(1)
+        - (e.weights.double() * e.inputs.double()[:, None]).flatten(2).sum(2)
         - e.positional.double()
         - e.logit_bias
     ).abs()
@@ -109,10 +107,10 @@ def test_explanations_for_any_channel_count(build, images, chans):
     model = build("bcos_vit_nano_patch4_28", depth=2, in_chans=chans, image_size=8)
     x = images(2, chans, 8, 12)
     e = bcosvit.explain(model, x)
-    assert e.inputs.shape == e.weights.shape == (2, 2 * chans, 8, 12)
-    assert e.contributions.shape == (2, 8, 12)
+    assert e.inputs.shape == (2, 2 * chans, 8, 12) and e.weights.shape == (2, 1, 2 * chans, 8, 12)
+    assert e.contributions.shape == (2, 1, 8, 12)
     torch.testing.assert_close(e.inputs, _encoded(x), rtol=0, atol=0)
-    torch.testing.assert_close(e.contributions, (e.weights * e.inputs).sum(1), rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(e.contributions, (e.weights * e.inputs[:, None]).sum(2), rtol=1e-13, atol=1e-15)
     _assert_complete(model, x, e)
 
 
@@ -120,7 +118,7 @@ def test_resized_learned_embedding_is_complete_on_other_image_sizes(build, image
     model = build("bcos_vit_nano_patch4_28", depth=2, pos_embed="learned")
     x = images(2, 1, 36, 20)
     e = bcosvit.explain(model, x)
-    assert e.weights.shape == (2, 2, 36, 20)
+    assert e.weights.shape == (2, 1, 2, 36, 20)
     _assert_complete(model, x, e)
     assert (e.positional.abs() > 1e-6).all()
 
@@ -164,11 +162,11 @@ def test_explanation_equals_jacobian_row_of_explanation_mode_function(build, ima
     target = torch.tensor([3, 7])
     e = bcosvit.explain(model, x, target=target)
     for n in range(2):
-        torch.testing.assert_close(e.weights[n], jac_z[n, target[n], n], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(e.weights[n, 0], jac_z[n, target[n], n], rtol=1e-10, atol=1e-10)
         other = 1 - n  # an image's logit does not depend on the other images of the batch
         assert jac_z[n, :, other].abs().max() == 0
         positional = (jac_p[n, target[n]] * pos).sum()
-        torch.testing.assert_close(e.positional[n], positional, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(e.positional[n, 0], positional, rtol=1e-10, atol=1e-12)
     if overrides["pos_embed"] == "rope":
         assert jac_p.abs().max() == 0 and (e.positional == 0).all()
 
@@ -180,8 +178,8 @@ def test_batched_explanation_equals_one_image_at_a_time(build, images):
     model = build("bcos_vit_nano_patch4_28", depth=2, image_size=12)
     x = images(4, 1, 12)
     batch = bcosvit.explain(model, x)
-    assert batch.target.shape == (4,)
-    torch.testing.assert_close(batch.target, model(x).argmax(1))
+    assert batch.target.shape == (4, 1)
+    torch.testing.assert_close(batch.target[:, 0], model(x).argmax(1))
     for n in range(4):
         single = bcosvit.explain(model, x[n : n + 1])
         assert single.target.item() == batch.target[n].item()
@@ -201,10 +199,10 @@ def test_multi_target_explanation_equals_separate_single_target_explanations(bui
     _assert_complete(model, x, multi)
     for t in range(3):
         single = bcosvit.explain(model, x, target=target[:, t].tolist())
-        torch.testing.assert_close(multi.weights[:, t], single.weights, rtol=0, atol=1e-12)
-        torch.testing.assert_close(multi.contributions[:, t], single.contributions, rtol=0, atol=1e-12)
-        torch.testing.assert_close(multi.positional[:, t], single.positional, rtol=0, atol=1e-12)
-        torch.testing.assert_close(multi.outputs[:, t], single.outputs, rtol=0, atol=0)
+        torch.testing.assert_close(multi.weights[:, t : t + 1], single.weights, rtol=0, atol=1e-12)
+        torch.testing.assert_close(multi.contributions[:, t : t + 1], single.contributions, rtol=0, atol=1e-12)
+        torch.testing.assert_close(multi.positional[:, t : t + 1], single.positional, rtol=0, atol=1e-12)
+        torch.testing.assert_close(multi.outputs[:, t : t + 1], single.outputs, rtol=0, atol=0)
     # Different classes of one image have different explanations.
     assert (multi.weights[0, 0] - multi.weights[0, 1]).abs().max() > 1e-6
 
@@ -215,10 +213,10 @@ def test_target_forms_int_list_nested_list_and_tensor_agree(tiny, images):
     as_list = bcosvit.explain(tiny, x, target=[4, 4])
     as_nested = bcosvit.explain(tiny, x, target=[[4], [4]])
     as_scalar = bcosvit.explain(tiny, x, target=torch.tensor(4))
-    assert as_int.target.tolist() == [4, 4] and as_nested.target.shape == (2, 1)
-    for other in (as_list, as_scalar):
+    assert as_int.target.tolist() == [[4], [4]]
+    for other in (as_list, as_nested, as_scalar):
+        assert other.target.tolist() == [[4], [4]]
         torch.testing.assert_close(other.weights, as_int.weights, rtol=0, atol=0)
-    torch.testing.assert_close(as_nested.weights[:, 0], as_int.weights, rtol=0, atol=0)
 
 
 # --- Holistic views --------------------------------------------------------------------------
@@ -239,15 +237,15 @@ def test_explain_unit_is_complete_for_intermediate_tokens(build, images, layer, 
     x = images(2, 1, 8)
     token, channel = [1, 3], [5, 60]
     e = bcosvit.explain_unit(model, x, layer, token, channel)
-    values = _tokens_at(model, x, layer)[torch.arange(2), torch.tensor(token), torch.tensor(channel)]
+    values = _tokens_at(model, x, layer)[torch.arange(2), torch.tensor(token), torch.tensor(channel)][:, None]
     torch.testing.assert_close(e.outputs, values, rtol=1e-12, atol=1e-13)
-    assert e.logit_bias == 0 and e.weights.shape == (2, 2, 8, 8)
-    total = (e.weights * _encoded(x)).flatten(1).sum(1) + e.positional
+    assert e.logit_bias == 0 and e.weights.shape == (2, 1, 2, 8, 8) and e.target.tolist() == [[5], [60]]
+    total = (e.weights * _encoded(x)[:, None]).flatten(2).sum(2) + e.positional
     assert ((total - values).abs() / values.abs()).max() < 1e-10
     assert (e.completeness_error / values.abs()).max() < 1e-10
     if layer == 0 and pos == "sincos":  # the embedded token carries the embedding unchanged
         emb = model.pos_embed.embedding((2, 2))
-        torch.testing.assert_close(e.positional, emb[token, channel], rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(e.positional, emb[token, channel][:, None], rtol=1e-12, atol=1e-13)
     if pos == "none":
         assert (e.positional == 0).all()
 
@@ -260,7 +258,7 @@ def test_explain_unit_with_several_channels_per_token(build, images):
     assert e.weights.shape == (2, 2, 2, 8, 8) and e.outputs.shape == (2, 2)
     for t in range(2):
         single = bcosvit.explain_unit(model, x, 1, 2, channels[:, t])
-        torch.testing.assert_close(e.weights[:, t], single.weights, rtol=0, atol=1e-12)
+        torch.testing.assert_close(e.weights[:, t : t + 1], single.weights, rtol=0, atol=1e-12)
     assert (e.completeness_error / e.outputs.abs()).max() < 1e-10
 
 
@@ -270,17 +268,17 @@ def test_explain_unit_max_explains_the_largest_channel_and_norm_the_tokens_norm(
     _, record = model(x, capture=Capture(layers=(1,)))
     token = record.tokens[1][:, 3].detach()  # (N, D)
     largest = bcosvit.explain_unit(model, x, 1, 3, "max")
-    torch.testing.assert_close(largest.target, token.argmax(dim=1))
+    torch.testing.assert_close(largest.target, token.argmax(dim=1, keepdim=True))
     same = bcosvit.explain_unit(model, x, 1, 3, token.argmax(dim=1))
     torch.testing.assert_close(largest.weights, same.weights, rtol=0, atol=0)
     norm = bcosvit.explain_unit(model, x, 1, 3, "norm")
-    assert norm.target.tolist() == [-1, -1] and norm.weights.shape == (2, 2, 8, 8)
-    torch.testing.assert_close(norm.outputs, token.norm(dim=1), rtol=1e-12, atol=1e-12)
+    assert norm.target.tolist() == [[-1], [-1]] and norm.weights.shape == (2, 1, 2, 8, 8)
+    torch.testing.assert_close(norm.outputs, token.norm(dim=1, keepdim=True), rtol=1e-12, atol=1e-12)
     assert (norm.completeness_error / norm.outputs.abs()).max() < 1e-10
     # the norm direction's weights are the direction-weighted sum of the channels' weights
     every = bcosvit.explain_unit(model, x, 1, 3, torch.arange(token.shape[1]).expand(2, -1))
     direction = token / token.norm(dim=1, keepdim=True)
-    torch.testing.assert_close(norm.weights, torch.einsum("nd,ndchw->nchw", direction, every.weights))
+    torch.testing.assert_close(norm.weights[:, 0], torch.einsum("nd,ndchw->nchw", direction, every.weights))
 
 
 def test_token_contributions_at_several_layers_equal_each_layer_alone(build, images):
@@ -292,8 +290,8 @@ def test_token_contributions_at_several_layers_equal_each_layer_alone(build, ima
     for k in range(3):
         torch.testing.assert_close(every[:, :, k], bcosvit.token_contributions(model, x, target=target, layer=k))
     predicted = bcosvit.token_contributions(model, x, layer=[0, -1])
-    assert predicted.shape == (2, 2, 2, 3)
-    torch.testing.assert_close(predicted[:, 1], bcosvit.token_contributions(model, x, layer=-1))
+    assert predicted.shape == (2, 1, 2, 2, 3)
+    torch.testing.assert_close(predicted[:, :, 1], bcosvit.token_contributions(model, x, layer=-1))
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2, -1])
@@ -302,9 +300,9 @@ def test_token_contributions_sum_to_logit_minus_logit_bias(build, images, layer)
     x = images(2, 1, 8, 12)  # a 2×3 token grid
     logits = model(x)
     single = bcosvit.token_contributions(model, x, target=None, layer=layer)
-    assert single.shape == (2, 2, 3)
-    expected = logits.gather(1, logits.argmax(1, keepdim=True))[:, 0] - model.logit_bias_value
-    torch.testing.assert_close(single.sum(dim=(1, 2)), expected, rtol=1e-10, atol=1e-12)
+    assert single.shape == (2, 1, 2, 3)
+    expected = logits.gather(1, logits.argmax(1, keepdim=True)) - model.logit_bias_value
+    torch.testing.assert_close(single.sum(dim=(2, 3)), expected, rtol=1e-10, atol=1e-12)
     target = torch.tensor([[1, 2, 3], [4, 0, 9]])
     multi = bcosvit.token_contributions(model, x, target=target, layer=layer)
     assert multi.shape == (2, 3, 2, 3)
@@ -321,9 +319,9 @@ def test_token_contributions_at_layer_zero_are_patch_sums_of_pixel_contributions
     per_token = bcosvit.token_contributions(model, x, target=[2, 6], layer=0)
     pixels = bcosvit.explain(model, x, target=[2, 6]).contributions
     if name == "bcos_vit_nano_patch4_28":  # non-overlapping patches: exact patch sums in row-major order
-        patch_sums = pixels.unflatten(1, (2, 4)).unflatten(3, (3, 4)).sum(dim=(2, 4))
+        patch_sums = pixels.unflatten(2, (2, 4)).unflatten(4, (3, 4)).sum(dim=(3, 5))
         torch.testing.assert_close(per_token, patch_sums, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(per_token.sum(dim=(1, 2)), pixels.sum(dim=(1, 2)), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(per_token.sum(dim=(2, 3)), pixels.sum(dim=(2, 3)), rtol=1e-10, atol=1e-12)
 
 
 # --- The low-level step: dynamic_linear_weights over a capture record ---------------------------
@@ -351,7 +349,7 @@ def test_dynamic_linear_weights_switch_no_mode_outside_explanation_mode_they_are
     leaf = x.clone().requires_grad_()
     (gradient,) = torch.autograd.grad(tiny(leaf)[:, 3].sum(), leaf)  # through [x, 1 - x]: w_x - w_(1-x)
     torch.testing.assert_close(weights[:, 0, :1] - weights[:, 0, 1:], gradient, rtol=1e-12, atol=1e-14)
-    assert (gradient - bcosvit.explain(tiny, x, 3).signed_weights).abs().max() > 1e-6
+    assert (gradient - bcosvit.explain(tiny, x, 3).signed_weights[:, 0]).abs().max() > 1e-6
 
 
 # --- explain() leaves the model as it found it -----------------------------------------------
@@ -517,7 +515,7 @@ def test_explain_computes_numpy_lists_and_other_dtypes_in_the_models_dtype(build
     unit = bcosvit.explain_unit(model, x.numpy(), 1, 0, 3)
     assert unit.weights.dtype == torch.float32
     tokens = bcosvit.token_contributions(model, x.numpy(), target=[1, 2])
-    assert tokens.dtype == torch.float32 and tokens.shape == (2, 2, 2)
+    assert tokens.dtype == torch.float32 and tokens.shape == (2, 1, 2, 2)
 
 
 def test_explain_scales_uint8_images_by_255(tiny):
@@ -564,8 +562,8 @@ def test_targets_may_be_class_names_when_the_model_has_them(build, images):
     by_name = bcosvit.explain(model, x, target=[["Bag", "coat"], ["bag", "Coat"]])
     assert by_name.target.tolist() == [[8, 4], [8, 4]]
     torch.testing.assert_close(by_name.weights, by_index.weights, rtol=0, atol=0)
-    assert bcosvit.explain(model, x, target="Bag").target.tolist() == [8, 8]
-    assert bcosvit.token_contributions(model, x, target=["Bag", "Boot"]).shape == (2, 2, 2)
+    assert bcosvit.explain(model, x, target="Bag").target.tolist() == [[8], [8]]
+    assert bcosvit.token_contributions(model, x, target=["Bag", "Boot"]).shape == (2, 1, 2, 2)
     with pytest.raises(bcosvit.InputError, match=r"unknown class 'Hat'; classes: \['T-shirt'"):
         bcosvit.explain(model, x, target="Hat")
 
@@ -626,3 +624,122 @@ def test_signed_weights_give_the_change_of_the_linear_map_for_a_change_of_the_im
     with bcosvit.explanation_mode(model):
         (grad,) = torch.autograd.grad(model(leaf)[:, 1].sum(), leaf)
     torch.testing.assert_close(grad[0], signed[0, 0], rtol=1e-10, atol=1e-12)
+
+
+# --- One shape whatever the target's form; top-k targets; the input checked once -----------------
+
+
+def _forward_count(model) -> list[int]:
+    """A list whose length counts the model's forward passes from now on."""
+    calls: list[int] = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("target", "num_targets"),
+    [
+        (None, 1),
+        (4, 1),
+        ("7", 1),
+        ([4, 2, 0], 1),
+        (torch.tensor([1, 2, 3]), 1),
+        (torch.tensor(5), 1),
+        ([[4], [2], [0]], 1),
+        (torch.tensor([[0, 1], [2, 3], [4, 5]]), 2),
+        (bcosvit.TopK(1), 1),
+        (bcosvit.TopK(3), 3),
+    ],
+    ids=["none", "int", "digits", "list", "tensor", "scalar", "nested", "pairs", "top1", "top3"],
+)
+def test_every_target_form_keeps_the_target_axis(tiny, images, target, num_targets):
+    x = images(3, 1, 8)
+    e = bcosvit.explain(tiny, x, target, baseline=0.5)
+    t = num_targets
+    assert e.target.shape == e.outputs.shape == e.positional.shape == e.at_baseline.shape == (3, t)
+    assert e.completeness_error.shape == e.relative_completeness_error.shape == (3, t)
+    assert e.weights.shape == (3, t, 2, 8, 8) and e.signed_weights.shape == (3, t, 1, 8, 8)
+    assert e.contributions.shape == (3, t, 8, 8) and e.inputs.shape == (3, 2, 8, 8) and e.logits.shape == (3, 10)
+    assert e[0].weights.shape == (1, t, 2, 8, 8) and e[1:].target.shape == (2, t)
+    assert bcosvit.token_contributions(tiny, x, target, layer=1).shape == (3, t, 2, 2)
+    assert bcosvit.token_contributions(tiny, x, target, layer=[0, 1, -1]).shape == (3, t, 3, 2, 2)
+    assert bcosvit.token_contributions(tiny, x, target, layer=(1,)).shape == (3, t, 1, 2, 2)
+
+
+@pytest.mark.parametrize(
+    ("channel", "num_targets"),
+    [
+        (3, 1),
+        ("max", 1),
+        ("norm", 1),
+        ([1, 2, 3], 1),
+        (torch.tensor([[1, 2], [3, 4], [5, 6]]), 2),
+        (bcosvit.TopK(4), 4),
+    ],
+    ids=["int", "max", "norm", "list", "pairs", "top4"],
+)
+def test_every_channel_form_of_explain_unit_keeps_the_target_axis(tiny, images, channel, num_targets):
+    e = bcosvit.explain_unit(tiny, images(3, 1, 8), 1, [0, 1, 3], channel)
+    assert e.target.shape == e.outputs.shape == e.completeness_error.shape == (3, num_targets)
+    assert e.weights.shape == (3, num_targets, 2, 8, 8) and e.contributions.shape == (3, num_targets, 8, 8)
+
+
+def test_topk_explains_each_images_k_most_likely_classes_from_the_one_forward_pass(tiny, images):
+    x = images(4, 1, 8)
+    logits = tiny(x)
+    top = logits.topk(3, dim=1).indices
+    forwards = _forward_count(tiny)
+    by_topk = bcosvit.explain(tiny, x, bcosvit.TopK(3))
+    assert len(forwards) == 1  # the classes come from the logits of the explained pass
+    assert torch.equal(by_topk.target, top)
+    assert (by_topk.outputs[:, :-1] >= by_topk.outputs[:, 1:]).all()  # largest logit first
+    given = bcosvit.explain(tiny, x, top)
+    for name in ("logits", "target", "outputs", "weights", "contributions", "positional", "completeness_error"):
+        assert torch.equal(getattr(by_topk, name), getattr(given, name)), name
+    forwards.clear()
+    tokens = bcosvit.token_contributions(tiny, x, bcosvit.TopK(2), layer=[0, 1])
+    assert len(forwards) == 1
+    assert torch.equal(tokens, bcosvit.token_contributions(tiny, x, top[:, :2], layer=[0, 1]))
+    predicted = bcosvit.explain(tiny, x, bcosvit.TopK(1))
+    assert torch.equal(predicted.weights, bcosvit.explain(tiny, x).weights)
+
+
+def test_topk_channels_of_explain_unit_are_the_tokens_largest_channels(tiny, images):
+    x = images(2, 1, 8)
+    _, record = tiny(x, capture=Capture(layers=(1,)))
+    largest = record.tokens[1][:, 2].detach().topk(3, dim=1).indices
+    by_topk = bcosvit.explain_unit(tiny, x, 1, 2, bcosvit.TopK(3))
+    assert torch.equal(by_topk.target, largest)
+    assert torch.equal(by_topk.weights, bcosvit.explain_unit(tiny, x, 1, 2, largest).weights)
+
+
+def test_topk_larger_than_the_number_of_classes_or_channels_is_a_clear_input_error(tiny, images):
+    x = images(2, 1, 8)
+    with pytest.raises(bcosvit.InputError, match=r"TopK\(11\) asks for 11 classes per image, but there are only 10"):
+        bcosvit.explain(tiny, x, bcosvit.TopK(11))
+    with pytest.raises(bcosvit.InputError, match="only 10"):
+        bcosvit.token_contributions(tiny, x, bcosvit.TopK(11))
+    with pytest.raises(bcosvit.InputError, match=r"TopK\(17\) asks for 17 channels per image, but there are only 16"):
+        bcosvit.explain_unit(tiny, x, 1, 0, bcosvit.TopK(17))
+    assert bcosvit.explain(tiny, x, bcosvit.TopK(10)).target.sort(dim=1).values.tolist() == [list(range(10))] * 2
+
+
+def test_explanations_check_their_input_once_and_the_model_forward_still_checks(tiny, images, monkeypatch):
+    checks: list[int] = []
+    original = tiny.check_input
+    monkeypatch.setattr(tiny, "check_input", lambda x: (checks.append(1), original(x))[1])
+    x = images(2, 1, 8)
+    for explain in (
+        lambda: bcosvit.explain(tiny, x, bcosvit.TopK(2)),
+        lambda: bcosvit.explain_unit(tiny, x, 1, 0, "max"),
+        lambda: bcosvit.token_contributions(tiny, x, layer=[0, 1]),
+    ):
+        checks.clear()
+        explain()
+        assert len(checks) == 1
+    checks.clear()
+    tiny(x)
+    assert len(checks) == 1
+    with pytest.raises(bcosvit.InputError, match="divide 8-bit images"):
+        tiny(x * 255)
+    assert tiny(x * 255, check=False).shape == (2, 10)  # check=False: the caller has checked, nothing raises

@@ -17,7 +17,7 @@ import bcosvit
 from bcosvit import InputError
 from bcosvit.app.cli import main
 from bcosvit.app.data import load_fashion_mnist
-from bcosvit.app.imageio import load_image
+from bcosvit.images import read_image
 from bcosvit.weights.checkpoint import save_weights
 
 SUBSET = str(Path(__file__).parent / "data" / "fashion-mnist")
@@ -47,11 +47,11 @@ def files(tmp_path):
 
 
 def test_load_image_converts_mode_and_size_and_says_so(files):
-    item = load_image(files / "wide.jpg", in_chans=1, image_size=28)
+    item = read_image(files / "wide.jpg", in_chans=1, image_size=28)
     assert item.tensor.shape == (1, 28, 28) and 0 <= float(item.tensor.min()) <= float(item.tensor.max()) <= 1
     assert any("RGB -> L" in n for n in item.notes) and any("90x60 -> 28x28" in n for n in item.notes)
-    assert load_image(files / "boot.png", 1, 28).notes == []
-    assert load_image(files / "boot.png", 3, 32).tensor.shape == (3, 32, 32)
+    assert read_image(files / "boot.png", 1, 28).notes == []
+    assert read_image(files / "boot.png", 3, 32).tensor.shape == (3, 32, 32)
 
 
 @pytest.mark.parametrize(
@@ -60,7 +60,7 @@ def test_load_image_converts_mode_and_size_and_says_so(files):
 )
 def test_unreadable_inputs_are_clear_errors(files, name, message):
     with pytest.raises(InputError, match=message):
-        load_image(files / name, 1, 28)
+        read_image(files / name, 1, 28)
 
 
 def test_explain_command_writes_a_figure_per_readable_image_and_reports_the_rest(run, files, tmp_path, capsys):
@@ -156,7 +156,7 @@ def test_explain_command_rejects_unknown_class_and_standard_models(run, files, t
 
 def test_explanation_of_a_file_is_complete(run, files):
     model = bcosvit.load_model(run)
-    image = load_image(files / "boot.png", 1, 28).tensor[None]
+    image = read_image(files / "boot.png", 1, 28).tensor[None]
     e = bcosvit.explain(model, image, target=torch.tensor([[9, 7]]))
     assert float(e.completeness_error.max()) < 1e-5
 
@@ -188,7 +188,7 @@ def test_explain_shows_a_file_name_with_dollar_signs_literally(run, files, tmp_p
 def test_load_image_keeps_the_levels_of_a_16_bit_png(tmp_path):
     levels = np.linspace(0, 65535, 28 * 28).round().astype(np.uint16).reshape(28, 28)
     Image.fromarray(levels).save(tmp_path / "deep.png")
-    item = load_image(tmp_path / "deep.png", 1, 28)
+    item = read_image(tmp_path / "deep.png", 1, 28)
     assert item.original_mode == "I;16"
     np.testing.assert_allclose(item.tensor[0].numpy(), levels / 65535, atol=1e-6)
     assert any("16-bit" in note for note in item.notes)
@@ -198,10 +198,10 @@ def test_load_image_uses_float_tiff_values_in_0_1_as_they_are_and_scales_others(
     gradient = np.linspace(0, 1, 28 * 28, dtype=np.float32).reshape(28, 28)
     Image.fromarray(gradient).save(tmp_path / "unit.tif")
     Image.fromarray(gradient * 5 - 2).save(tmp_path / "wide.tif")
-    unit = load_image(tmp_path / "unit.tif", 1, 28)
+    unit = read_image(tmp_path / "unit.tif", 1, 28)
     np.testing.assert_allclose(unit.tensor[0].numpy(), gradient, atol=1e-6)
     assert unit.notes == []
-    wide = load_image(tmp_path / "wide.tif", 1, 28)
+    wide = read_image(tmp_path / "wide.tif", 1, 28)
     np.testing.assert_allclose(wide.tensor[0].numpy(), gradient, atol=1e-6)
     assert any("values in [-2, 3] min-max scaled to [0, 1]" in note for note in wide.notes)
 
@@ -213,7 +213,7 @@ def test_load_image_turns_a_photo_upright_by_its_exif_orientation(tmp_path, orie
     exif = Image.Exif()
     exif[0x0112] = orientation
     Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif)
-    item = load_image(tmp_path / "photo.png", 1, 28)
+    item = read_image(tmp_path / "photo.png", 1, 28)
     np.testing.assert_array_equal(item.tensor[0].numpy(), np.rot90(stored, turns) / 255)
     assert any(f"EXIF orientation {orientation}" in note for note in item.notes)
 
@@ -235,17 +235,17 @@ def _cut_out(mode: str) -> Image.Image:
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
 def test_load_image_composites_transparency_on_the_background_black_by_default(tmp_path, mode):
     _cut_out(mode).save(tmp_path / "cut.png")
-    item = load_image(tmp_path / "cut.png", 1, 28)
+    item = read_image(tmp_path / "cut.png", 1, 28)
     assert float(item.tensor[0, 0, 0]) == 0.0 and float(item.tensor[0, 14, 14]) == 1.0
     assert any("transparency composited on a black background" in note for note in item.notes)
-    assert float(load_image(tmp_path / "cut.png", 3, 28, background=1.0).tensor[:, 0, 0].min()) == 1.0
-    four = load_image(tmp_path / "cut.png", 4, 28)  # a model with an alpha channel gets the alpha
+    assert float(read_image(tmp_path / "cut.png", 3, 28, background=1.0).tensor[:, 0, 0].min()) == 1.0
+    four = read_image(tmp_path / "cut.png", 4, 28)  # a model with an alpha channel gets the alpha
     assert float(four.tensor[3, 0, 0]) == 0.0 and float(four.tensor[3, 14, 14]) == 1.0
 
 
 def test_load_image_rejects_a_background_outside_0_1(files):
     with pytest.raises(bcosvit.ConfigError, match=r"background must be .* in \[0, 1\], got 2"):
-        load_image(files / "boot.png", 1, 28, background=2)
+        read_image(files / "boot.png", 1, 28, background=2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,7 +310,7 @@ def test_shipped_model_sees_transparent_cut_outs_as_the_fashion_mnist_images_the
         grey = ds.images[k, 0].numpy()
         paths.append(tmp_path / f"cut{k}.png")
         Image.fromarray(np.dstack([np.full((28, 28, 3), 255, np.uint8), grey])).save(paths[-1])
-        np.testing.assert_allclose(load_image(paths[-1], 1, 28).tensor[0].numpy(), grey / 255, atol=1e-6)
+        np.testing.assert_allclose(read_image(paths[-1], 1, 28).tensor[0].numpy(), grey / 255, atol=1e-6)
     args = ["explain", *map(str, paths), "--model", "bcos_vitc_micro_28", "--topk", "1", "--out", str(tmp_path / "o")]
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -326,3 +326,23 @@ def test_figure_names_step_over_symlink_loops_in_the_inputs_and_the_out_folder(t
     (tmp_path / "loop.png").symlink_to("loop.png")
     names = figure_paths([Path("x.png")], tmp_path, [tmp_path / "loop.png", tmp_path / "x.png"])
     assert names == [tmp_path / "x-2.explained.png"]
+
+
+def test_explain_files_explains_the_top_classes_from_one_forward_pass_per_batch(run, files, tmp_path, capsys):
+    from bcosvit.app.explain_files import explain_files
+
+    model = bcosvit.load_model(run)
+    paths = [files / name for name in ("boot.png", "wide.jpg", "alpha.png")]
+    images = torch.stack([read_image(path, 1, 28).tensor for path in paths]).to(model.norm.weight.dtype)
+    with torch.no_grad():
+        logits = model(images)
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    results, failed = explain_files(model, paths, tmp_path / "top", topk=3, batch_size=2)
+    assert failed == [] and len(forwards) == 2  # two batches: the explained pass picks the classes too
+    assert [r.classes for r in results] == logits.topk(3, dim=1).indices.tolist()
+    expected = torch.sigmoid(logits.topk(3, dim=1).values)
+    torch.testing.assert_close(torch.tensor([r.probabilities for r in results]), expected, rtol=1e-5, atol=1e-6)
+    fixed, _ = explain_files(model, paths[:1], tmp_path / "fixed", target="Bag", topk=3)
+    assert fixed[0].classes == [8] and len(fixed[0].probabilities) == 1
+    capsys.readouterr()

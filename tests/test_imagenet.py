@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 
 from bcosvit.app.cli import main
 from bcosvit.app.data import build_transforms, load_dataset
-from bcosvit.app.imageio import load_image
+from bcosvit.images import read_image
 from bcosvit.errors import ConfigError, DataError
 from bcosvit.models.vit import VisionTransformer, ViTConfig
 from bcosvit.weights.checkpoint import save_weights
@@ -166,7 +166,7 @@ def test_a_folder_with_train_but_no_val_is_not_read_as_class_folders(val_folder)
 
 def test_resize_then_centre_crop_is_what_torchvision_s_resize_and_center_crop_give(tmp_path):
     _write_image(tmp_path / "wide.png", (300, 200), 0)
-    item = load_image(tmp_path / "wide.png", 3, 32, resize_size=36)
+    item = read_image(tmp_path / "wide.png", 3, 32, resize_size=36)
     original = v2.functional.to_dtype(v2.functional.to_image(Image.open(tmp_path / "wide.png")), scale=True)
     expected = v2.Compose([v2.Resize(36, antialias=True), v2.CenterCrop(32)])(original).clamp(0, 1)
     torch.testing.assert_close(item.tensor, expected, rtol=0, atol=1e-6)
@@ -180,7 +180,7 @@ def test_resize_then_centre_crop_is_what_torchvision_s_resize_and_center_crop_gi
 
 def test_without_resize_size_images_are_read_as_before(tmp_path):
     _write_image(tmp_path / "wide.png", (300, 200), 0)
-    item = load_image(tmp_path / "wide.png", 3, 32)
+    item = read_image(tmp_path / "wide.png", 3, 32)
     original = v2.functional.to_dtype(v2.functional.to_image(Image.open(tmp_path / "wide.png")), scale=True)
     expected = v2.Compose([v2.Resize(32, antialias=True), v2.CenterCrop(32)])(original).clamp(0, 1)
     torch.testing.assert_close(item.tensor, expected, rtol=0, atol=1e-6)
@@ -193,10 +193,10 @@ def test_without_resize_size_images_are_read_as_before(tmp_path):
 
 def test_an_image_of_the_resize_size_is_only_cropped_and_a_bad_resize_size_is_refused(tmp_path):
     _write_image(tmp_path / "square.png", (36, 36), 0)
-    item = load_image(tmp_path / "square.png", 3, 32, resize_size=36)
+    item = read_image(tmp_path / "square.png", 3, 32, resize_size=36)
     assert item.notes == ["centre crop 32x32"]
     with pytest.raises(ConfigError, match="resize_size must be at least image_size"):
-        load_image(tmp_path / "square.png", 3, 32, resize_size=30)
+        read_image(tmp_path / "square.png", 3, 32, resize_size=30)
 
 
 def test_explain_reads_files_with_the_model_s_resize_size(tmp_path, capsys):

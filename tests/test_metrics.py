@@ -22,7 +22,7 @@ from bcosvit import metrics
 from bcosvit.app.data import load_fashion_mnist
 from bcosvit.app.training import TrainConfig
 from bcosvit.app.training.loop import evaluate
-from bcosvit.app.training.recipe import mosaic
+from bcosvit.app.training.mosaics import mosaic
 from bcosvit.errors import ConfigError, InputError
 
 DATA = Path(__file__).parent / "data" / "fashion-mnist"
@@ -313,7 +313,7 @@ def test_pointing_game_batched_equals_one_at_a_time(fmnist, stub, build):
 
     def method(m: nn.Module, x: Tensor, t: Tensor) -> Tensor:
         sizes.append(x.shape[0])
-        return bcosvit.explain(real, x, t).contributions
+        return bcosvit.explain(real, x, t).contributions[:, 0]
 
     runs = [
         metrics.grid_pointing_game(model, images, labels, method, num_grids=6, batch_size=b, smooth=3)
@@ -456,7 +456,7 @@ def test_compute_attributions_and_errors(fmnist, build):
     images, target = fmnist[0][:5], fmnist[1][:5]
 
     def method(m, x, t):
-        return bcosvit.explain(m, x, t).contributions
+        return bcosvit.explain(m, x, t).contributions[:, 0]
 
     maps = metrics.compute_attributions(model, images, target, method, batch_size=2)
     assert torch.allclose(maps, method(model, images, target), atol=1e-12)

@@ -267,7 +267,7 @@ def test_gradient_at_the_captured_input_in_explanation_mode_is_the_explanation(b
     with bcosvit.explanation_mode(model):
         logits, record = model(x, capture=Capture())
     (weights,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), record.inputs)
-    torch.testing.assert_close(weights, bcosvit.explain(model, x, target).weights, rtol=0, atol=0)
+    torch.testing.assert_close(weights, bcosvit.explain(model, x, target).weights[:, 0], rtol=0, atol=0)
 
 
 def test_forward_without_capture_returns_the_logits_of_the_blocks_by_hand(build, images):
@@ -460,3 +460,33 @@ def test_invalid_config_values_are_clear_config_errors(overrides, message):
     name = "bcos_vitc_micro_28" if "patch_size" in overrides else "bcos_vit_nano_patch4_28"
     with pytest.raises(bcosvit.ConfigError, match=message.replace("(", r"\(")):
         bcosvit.create_model(name, **overrides)
+
+
+def test_class_probabilities_are_sigmoid_for_bcos_models_and_softmax_for_standard_ones(build, images):
+    from bcosvit.app.serve import views
+    from bcosvit.models import class_probabilities
+
+    logits = torch.randn(3, 10, dtype=torch.float64)
+    assert torch.equal(class_probabilities(logits, True), torch.sigmoid(logits))
+    assert torch.equal(class_probabilities(logits, False), torch.softmax(logits, dim=1))
+    classes = torch.tensor([[1, 4], [0, 0], [9, 2]])
+    assert torch.equal(class_probabilities(logits, True, classes), torch.sigmoid(logits.gather(1, classes)))
+    assert torch.equal(class_probabilities(logits, False, classes), torch.softmax(logits, dim=1).gather(1, classes))
+    x = images(2, 1, 8)
+    target = torch.tensor([3, 7])
+    for name in ("bcos_vit_nano_patch4_28", "vit_nano_patch4_28"):
+        model = build(name, image_size=8, depth=1, embed_dim=16, num_heads=2)
+        logits = model(x)
+        probabilities = model.probabilities(logits)
+        assert torch.equal(probabilities, class_probabilities(logits, model.is_bcos))
+        # every user of probabilities: the metrics, the explorer, the explanation
+        metric = bcosvit.metrics.target_probabilities(logits, target, model.is_bcos)
+        assert torch.equal(metric, probabilities[[0, 1], target])
+        scores = views.top_classes(model, x[:1], 10)
+        alone = model.probabilities(model(x[:1]))[0]
+        assert [s.probability for s in scores] == alone[[s.index for s in scores]].tolist()
+        if model.is_bcos:
+            expl = bcosvit.explain(model, x)
+            assert torch.equal(expl.probabilities, model.probabilities(expl.logits))
+        else:
+            torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(2, dtype=torch.float64))

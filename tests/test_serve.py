@@ -71,8 +71,8 @@ def test_class_view_numbers_are_those_of_explain(shipped, opened, explorer):
     model = shipped["bcos_vitc_micro_28"]
     expl = bcosvit.explain(model, opened.image)
     numbers = explorer.numbers(opened)
-    assert numbers["class"] == "Coat" and numbers["index"] == int(expl.target[0]) == opened.scores[0].index
-    assert numbers["probability"] == float(expl.probabilities[0, expl.target[0]])
+    assert numbers["class"] == "Coat" and numbers["index"] == int(expl.target[0, 0]) == opened.scores[0].index
+    assert numbers["probability"] == float(expl.probabilities[0, expl.target[0, 0]])
     assert numbers["probability"] == pytest.approx(opened.scores[0].probability, abs=1e-6)  # a plain forward pass
     assert numbers["completeness error"] == float(expl.completeness_error[0])
     assert numbers["positional term"] == 0.0  # rotary embedding: no additive positional term
@@ -125,7 +125,7 @@ def test_a_click_on_the_input_picture_explains_the_unit_of_the_token_under_it(ex
     assert norm.token == 43 and "embedded tokens, token (6, 1), norm" in explorer.unit_title(norm)
     assert not np.array_equal(norm.unit_view.contributions, clicked.unit_view.contributions)
     channel = explorer.select_unit(norm, -1, "channel", 7)
-    assert int(channel.unit_view.explanation.target[0]) == 7 and channel.layer == -1
+    assert int(channel.unit_view.explanation.target[0, 0]) == 7 and channel.layer == -1
     with pytest.raises(InputError, match="channel must lie in 0..127"):
         explorer.select_unit(norm, 1, "channel", 128)
     with pytest.raises(InputError, match="layer must lie in 0..5"):
@@ -170,8 +170,8 @@ def test_export_writes_the_figure_and_the_raw_arrays(explorer, opened, tmp_path)
     png, npz = explorer.export(session, tmp_path)
     assert Image.open(png).format == "PNG" and Image.open(png).size[0] > 500
     arrays = np.load(npz)
-    np.testing.assert_array_equal(arrays["weights"], session.class_view.explanation.weights[0].numpy())
-    np.testing.assert_array_equal(arrays["contributions"], session.class_view.explanation.contributions[0].numpy())
+    np.testing.assert_array_equal(arrays["weights"], session.class_view.explanation.weights[0, 0].numpy())
+    np.testing.assert_array_equal(arrays["contributions"], session.class_view.explanation.contributions[0, 0].numpy())
     assert arrays["image"].shape == (1, 28, 28) and arrays["unit_weights"].shape == (2, 28, 28)
     assert arrays["block_contributions"].shape == (6, 7, 7) and arrays["posthoc_gradcam"].shape == (28, 28)
     assert float(arrays["completeness_error"]) == session.class_view.completeness_error
@@ -197,3 +197,14 @@ def test_the_command_line_and_the_views_do_not_import_gradio():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "False", result.stdout + result.stderr
+
+
+def test_the_units_of_the_page_are_the_librarys_and_a_channel_by_index(explorer, opened):
+    from bcosvit.app.serve.session import UNIT_CHOICES
+    from bcosvit.explanation import UNIT_CHOICES as LIBRARY_UNIT_CHOICES
+
+    assert UNIT_CHOICES == (*LIBRARY_UNIT_CHOICES, "channel") == ("max", "norm", "channel")
+    for unit in LIBRARY_UNIT_CHOICES:  # each named unit the page offers is one explain_unit takes
+        assert explorer.select_unit(opened, 1, unit).unit == unit
+    with pytest.raises(InputError, match=r"unit must be one of \('max', 'norm', 'channel'\)"):
+        explorer.select_unit(opened, 1, "mean")

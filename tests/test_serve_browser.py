@@ -16,7 +16,7 @@ from PIL import Image
 
 import bcosvit
 from bcosvit.app.data import read_idx
-from bcosvit.app.imageio import load_image
+from bcosvit.images import read_image
 
 from .browser import broken_images, launch_chromium, watch
 
@@ -129,14 +129,14 @@ def test_upload_explains_the_predicted_class_and_clicks_change_the_pictures(page
 
     # the page's numbers are bcosvit.explain's on the same converted input
     model = models["bcos_vitc_micro_28"]
-    image = load_image(coat, 1, 28).tensor[None]
+    image = read_image(coat, 1, 28).tensor[None]
     expl = bcosvit.explain(model, image)
-    predicted = int(expl.target[0])
+    predicted = int(expl.target[0, 0])
     names = model.config.class_names
     numbers = tab.inner_text("#numbers")
     assert numbers.startswith(f"{names[predicted]} (class {predicted})") and names[predicted] == "Coat"
     assert f"probability {float(expl.probabilities[0, predicted]):.4f}" in numbers
-    assert f"completeness error {float(expl.completeness_error[0]):.3e}" in numbers
+    assert f"completeness error {float(expl.completeness_error[0, 0]):.3e}" in numbers
     conversion = tab.inner_text("#conversion")
     assert "56x56 RGB -> 1x28x28" in conversion and "converted colour mode RGB -> L" in conversion
     ranked = torch.sigmoid(expl.logits[0]).argsort(descending=True)[:5].tolist()
@@ -149,7 +149,7 @@ def test_upload_explains_the_predicted_class_and_clicks_change_the_pictures(page
     _wait_for_new_picture(tab, "#colour", colour)
     other = bcosvit.explain(model, image, [ranked[1]])
     tab.wait_for_function(f"document.querySelector('#numbers').innerText.includes('(class {ranked[1]})')")
-    assert f"completeness error {float(other.completeness_error[0]):.3e}" in tab.inner_text("#numbers")
+    assert f"completeness error {float(other.completeness_error[0, 0]):.3e}" in tab.inner_text("#numbers")
     assert _src(tab, "#strip") != strip
 
     # another token (a click on the input's grid), another layer, another unit

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
@@ -9,7 +12,7 @@ import bcosvit
 from bcosvit import metrics
 from bcosvit.attribution import attribute
 from bcosvit.errors import InputError
-from bcosvit.targets import normalize_target, required_classes, resolve_target
+from bcosvit.targets import TopK, normalize_target, required_classes, resolve_target, target_columns
 
 NAMES = ["cat", "Dog", "bird"]
 
@@ -75,3 +78,41 @@ def test_explanations_attributions_and_metrics_refuse_a_target_alike(tiny, image
     for call in (calls["attribute"], calls["deletion_insertion"]):
         with pytest.raises(InputError, match=r"^one class per image: target must have shape \(2,\), got \(2, 2\)$"):
             call([[1, 2], [3, 4]])
+
+
+def test_target_columns_always_keep_the_target_axis():
+    scores = torch.tensor([[0.0, 3.0, 1.0], [2.0, -1.0, 5.0]])
+    assert target_columns(None, scores).tolist() == [[1], [2]]
+    assert target_columns(2, scores).tolist() == [[2], [2]]
+    assert target_columns("bird", scores, class_names=NAMES).tolist() == [[2], [2]]
+    assert target_columns([0, 1], scores).tolist() == [[0], [1]]
+    assert target_columns(torch.tensor([[0, 1], [2, 2]]), scores).tolist() == [[0, 1], [2, 2]]
+    assert target_columns(TopK(2), scores).tolist() == [[1, 2], [2, 0]]
+    assert target_columns(TopK(3), scores, "channel").tolist() == [[1, 2, 0], [2, 0, 1]]
+
+
+@pytest.mark.parametrize("k", [0, -2, 1.5, True, "2", None, [2]])
+def test_topk_needs_a_whole_number_of_at_least_one(k):
+    with pytest.raises(InputError, match=r"TopK needs a whole number k >= 1 \(how many classes per image\), got"):
+        TopK(k)
+
+
+def test_topk_is_a_frozen_value_and_takes_numpy_integers():
+    top = TopK(np.int64(3))
+    assert top == TopK(3) and type(top.k) is int and hash(top) == hash(TopK(3))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        top.k = 4
+    assert bcosvit.TopK is TopK and "TopK" in bcosvit.__all__
+    with pytest.raises(InputError, match=r"TopK\(4\) asks for 4 classes per image, but there are only 3"):
+        target_columns(TopK(4), torch.zeros(2, 3))
+
+
+def test_functions_of_one_class_per_image_refuse_topk_saying_which_take_it(tiny, images):
+    x = images(2, 1, 8)
+    message = r"^target=TopK\(k=2\) is not accepted here: top-k targets are taken by bcosvit.explain and "
+    with pytest.raises(InputError, match=message):
+        attribute("gradient", tiny, x, TopK(2))
+    with pytest.raises(InputError, match=message):
+        metrics.deletion_insertion(tiny, x, TopK(2), torch.rand(2, 8, 8))
+    with pytest.raises(InputError, match=r"token=TopK\(k=1\) is not accepted here: .* give the tokens explicitly"):
+        bcosvit.explain_unit(tiny, x, 1, TopK(1), 0)

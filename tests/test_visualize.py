@@ -3,6 +3,8 @@ overlays, files, figures."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import matplotlib.image
 import numpy as np
 import pytest
@@ -174,7 +176,7 @@ def test_alpha_smoothing_same_size_and_spreads():
     [
         ((5, 4, 4), (5, 4, 4), r"expected an even number of channels \[x, 1-x\], got 5"),
         ((4, 4), (4, 4), r"\(2C, H, W\) or \(N, 2C, H, W\), got \(4, 4\)"),
-        ((1, 2, 2, 4, 4), (1, 2, 4, 4), r"several targets per image"),
+        ((1, 2, 2, 4, 4), (1, 2, 4, 4), r"an explanation's weights \(N, T, 2C, H, W\): pass weights\[:, t\]"),
         ((2, 4, 4), (2, 4, 5), r"inputs must have the shape of weights \(2, 4, 4\)"),
         ((2, 4, 4), (1, 2, 4, 4), r"inputs must have the shape of weights"),
         ((0, 4, 4), (0, 4, 4), r"non-empty"),
@@ -231,7 +233,7 @@ def test_contribution_map_batch_and_tensor_and_errors():
     assert batch.shape == (2, 4, 5, 4)
     np.testing.assert_allclose(batch[1], contribution_map(values[1]), atol=1e-6)
     assert 0 <= batch.min() and batch.max() <= 1
-    with pytest.raises(ValueError, match=r"\(H, W\) or \(N, H, W\), got \(1, 2, 4, 5\)"):
+    with pytest.raises(ValueError, match=r"\(H, W\) or \(N, H, W\), got \(1, 2, 4, 5\) .*pass contributions\[:, t\]"):
         contribution_map(np.zeros((1, 2, 4, 5)))
     with pytest.raises(ValueError, match="unknown matplotlib colour map 'nope'"):
         contribution_map(np.zeros((2, 2)), cmap="nope")
@@ -384,10 +386,10 @@ def test_explanation_figure_several_targets(nano_explanation, tmp_path):
 def test_explanation_figure_single_target_defaults(nano_explanation, tmp_path):
     images, _ = nano_explanation
     model = bcosvit.create_model("bcos_vit_nano_patch4_28")
-    expl = bcosvit.explain(model, images)  # predicted class, target (N,)
+    expl = bcosvit.explain(model, images)  # predicted class, target (N, 1)
     fig = explanation_figure(None, expl, max_images=1)
     assert len(fig.axes) == 3
-    predicted = int(expl.target[0])
+    predicted = int(expl.target[0, 0])
     assert fig.axes[1].get_title() == f"{predicted}: p={float(expl.probabilities[0, predicted]):.2f}"
     save_figure(fig, tmp_path / "single.svg")
     assert (tmp_path / "single.svg").read_text().lstrip().startswith("<?xml")
@@ -401,6 +403,11 @@ def test_explanation_figure_bad_input(nano_explanation):
         explanation_figure(images, expl, max_images=0)
     with pytest.raises(ValueError, match="explanation must be a bcosvit Explanation"):
         explanation_figure(images, {"weights": expl.weights})
+    squeezed = dataclasses.replace(expl, weights=expl.weights[:, 0])  # the target axis is always there
+    with pytest.raises(ValueError, match=r"expected \(N, T, 2C, H, W\)"):
+        explanation_figure(images, squeezed)
+    with pytest.raises(ValueError, match=r"explanation.target has shape \(2,\), expected \(2, 2\)"):
+        explanation_figure(images, dataclasses.replace(expl, target=expl.target[:, 0]))
     with pytest.raises(ValueError, match="save_figure needs a matplotlib Figure"):
         save_figure("not a figure", "x.png")
 

@@ -10,19 +10,24 @@ and ``load_model``. ``bcosvit.app`` is the application built on it: the command 
 loop and its recipes, the evaluation protocol, the report, datasets and image files. The library
 never imports the application, and nothing in the library below the weights wing imports it.
 
+A model's preprocessing is library API too: ``bcosvit.transforms(model)`` (a torchvision v2
+transform) and ``bcosvit.load_image(path, model)`` (any image file, as the model takes it), both
+from ``bcosvit.images``.
+
 The sub-modules that pull in heavier libraries (``attribution``: Captum; ``visualize``: matplotlib;
-``metrics``, ``app``) are imported on first use, so ``import bcosvit`` stays light while
-``bcosvit.attribution.attribute(...)`` works without importing the module first.
+``images``: torchvision and Pillow; ``metrics``, ``app``) are imported on first use, so ``import
+bcosvit`` stays light while ``bcosvit.attribution.attribute(...)`` works without importing the
+module first.
 """
 
 import importlib
-from types import ModuleType
 
 from .bcosification import bcosify
 from .errors import BcosVitError, CheckpointError, ConfigError, DataError, InputError
 from .explanation import Explanation, explain, explain_unit, token_contributions
 from .layers import explanation_mode
 from .models import VisionTransformer, ViTConfig, list_models
+from .targets import TopK
 from .weights import convert_official, create_model, list_pretrained, list_pretrained_weights, load_model
 
 __version__ = "0.1.0"
@@ -34,6 +39,7 @@ __all__ = [
     "DataError",
     "Explanation",
     "InputError",
+    "TopK",
     "ViTConfig",
     "VisionTransformer",
     "bcosify",
@@ -45,19 +51,24 @@ __all__ = [
     "list_models",
     "list_pretrained",
     "list_pretrained_weights",
+    "load_image",
     "load_model",
     "token_contributions",
+    "transforms",
 ]
 
-_LAZY_SUBMODULES = frozenset({"app", "attribution", "metrics", "visualize"})
+_LAZY_SUBMODULES = frozenset({"app", "attribution", "images", "metrics", "visualize"})
+_LAZY_FUNCTIONS = {"load_image": "images", "transforms": "images"}  # name -> the sub-module defining it
 
 
-def __getattr__(name: str) -> ModuleType:
-    """Import the sub-module ``bcosvit.<name>`` on first attribute access (PEP 562)."""
+def __getattr__(name: str) -> object:
+    """Import the sub-module ``bcosvit.<name>`` (or the one defining ``name``) on first access (PEP 562)."""
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY_FUNCTIONS:
+        return getattr(importlib.import_module(f".{_LAZY_FUNCTIONS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _LAZY_SUBMODULES)
+    return sorted(set(globals()) | _LAZY_SUBMODULES | set(_LAZY_FUNCTIONS))

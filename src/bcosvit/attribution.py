@@ -35,10 +35,11 @@ Methods (``METHODS``):
   ``baseline=b``, ``bcosvit.explain(..., baseline=b).contributions``: the same weights applied to the
   change from the baseline image ``b``.
 
-Token relevance without a class token: these models pool by averaging the tokens, so the logit
-sees every output token equally. For ``rollout`` and ``transformer_attribution`` the relevance of
-input token ``j`` is therefore the mean over output tokens ``i`` of ``R[i, j]`` (where a class-token
-model would read the class-token row). Token maps are laid out on the token grid
+Token relevance: a model that pools by averaging its patch tokens (``global_pool="avg"``, the
+published models) lets the logit see every output token equally, so for ``rollout`` and
+``transformer_attribution`` the relevance of input token ``j`` is the mean over the output patch
+tokens ``i`` of ``R[i, j]``; a model that classifies from a class token (``global_pool="token"``)
+reads the class token's row. Token maps are laid out on the token grid
 ``(H // patch_size, W // patch_size)`` and bilinearly upsampled (``align_corners=False``) to ``(H, W)``.
 
 All methods run in eval mode with gradient checkpointing and explanation mode switched off (the
@@ -57,7 +58,8 @@ from captum.attr import InputXGradient, IntegratedGradients, Saliency
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .explanation import BaselineLike, ImagesLike, as_model_input, baseline_image, explain
+from .explanation import BaselineLike, baseline_image, explain
+from .inputs import ImagesLike, as_model_input
 from .layers.detach import attribution_state
 from .models.vit import Capture, VisionTransformer
 from .targets import TargetLike, normalize_target
@@ -90,7 +92,7 @@ def _require_vit(model: nn.Module) -> VisionTransformer:
 
 
 def _prepare(model: nn.Module, images: ImagesLike) -> tuple[VisionTransformer, Tensor]:
-    """The model, checked, and ``images`` as the tensor it computes with (``explain.as_model_input``)."""
+    """The model, checked, and ``images`` as the tensor it computes with (``bcosvit.inputs.as_model_input``)."""
     model = _require_vit(model)
     return model, as_model_input(model, images)
 
@@ -287,7 +289,8 @@ def bcos(
 ) -> Tensor:
     """Exact B-cos contributions ``w(x) · [x, 1 - x]`` summed over channels -> ``(N, H, W)``.
 
-    ``bcosvit.explain(model, images, target, baseline=baseline).contributions`` as float32. With
+    ``bcosvit.explain(model, images, target, baseline=baseline).contributions`` of the one target per
+    image (``[:, 0]``), as float32. With
     ``baseline`` (a pixel value, or an image broadcastable to ``(C, H, W)``, in [0, 1]) the same weights
     apply to the change from the baseline instead: ``w(x) · ([x, 1 - x] - [b, 1 - b])``. That map sums to
     the target logit minus the explanation's linear map evaluated at the baseline image (``positional``
@@ -306,7 +309,7 @@ def bcos(
     with attribution_state(model, explanation=False):
         target = _targets(model, images, target)  # the predicted class (when None) in eval mode
     expl = explain(model, images, target, baseline=baseline)  # explain() restores the model's state
-    return _finish(expl.contributions)
+    return _finish(expl.contributions[:, 0])  # (N, 1, H, W): the one target per image
 
 
 # --- Registry and the uniform entry point --------------------------------------------------------

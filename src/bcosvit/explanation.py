@@ -8,7 +8,12 @@ whole batch at once, and once per explained class when several classes are asked
 
 Every function here takes images as a tensor or an array-like (numpy array, nested lists) of shape
 ``(N, C, H, W)``: floats in [0, 1] of any dtype, or uint8 in [0, 255]. They are converted to the
-model's dtype and device (``as_model_input``) and every tensor returned is in that dtype, on that device.
+model's dtype and device (``bcosvit.inputs.as_model_input``) and every tensor returned is in that
+dtype, on that device.
+
+Every result keeps its target axis, whatever form the target takes (as Captum's results do not
+depend on the argument's form): ``(N, T, ...)`` with ``T = 1`` for None, an int, a class name or one
+class per image, ``T`` for an ``(N, T)`` tensor and ``k`` for ``TopK(k)``.
 """
 
 from __future__ import annotations
@@ -21,20 +26,20 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
+from .inputs import ImagesLike, as_model_input
 from .layers.detach import attribution_state
-from .models.vit import Capture, CaptureRecord, VisionTransformer, check_pixel_values
-from .targets import TargetLike, normalize_target
+from .models.vit import Capture, CaptureRecord, VisionTransformer, check_pixel_values, class_probabilities
+from .targets import TargetLike, normalize_target, target_columns
 
-ImagesLike = Any  # a Tensor, numpy array or nested lists of shape (N, C, H, W); see as_model_input
 BaselineLike = Any  # a pixel value in [0, 1], or a tensor/array broadcastable to (C, H, W)
 
 
 @dataclass
 class Explanation:
-    """The dynamic linear explanation of a batch.
+    """The dynamic linear explanation of a batch, for ``T`` targets per image.
 
-    ``[T,]`` marks the axis present when several targets per image were asked for. Tensors are in
-    the model's dtype and on its device, except ``target`` (long) and ``completeness_error`` (float64).
+    The target axis ``T`` is always there (``T = 1`` for one target per image). Tensors are in the
+    model's dtype and on its device, except ``target`` (long) and ``completeness_error`` (float64).
 
     Channel order: the encoded input is ``[x, 1 - x]`` along the channel axis, so of the ``2C``
     channels of ``inputs`` and ``weights`` the first ``C`` belong to the image ``x`` and the last
@@ -42,18 +47,18 @@ class Explanation:
 
     Attributes:
         logits: ``(N, K)`` model outputs.
-        target: ``(N,)`` or ``(N, T)`` explained classes (or units, for intermediate explanations).
-        outputs: ``(N, [T])`` the explained values (the target logits, or the intermediate units).
+        target: ``(N, T)`` explained classes (or units, for intermediate explanations).
+        outputs: ``(N, T)`` the explained values (the target logits, or the intermediate units).
         inputs: ``(N, 2C, H, W)`` encoded input ``[x, 1 - x]`` the weights apply to.
-        weights: ``(N, [T,] 2C, H, W)`` dynamic linear weights ``w(x)`` (channels ``[x, 1 - x]``).
-        contributions: ``(N, [T,] H, W)`` = ``(weights * (inputs - [b, 1 - b])).sum`` over channels, with
+        weights: ``(N, T, 2C, H, W)`` dynamic linear weights ``w(x)`` (channels ``[x, 1 - x]``).
+        contributions: ``(N, T, H, W)`` = ``(weights * (inputs - [b, 1 - b])).sum`` over channels, with
             ``b`` the baseline image (``explain(..., baseline=b)``); without a baseline ``(weights * inputs).sum``.
-        positional: ``(N, [T])`` contribution of the additive positional embedding (0 when none).
+        positional: ``(N, T)`` contribution of the additive positional embedding (0 when none).
         logit_bias: the constant added to every logit (0 for intermediate units).
-        at_baseline: ``(N, [T])`` the explanation's linear map at the baseline image,
+        at_baseline: ``(N, T)`` the explanation's linear map at the baseline image,
             ``w(x)·[b, 1 - b] + positional + logit_bias`` (without a baseline: at the encoded input 0,
             ``positional + logit_bias``). ``contributions`` sum to ``outputs - at_baseline``.
-        completeness_error: ``(N, [T])`` ``|outputs - contributions.sum - at_baseline|``, in float64.
+        completeness_error: ``(N, T)`` ``|outputs - contributions.sum - at_baseline|``, in float64.
     """
 
     logits: Tensor
@@ -69,7 +74,7 @@ class Explanation:
 
     @property
     def signed_weights(self) -> Tensor:
-        """``(N, [T,] C, H, W)`` ``w_x - w_(1-x)``: the weight of brightening each pixel of each channel.
+        """``(N, T, C, H, W)`` ``w_x - w_(1-x)``: the weight of brightening each pixel of each channel.
 
         The linear map changes by ``(signed_weights * dx).sum()`` when the image changes by ``dx``
         (``[x + dx, 1 - x - dx]`` moves the two halves of the encoding in opposite directions).
@@ -79,8 +84,9 @@ class Explanation:
 
     @property
     def probabilities(self) -> Tensor:
-        """``(N, K)`` class probabilities ``sigmoid(logits)`` (the B-cos training objective is BCE)."""
-        return torch.sigmoid(self.logits)
+        """``(N, K)`` class probabilities ``sigmoid(logits)`` (``bcosvit.models.class_probabilities`` of
+        a B-cos model: its training objective is BCE)."""
+        return class_probabilities(self.logits, is_bcos=True)
 
     def __len__(self) -> int:
         return self.logits.shape[0]
@@ -94,7 +100,7 @@ class Explanation:
 
     @property
     def relative_completeness_error(self) -> Tensor:
-        """``(N, [T])`` completeness error divided by ``max(|outputs|, 1e-12)``."""
+        """``(N, T)`` completeness error divided by ``max(|outputs|, 1e-12)``."""
         return self.completeness_error / self.outputs.abs().clamp_min(1e-12)
 
 
@@ -107,36 +113,6 @@ def _require_bcos(model: nn.Module) -> VisionTransformer:
             "(use the post-hoc methods in bcosvit.attribution for it)"
         )
     return model
-
-
-def as_model_input(model: VisionTransformer, images: ImagesLike) -> Tensor:
-    """``images`` as the checked ``(N, C, H, W)`` tensor ``model`` computes with.
-
-    Accepts a tensor or an array-like (numpy array, nested lists) of floats in [0, 1] of any float
-    dtype, or of uint8 in [0, 255] (divided by 255). Returns a tensor in the model's dtype on the
-    model's device (``images`` itself when it already is one). Raises ``InputError`` for other dtypes
-    and for what ``model.check_input`` rejects (shape, channels, NaN/Inf, values far outside [0, 1]).
-    """
-    if not isinstance(images, Tensor):
-        try:
-            images = torch.as_tensor(images)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise InputError(
-                f"expected images as a tensor or an array of shape (N, C, H, W), got {type(images).__name__} ({exc})"
-            ) from None
-    if images.is_inference():
-        images = images.clone()  # a tensor made under torch.inference_mode() cannot be saved for backward
-    if not images.is_floating_point() and images.dtype != torch.uint8:
-        raise InputError(
-            f"expected float images in [0, 1] or uint8 images in [0, 255], got dtype {images.dtype}; "
-            "convert them to float and divide by their maximum value (255 for 8-bit images)"
-        )
-    param = model.norm.weight
-    converted = images.to(device=param.device, dtype=param.dtype)
-    if images.dtype == torch.uint8:
-        converted = converted / 255
-    model.check_input(converted)
-    return converted
 
 
 def baseline_image(baseline: BaselineLike, images: Tensor) -> Tensor:
@@ -227,7 +203,8 @@ def _assemble(
     bias: float,
     encoded_baseline: Tensor | None = None,
 ) -> Explanation:
-    """The ``Explanation`` from the passes' results ``(N, T, ...)`` and the encoded ``inputs`` ``(N, 2C, H, W)``;
+    """The ``Explanation`` from the passes' results ``(N, T, ...)`` (``target`` ``(N, T)``) and the encoded
+    ``inputs`` ``(N, 2C, H, W)``;
     ``encoded_baseline`` ``(1, 2C, H, W)`` is ``[b, 1 - b]`` of the baseline image (None: contributions
     relative to the encoded input 0)."""
     detach = not weights.requires_grad
@@ -247,10 +224,6 @@ def _assemble(
         - bias
     ).abs()
     at_baseline = baseline_term + positional + bias
-    if target.ndim == 1:
-        outputs, weights, contributions, positional, at_baseline, error = (
-            t.squeeze(1) for t in (outputs, weights, contributions, positional, at_baseline, error)
-        )
     return Explanation(
         logits=logits.detach() if detach else logits,
         target=target,
@@ -266,10 +239,10 @@ def _assemble(
 
 
 def _class_targets(model: VisionTransformer, logits: Tensor, target: TargetLike) -> tuple[Tensor, Tensor]:
-    """The classes to explain, ``(N,)`` or ``(N, T)`` (None: the predicted ones), and their logits ``(N, T)``."""
-    default = logits.argmax(dim=1).detach()
-    target = normalize_target(target, default, logits.shape[1], "class", model.config.class_names)
-    return target, logits.gather(1, target if target.ndim == 2 else target[:, None])
+    """The classes to explain ``(N, T)`` (None: the predicted ones; ``TopK(k)``: the ``k`` largest
+    logits), and their logits ``(N, T)``."""
+    target = target_columns(target, logits, "class", model.config.class_names)
+    return target, logits.gather(1, target)
 
 
 def explain(
@@ -287,7 +260,8 @@ def explain(
         images: ``(N, C, H, W)`` in [0, 1] (any float dtype, or uint8 in [0, 255]), a tensor or an
             array-like (numpy, lists); computed in the model's dtype on the model's device.
         target: None (the predicted class), an int (the same class for every image), a sequence of
-            N classes, or an ``(N, T)`` tensor of T classes per image. Classes may be given by name
+            N classes, an ``(N, T)`` tensor of T classes per image, or ``bcosvit.TopK(k)`` (each
+            image's k most likely classes, from the same forward pass). Classes may be given by name
             (a str, or lists of them) when the model has ``config.class_names``. One forward pass
             serves all targets; each target costs one backward pass for the whole batch.
         baseline: None, or the baseline image's pixel value in [0, 1] or a tensor broadcastable to
@@ -301,8 +275,10 @@ def explain(
             regularised training); parameter gradients are otherwise never touched.
 
     Returns:
-        an ``Explanation`` in the model's dtype and on its device; its ``completeness_error`` checks
-        ``logit = contributions.sum + at_baseline``, i.e. ``w·z + positional + bias``.
+        an ``Explanation`` of ``T`` targets per image (``weights`` ``(N, T, 2C, H, W)``, ``T = 1``
+        unless an ``(N, T)`` tensor or ``TopK`` asks for more), in the model's dtype and on its
+        device; its ``completeness_error`` ``(N, T)`` checks ``logit = contributions.sum + at_baseline``,
+        i.e. ``w·z + positional + bias``.
 
     Raises ``ConfigError`` under ``torch.inference_mode()`` (explanations need autograd; they work
     under ``torch.no_grad()``).
@@ -311,14 +287,14 @@ def explain(
     images = as_model_input(model, images)
     encoded_baseline = None if baseline is None else model.encode(baseline_image(baseline, images))
     with attribution_state(model):
-        logits, record = model(images, capture=Capture())
+        logits, record = model(images, capture=Capture(), check=False)  # as_model_input checked the images
         target, outputs = _class_targets(model, logits, target)
         weights, positional, _ = dynamic_linear_weights(record, outputs, create_graph)
     bias = model.logit_bias_value
     return _assemble(logits, target, outputs, record.inputs, weights, positional, bias, encoded_baseline)
 
 
-UNIT_CHOICES = ("max", "norm")  # explain_unit's channel choices besides channel indices
+UNIT_CHOICES = ("max", "norm")  # explain_unit's channel choices by name, besides channel indices and TopK
 
 
 def explain_unit(
@@ -335,24 +311,25 @@ def explain_unit(
             block ``k`` (1-based), ``-1`` for the last block.
         token: the token index (row-major over the token grid, after the class token where the model
             has one: index 0 is then the class token), one int or one per image.
-        channel: the channel(s) of that token to explain, in the same forms as ``explain``'s target;
-            or ``"max"``: each image's channel of largest value at that token; or ``"norm"``: the
-            token's norm ``||h|| = (h / ||h||) · h``, the unit along the token's own direction (the
-            direction, like every input-dependent factor in explanation mode, held constant).
+        channel: the channel(s) of that token to explain, in the same forms as ``explain``'s target
+            (``TopK(k)``: the token's ``k`` largest channels); or ``"max"``: each image's channel of
+            largest value at that token; or ``"norm"``: the token's norm ``||h|| = (h / ||h||) · h``,
+            the unit along the token's own direction (the direction, like every input-dependent
+            factor in explanation mode, held constant).
 
     Returns:
-        an ``Explanation`` whose ``outputs`` are the unit values ``(N, [T])`` and ``target`` the
-        channels (for ``"norm"``: -1), in the model's dtype and on its device (``images`` as in
-        ``explain``).
+        an ``Explanation`` whose ``outputs`` are the unit values ``(N, T)`` and ``target`` the
+        channels ``(N, T)`` (for ``"norm"``: -1; ``T = 1`` for one channel), in the model's dtype and
+        on its device (``images`` as in ``explain``).
     """
     model = _require_bcos(model)
     images = as_model_input(model, images)
     with attribution_state(model):
-        logits, record = model(images, capture=Capture(layers=(layer,)))
+        logits, record = model(images, capture=Capture(layers=(layer,)), check=False)
         tokens = record.tokens[layer]
         n, num_tokens, dim = tokens.shape
         token_index = normalize_target(
-            token, torch.zeros(n, dtype=torch.long, device=tokens.device), num_tokens, "token"
+            token, torch.zeros(n, dtype=torch.long, device=tokens.device), num_tokens, "token", name="token"
         )
         if token_index.ndim != 1:
             raise InputError(f"token must be an int or one index per image, got shape {tuple(token_index.shape)}")
@@ -363,12 +340,11 @@ def explain_unit(
             channel = picked.detach().argmax(dim=1) if channel == "max" else None
         if channel is None:  # "norm": the token along its own direction
             direction = picked.detach() / picked.detach().norm(dim=1, keepdim=True).clamp_min(1e-12)
-            channels = torch.full((n,), -1, dtype=torch.long, device=tokens.device)
+            channels = torch.full((n, 1), -1, dtype=torch.long, device=tokens.device)
             outputs = (picked * direction).sum(dim=1, keepdim=True)
         else:
-            channels = normalize_target(channel, token_index, dim, "channel")
-            index = channels if channels.ndim == 2 else channels[:, None]
-            outputs = picked.gather(1, index)
+            channels = target_columns(channel, picked, "channel")
+            outputs = picked.gather(1, channels)
         weights, positional, _ = dynamic_linear_weights(record, outputs)
     return _assemble(logits.detach(), channels, outputs, record.inputs, weights, positional, 0.0)
 
@@ -389,9 +365,9 @@ def token_contributions(
             target (e.g. ``range(model.config.depth + 1)``: where the evidence sits block by block).
 
     Returns:
-        ``(N, [T,] rows, cols)`` contributions on the token grid, or ``(N, [T,] K, rows, cols)`` for
-        a sequence of layers, in the model's dtype and on its device (``images`` and ``target`` as
-        in ``explain``).
+        ``(N, T, rows, cols)`` contributions on the token grid, or ``(N, T, K, rows, cols)`` for a
+        sequence of K layers, in the model's dtype and on its device (``images`` and ``target`` as
+        in ``explain``: ``T = 1`` for one class per image, ``k`` for ``TopK(k)``).
     """
     model = _require_bcos(model)
     images = as_model_input(model, images)
@@ -400,11 +376,10 @@ def token_contributions(
     if not layers:
         raise InputError("layer must be a layer index or a non-empty sequence of them")
     with attribution_state(model):
-        logits, record = model(images, capture=Capture(layers=layers))
+        logits, record = model(images, capture=Capture(layers=layers), check=False)
         target, outputs = _class_targets(model, logits, target)
         _, _, token_grads = dynamic_linear_weights(record, outputs, layer=list(layers))
     tokens = torch.stack([record.tokens[k].detach() for k in layers], dim=1)  # (N, K, L, D)
     per_token = (token_grads * tokens.unsqueeze(1)).sum(dim=-1)  # (N, T, K, L)
-    per_token = per_token[..., record.num_prefix_tokens :].unflatten(-1, record.grid)
-    per_token = per_token if several else per_token.squeeze(2)
-    return per_token.squeeze(1) if target.ndim == 1 else per_token
+    per_token = per_token[..., record.num_prefix_tokens :].unflatten(-1, record.grid)  # (N, T, K, rows, cols)
+    return per_token if several else per_token[:, :, 0]

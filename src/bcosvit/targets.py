@@ -2,13 +2,17 @@
 long tensors of indices, one place for every function of the library that takes them.
 
 A target is an int (the same class for every image), a class name (``str``; looked up in the
-model's ``config.class_names``), a sequence of one per image, or an ``(N, T)`` tensor (or nested
-lists) of ``T`` per image. Intermediate explanations name tokens and channels the same way.
+model's ``config.class_names``), a sequence of one per image, an ``(N, T)`` tensor (or nested
+lists) of ``T`` per image, or ``TopK(k)``: each image's ``k`` most likely classes, picked from the
+logits of the forward pass that is explained. Intermediate explanations name tokens and channels
+the same way.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,11 +20,40 @@ from torch import Tensor
 
 from .errors import InputError
 
-__all__ = ["TargetLike", "normalize_target", "required_classes", "resolve_target"]
-
-TargetLike = int | str | Sequence[int | str] | Sequence[Sequence[int | str]] | Tensor | None
+__all__ = ["TargetLike", "TopK", "normalize_target", "required_classes", "resolve_target", "target_columns"]
 
 _PLURAL = {"class": "classes", "token": "tokens", "channel": "channels"}
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Each image's ``k`` most likely classes, largest logit first: ``explain(model, images, TopK(2))``.
+
+    The classes are picked from the logits of the same forward pass that is explained (no extra
+    forward). ``explain``, ``token_contributions`` and ``explain_unit`` (``channel=TopK(k)``: the
+    token's ``k`` largest channels) take it; their results have ``T = k`` targets per image.
+
+    Raises ``InputError`` unless ``k`` is an int >= 1.
+    """
+
+    k: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral) or self.k < 1:
+            raise InputError(f"TopK needs a whole number k >= 1 (how many classes per image), got {self.k!r}")
+        object.__setattr__(self, "k", int(self.k))
+
+    def indices(self, scores: Tensor, what: str = "class") -> Tensor:
+        """``(N, k)`` long indices of the ``k`` largest of ``scores`` ``(N, K)`` per row, largest first;
+        ``InputError`` when ``k > K``."""
+        if self.k > scores.shape[1]:
+            raise InputError(
+                f"TopK({self.k}) asks for {self.k} {_PLURAL[what]} per image, but there are only {scores.shape[1]}"
+            )
+        return scores.detach().topk(self.k, dim=1).indices
+
+
+TargetLike = int | str | Sequence[int | str] | Sequence[Sequence[int | str]] | Tensor | TopK | None
 
 
 def resolve_target(target: str | int, class_names: Sequence[str] | None, num_classes: int) -> int:
@@ -74,6 +107,11 @@ def normalize_target(
     n = default.shape[0]
     if target is None:
         return default
+    if isinstance(target, TopK):
+        raise InputError(
+            f"{name}={target!r} is not accepted here: top-k targets are taken by bcosvit.explain and "
+            f"token_contributions (classes) and explain_unit (channels); give the {_PLURAL[what]} explicitly"
+        )
     if what == "class" and num_outputs is not None:
         target = _class_names_to_indices(target, class_names, num_outputs)
     if isinstance(target, int):
@@ -102,6 +140,29 @@ def normalize_target(
     if num_outputs is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_outputs):
         raise InputError(f"{what} targets must lie in [0, {num_outputs - 1}], got values {t.unique().tolist()[:10]}")
     return t.to(default.device)
+
+
+def target_columns(
+    target: TargetLike,
+    scores: Tensor,
+    what: str = "class",
+    class_names: Sequence[str] | None = None,
+) -> Tensor:
+    """``target`` as a long tensor ``(N, T)`` of ``T`` targets per image, on the device of ``scores``.
+
+    Every form keeps the target axis: None (the largest of ``scores``), an int, a name or one target
+    per image give ``T = 1``; an ``(N, T)`` tensor gives its ``T``; ``TopK(k)`` gives each row's ``k``
+    largest ``scores`` (``T = k``, largest first).
+
+    Args:
+        scores: ``(N, K)`` the values the targets index (logits, or a token's channels), detached here.
+        what, class_names: as in ``normalize_target`` (names are looked up for "class").
+    """
+    if isinstance(target, TopK):
+        return target.indices(scores, what)
+    default = scores.detach().argmax(dim=1)
+    columns = normalize_target(target, default, scores.shape[1], what, class_names)
+    return columns if columns.ndim == 2 else columns[:, None]
 
 
 def required_classes(target: TargetLike, n: int, name: str = "target") -> Tensor:

@@ -203,8 +203,8 @@ def colour_explanation(
     (``Explanation.inputs``).
 
     Args:
-        weights: ``(2C, H, W)`` or a batch ``(N, 2C, H, W)`` of dynamic linear weights ``w(x)``
-            (one target per image: index ``Explanation.weights[:, t]`` for several targets).
+        weights: ``(2C, H, W)`` or a batch ``(N, 2C, H, W)`` of dynamic linear weights ``w(x)`` of
+            one target per image (``Explanation.weights[:, t]``, of ``(N, T, 2C, H, W)``).
         inputs: the encoded input ``[x, 1 - x]`` of the same shape as ``weights``.
         smooth: averaging window of the alpha channel in pixels; 0 or 1 for no smoothing.
         percentile: the alpha percentile (in ``(0, 100]``) that is mapped to full opacity.
@@ -217,7 +217,7 @@ def colour_explanation(
     if w.ndim not in (3, 4):
         raise InputError(
             f"weights must have shape (2C, H, W) or (N, 2C, H, W), got {tuple(w.shape)}"
-            + (" (several targets per image: pass weights[:, t])" if w.ndim == 5 else "")
+            + (" (an explanation's weights (N, T, 2C, H, W): pass weights[:, t])" if w.ndim == 5 else "")
         )
     if w.shape[-3] % 2 != 0:
         raise InputError(f"expected an even number of channels [x, 1-x], got {w.shape[-3]}")
@@ -263,7 +263,8 @@ def contribution_map(contributions: ArrayLike, percentile: float = 99.5, cmap: s
     (blue, white, red for ``"bwr"``).
 
     Args:
-        contributions: ``(H, W)`` or a batch ``(N, H, W)`` (``Explanation.contributions``).
+        contributions: ``(H, W)`` or a batch ``(N, H, W)`` (``Explanation.contributions[:, t]``, of
+            ``(N, T, H, W)``).
         percentile: in ``(0, 100]``; the absolute value mapped to the ends of the colour map.
         cmap: the name of a matplotlib colour map, preferably a diverging one.
 
@@ -272,7 +273,10 @@ def contribution_map(contributions: ArrayLike, percentile: float = 99.5, cmap: s
     """
     values = _to_numpy(contributions, "contributions").astype(np.float64)
     if values.ndim not in (2, 3):
-        raise InputError(f"contributions must have shape (H, W) or (N, H, W), got {tuple(values.shape)}")
+        raise InputError(
+            f"contributions must have shape (H, W) or (N, H, W), got {tuple(values.shape)}"
+            + (" (an explanation's contributions (N, T, H, W): pass contributions[:, t])" if values.ndim == 4 else "")
+        )
     _check_finite(values, "contributions")
     percentile = _check_percentile(percentile)
     colormap = _diverging_cmap(cmap)
@@ -403,16 +407,6 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 100) -> Pa
 # figures
 
 
-def _per_target(value: torch.Tensor, ndim_single: int, name: str) -> torch.Tensor:
-    """Insert the target axis when an explanation has one target per image."""
-    value = value.detach().cpu()
-    if value.ndim == ndim_single:
-        return value.unsqueeze(1)
-    if value.ndim == ndim_single + 1:
-        return value
-    raise InputError(f"explanation.{name} has an unexpected shape {tuple(value.shape)}")
-
-
 def explanation_figure(
     images: ArrayLike | None,
     explanation: Explanation,
@@ -429,7 +423,8 @@ def explanation_figure(
     Args:
         images: ``(N, C, H, W)`` images in ``[0, 1]`` as given to ``explain``; None takes them
             from the encoded input (its first ``C`` channels).
-        explanation: from ``bcosvit.explain`` (one or several targets per image).
+        explanation: from ``bcosvit.explain``: ``weights`` ``(N, T, 2C, H, W)``, ``contributions``
+            ``(N, T, H, W)`` and ``target`` ``(N, T)``, one column of panels per target.
         class_names: optional names indexed by class.
         max_images: at most this many rows (the first images).
         row_labels: one label per image for the rows (default ``image i``), e.g. the true class.
@@ -445,14 +440,21 @@ def explanation_figure(
     if inputs.ndim != 4 or inputs.shape[1] % 2 != 0:
         raise InputError(f"explanation.inputs must have shape (N, 2C, H, W), got {tuple(inputs.shape)}")
     n, channels2, height, width = inputs.shape
-    weights = _per_target(explanation.weights, 4, "weights")
-    contributions = _per_target(explanation.contributions, 3, "contributions")
-    target = _per_target(explanation.target, 1, "target")
-    if weights.shape[0] != n or weights.shape[2:] != inputs.shape[1:]:
+    weights = explanation.weights.detach().cpu()
+    contributions = explanation.contributions.detach().cpu()
+    target = explanation.target.detach().cpu()
+    if weights.ndim != 5 or weights.shape[0] != n or weights.shape[2:] != inputs.shape[1:]:
         raise InputError(
-            f"explanation.weights {tuple(explanation.weights.shape)} do not match "
-            f"explanation.inputs {tuple(inputs.shape)}"
+            f"explanation.weights {tuple(weights.shape)} do not match explanation.inputs {tuple(inputs.shape)}: "
+            "expected (N, T, 2C, H, W)"
         )
+    num_targets = weights.shape[1]
+    for name, value, shape in (
+        ("contributions", contributions, (n, num_targets, height, width)),
+        ("target", target, (n, num_targets)),
+    ):
+        if tuple(value.shape) != shape:
+            raise InputError(f"explanation.{name} has shape {tuple(value.shape)}, expected {shape}")
     if images is None:
         pictures = inputs[:, : channels2 // 2].numpy()
     else:
@@ -468,7 +470,6 @@ def explanation_figure(
     num_classes = probabilities.shape[1]
 
     rows = min(n, int(max_images))
-    num_targets = weights.shape[1]
     cols = 1 + 2 * num_targets
     fig = Figure(figsize=(2.0 * cols, 2.2 * max(rows, 1)), layout="constrained")
     FigureCanvasAgg(fig)

@@ -1,6 +1,6 @@
 """The bcosvit application, built on the library: the command line (``cli``), training runs and
 their recipes (``training``), the evaluation protocol (``evaluation``) and its HTML report
-(``report``), datasets (``data``), image files (``imageio``, ``explain_files``) and the choice of
+(``report``), datasets (``data``), explanations of image files (``explain_files``) and the choice of
 numeric precision (``precision``). The library (everything in ``bcosvit`` outside ``app``) never
 imports from here.
 
@@ -10,7 +10,7 @@ Sub-modules are imported on first use: ``bcosvit.app.training.train`` works afte
 import importlib
 from types import ModuleType
 
-_SUBMODULES = frozenset({"cli", "data", "evaluation", "explain_files", "imageio", "precision", "report", "training"})
+_SUBMODULES = frozenset({"cli", "data", "evaluation", "explain_files", "precision", "report", "training"})
 
 
 def __getattr__(name: str) -> ModuleType:

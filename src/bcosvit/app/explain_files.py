@@ -21,10 +21,10 @@ from PIL import Image
 from ..errors import ConfigError, InputError
 from ..explanation import explain
 from ..fileio import ensure_writable_dir
+from ..images import LoadedImage, background_rgb, load_image, open_regular_file
 from ..models.vit import VisionTransformer
-from ..targets import resolve_target
+from ..targets import TopK, resolve_target
 from ..visualize import FIGURE_SOFTWARE, explanation_figure, literal_text, save_figure
-from .imageio import LoadedImage, background_rgb, load_image, open_regular_file
 
 FIGURE_SUFFIX = ".explained.png"
 
@@ -111,15 +111,19 @@ def explain_files(
     if topk < 1:
         raise ConfigError(f"--topk must be >= 1, got {topk}")
     names = model.config.class_names or [str(i) for i in range(model.num_classes)]
-    topk = min(topk, model.num_classes)
-    fixed = resolve_target(target, model.config.class_names, model.num_classes) if target is not None else None
+    # the one class asked for, or each image's topk most likely ones (picked in explain's own forward)
+    targets = (
+        TopK(min(topk, model.num_classes))
+        if target is None
+        else resolve_target(target, model.config.class_names, model.num_classes)
+    )
     background_rgb(background)  # a bad value fails before the output folder is created
     out = ensure_writable_dir(out, "output folder (--out)")
     loaded: list[LoadedImage] = []
     failed: list[tuple[Path, str]] = []
     for path in paths:
         try:
-            loaded.append(load_image(path, model.in_chans, model.image_size, background, model.config.resize_size))
+            loaded.append(load_image(path, model, background))
         except InputError as exc:
             failed.append((Path(path), str(exc)))
             print(f"skipped {path}: {exc}")
@@ -128,16 +132,13 @@ def explain_files(
     for start in range(0, len(loaded), batch_size):
         chunk = loaded[start : start + batch_size]
         images = torch.stack([item.tensor for item in chunk])
-        with torch.no_grad():
-            logits = model(images)
-        targets = torch.full((len(chunk), 1), fixed) if fixed is not None else logits.topk(topk, dim=1).indices
-        expl = explain(model, images, target=targets)
-        probabilities = expl.probabilities.gather(1, targets)
+        expl = explain(model, images, target=targets)  # target (N, T): T = topk, or 1 for --target
+        probabilities = expl.probabilities.gather(1, expl.target)
         for i, item in enumerate(chunk):
             figure = explanation_figure(images[i : i + 1], expl[i], class_names=names)
             figure.suptitle(literal_text(item.path.name))
             path = save_figure(figure, figures[start + i])
-            classes = targets[i].tolist()
+            classes = expl.target[i].tolist()
             probs = probabilities[i].tolist()
             error = float(expl.completeness_error[i].max())
             results.append(FileExplanation(item.path, path, classes, probs, error))

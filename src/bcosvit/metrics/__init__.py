@@ -4,7 +4,7 @@ pointing game, deletion and insertion).
 An *attribution method* is any callable ``method(model, images, target) -> maps`` taking images
 ``(N, C, H, W)`` in [0, 1] and target classes ``(N,)`` (long) and returning spatial maps
 ``(N, H, W)`` at input resolution (a ``(N, C, H, W)`` result is summed over channels), e.g.
-``lambda m, x, t: bcosvit.explain(m, x, t).contributions``.
+``lambda m, x, t: bcosvit.explain(m, x, t).contributions[:, 0]`` (its one target per image).
 
 By job, in sub-modules whose names are all re-exported here:
 

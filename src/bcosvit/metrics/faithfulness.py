@@ -10,9 +10,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..inputs import as_model_input
 from ..layers.detach import attribution_state
+from ..models.vit import check_images
 from ..targets import required_classes
-from .passes import as_maps, check_batch_size, check_images, is_bcos_model, target_probabilities, to_model
+from .passes import as_maps, check_batch_size, is_bcos_model, target_probabilities
 from .statistics import mean_ci95
 
 
@@ -160,12 +162,12 @@ def deletion_insertion(
     scores = torch.empty(n, steps + 1, dtype=torch.float64)
     probabilities = torch.empty(image_of.numel(), dtype=torch.float64)
     with attribution_state(model, explanation=None, gradients=None):
-        constant = to_model(model, fill.expand(1, c, h, w).contiguous())
+        constant = as_model_input(model, fill.expand(1, c, h, w).contiguous())
         constant_score = target_probabilities(model(constant).expand(n, -1), target, bcos).double().cpu()
         base = constant[0]  # (C, H, W) on the model's device and dtype
         for start in range(0, image_of.numel(), batch_size):
             part = slice(start, start + batch_size)
-            x = to_model(model, images[image_of[part]])
+            x = as_model_input(model, images[image_of[part]])
             top = rank[image_of[part]] < counts[step_of[part]][:, None]
             top = top.reshape(-1, 1, h, w).to(x.device)  # (B, 1, H, W)
             x = torch.where(top, base, x) if mode == "deletion" else torch.where(top, x, base)

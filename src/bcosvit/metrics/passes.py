@@ -9,7 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
+from ..inputs import as_model_input
 from ..layers.detach import attribution_state
+from ..models.vit import check_images, class_probabilities
 from ..targets import required_classes
 
 AttributionMethod = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -29,28 +31,9 @@ def is_bcos_model(model: nn.Module, is_bcos: bool | None) -> bool:
 
 
 def target_probabilities(logits: Tensor, target: Tensor, is_bcos: bool) -> Tensor:
-    """``(N,)`` probability of ``target`` ``(N,)`` from ``logits`` ``(N, K)``: sigmoid (B-cos) or softmax."""
-    index = target.to(logits.device).long()[:, None]
-    if is_bcos:
-        return torch.sigmoid(logits.gather(1, index)).squeeze(1)
-    return torch.softmax(logits, dim=1).gather(1, index).squeeze(1)
-
-
-def to_model(model: nn.Module, x: Tensor) -> Tensor:
-    """Move images to the model's device and floating dtype (models without parameters: unchanged)."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point():
-            return x.to(tensor.device, tensor.dtype)
-    return x
-
-
-def check_images(images: Tensor) -> None:
-    """Raise ``InputError`` unless ``images`` is a floating-point ``(N, C, H, W)`` tensor."""
-    if not isinstance(images, Tensor) or images.ndim != 4:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise InputError(f"expected images of shape (N, C, H, W), got {shape}")
-    if not images.is_floating_point():
-        raise InputError(f"expected floating-point images in [0, 1], got dtype {images.dtype}; divide uint8 by 255")
+    """``(N,)`` probability of ``target`` ``(N,)`` from ``logits`` ``(N, K)`` (``class_probabilities``:
+    sigmoid for B-cos models, softmax for standard ones)."""
+    return class_probabilities(logits, is_bcos, target.to(logits.device).long()[:, None]).squeeze(1)
 
 
 def check_batch_size(batch_size: int) -> None:
@@ -90,7 +73,7 @@ def compute_attributions(
     out = []
     with attribution_state(model, explanation=None, gradients=None):
         for start in range(0, images.shape[0], batch_size):
-            x = to_model(model, images[start : start + batch_size])
+            x = as_model_input(model, images[start : start + batch_size])
             t = target[start : start + batch_size].to(x.device)
             out.append(as_maps(method(model, x, t), x).cpu())
     return torch.cat(out) if out else images.new_zeros((0, *images.shape[2:]), dtype=torch.float64)
@@ -103,7 +86,7 @@ def predict_logits(model: nn.Module, images: Tensor, batch_size: int = 32) -> Te
     check_batch_size(batch_size)
     with attribution_state(model, explanation=None, gradients=None):
         parts = [
-            model(to_model(model, images[start : start + batch_size])).float().cpu()
+            model(as_model_input(model, images[start : start + batch_size])).float().cpu()
             for start in range(0, images.shape[0], batch_size)
         ]
     return torch.cat(parts) if parts else torch.zeros(0, 0)

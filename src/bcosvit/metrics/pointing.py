@@ -13,17 +13,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
+from ..inputs import as_model_input
 from ..layers.detach import attribution_state
+from ..models.vit import check_images
 from ..targets import required_classes
 from .passes import (
     AttributionMethod,
     as_maps,
     check_batch_size,
-    check_images,
     is_bcos_model,
     predict_logits,
     target_probabilities,
-    to_model,
 )
 from .statistics import mean_ci95
 
@@ -368,7 +368,7 @@ def grid_pointing_game(
     with attribution_state(model, explanation=None, gradients=None):
         for start in range(0, g * cells, batch_size):
             part = slice(start, start + batch_size)
-            x = to_model(model, assemble_grids(images, image_indices[grid_of[part]], grid))
+            x = as_model_input(model, assemble_grids(images, image_indices[grid_of[part]], grid))
             maps = as_maps(method(model, x, targets[part].to(x.device)), x)
             scores[part] = grid_cell_scores(maps, cell_of[part], grid, smooth).cpu()
     scores = scores.reshape(g, cells)

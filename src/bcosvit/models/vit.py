@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, InputError
-from ..inputs import check_images
 from ..layers import (
     AddInverse,
     AdditivePositionalEmbedding,
@@ -34,6 +33,7 @@ from ..layers import (
     standard_layer_set,
 )
 from ..layers.position import Grid
+from ..validation import is_int, is_number
 
 POS_EMBED_SCHEMES = ("sincos", "learned", "rope", "none")
 GLOBAL_POOLS = ("avg", "token")
@@ -134,7 +134,7 @@ class ViTConfig:
                 )
         if self.image_size % self.patch_size:
             raise ConfigError(f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}")
-        if not _is_number(self.norm_eps) or self.norm_eps <= 0:
+        if not is_number(self.norm_eps) or self.norm_eps <= 0:
             raise ConfigError(f"norm_eps must be a positive number, got {self.norm_eps!r:.60}")
         if self.global_pool not in GLOBAL_POOLS:
             raise ConfigError(f"global_pool must be one of {GLOBAL_POOLS}, got {self.global_pool!r:.60}")
@@ -148,7 +148,7 @@ class ViTConfig:
         if self.act not in (None, *ACTIVATIONS[self.bcos]):
             family = ACTIVATIONS[self.bcos]
             raise ConfigError(f"act must be null or one of {family} for this family, got {self.act!r:.60}")
-        if self.resize_size is not None and (not _is_int(self.resize_size) or self.resize_size < self.image_size):
+        if self.resize_size is not None and (not is_int(self.resize_size) or self.resize_size < self.image_size):
             raise ConfigError(
                 f"resize_size must be null or an integer >= image_size {self.image_size}, got {self.resize_size!r:.60}"
             )
@@ -164,9 +164,9 @@ class ViTConfig:
     def _validate_types(self) -> None:
         """Raise ``ConfigError`` naming the first field whose value has the wrong type."""
         for name in ("image_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r:.60}")
-        if not _is_int(self.max_out) or self.max_out < 1:
+        if not is_int(self.max_out) or self.max_out < 1:
             raise ConfigError(f"max_out must be a positive integer, got {self.max_out!r:.60}")
         if not isinstance(self.bcos, bool):
             raise ConfigError(f"bcos must be true or false, got {self.bcos!r:.60}")
@@ -182,15 +182,15 @@ class ViTConfig:
             if value and self.bcos:
                 raise ConfigError(f"{name}=true is for standard twins; B-cos layers have no bias")
         for name in ("mlp_ratio", "b"):  # attn_distance_penalty: checked with its range below
-            if not _is_number(getattr(self, name)):
+            if not is_number(getattr(self, name)):
                 raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)!r:.60}")
         if not isinstance(self.pos_embed, str):
             raise ConfigError(f"pos_embed must be one of {POS_EMBED_SCHEMES}, got {self.pos_embed!r:.60}")
         for name, is_item, what in (
             ("stem_channels", _is_positive_int, "positive integers"),
             ("stem_strides", _is_positive_int, "positive integers"),
-            ("input_mean", _is_number, "finite numbers"),
-            ("input_std", _is_number, "finite numbers"),
+            ("input_mean", is_number, "finite numbers"),
+            ("input_std", is_number, "finite numbers"),
             ("class_names", lambda v: isinstance(v, str), "strings"),
         ):
             value = getattr(self, name)
@@ -198,17 +198,8 @@ class ViTConfig:
                 raise ConfigError(f"{name} must be null or a list of {what}, got {value!r:.60}")
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_positive_int(value: object) -> bool:
-    return _is_int(value) and value >= 1
-
-
-def _is_number(value: object) -> bool:
-    """A finite int or float (bools are not numbers here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return is_int(value) and value >= 1
 
 
 # Pixel values the models accept. Images are meant to be in [0, 1]; the margin of 1 on either side
@@ -218,6 +209,25 @@ def _is_number(value: object) -> bool:
 # values (up to 255) and ImageNet mean/std-normalised images (-2.1 to 2.6) fall outside it unless the
 # image is nearly black.
 PIXEL_RANGE = (-1.0, 2.0)
+
+
+def check_images(images: Tensor, channels: int | None = None) -> None:
+    """Raise ``InputError`` unless ``images`` is a floating-point ``(N, C, H, W)`` tensor (with
+    ``C == channels`` when given): the check of any model's input (``bcosvit.inputs.as_model_input``,
+    the metrics), and the first part of ``VisionTransformer.check_input``."""
+    if not isinstance(images, Tensor):
+        raise InputError(f"expected a torch.Tensor of images, got {type(images).__name__}")
+    if images.ndim != 4:
+        raise InputError(f"expected images of shape (N, {channels or 'C'}, H, W), got shape {tuple(images.shape)}")
+    if channels is not None and images.shape[1] != channels:
+        raise InputError(
+            f"expected {channels} input channels, got {images.shape[1]} (shape {tuple(images.shape)}); "
+            f"convert the images or create the model with in_chans={images.shape[1]}"
+        )
+    if not images.is_floating_point():
+        raise InputError(
+            f"expected floating-point images in [0, 1], got dtype {images.dtype}; divide uint8 images by 255"
+        )
 
 
 def check_pixel_values(x: Tensor) -> None:
@@ -237,6 +247,22 @@ def check_pixel_values(x: Tensor) -> None:
             else "divide 8-bit images (0-255) by 255"
         )
         raise InputError(f"image values lie in [{low:.4g}, {high:.4g}], but the model expects images in [0, 1]: {hint}")
+
+
+def class_probabilities(logits: Tensor, is_bcos: bool, classes: Tensor | None = None) -> Tensor:
+    """Class probabilities from ``logits`` ``(N, K)``, by family: ``sigmoid(logits)`` for a B-cos model
+    (its training objective is binary cross-entropy), ``softmax`` over the classes for a standard one.
+    In the logits' dtype.
+
+    Returns:
+        ``(N, K)``, or with ``classes`` (long ``(N, T)``) the probabilities of those classes ``(N, T)``
+        (a B-cos model's sigmoid is taken of their logits alone).
+    """
+    if classes is None:
+        return torch.sigmoid(logits) if is_bcos else torch.softmax(logits, dim=-1)
+    if is_bcos:
+        return torch.sigmoid(logits.gather(1, classes))
+    return torch.softmax(logits, dim=-1).gather(1, classes)
 
 
 class PatchEmbed(nn.Module):
@@ -379,7 +405,8 @@ def _additive_positional_embedding(scheme: str, dim: int, grid: Grid) -> Additiv
 
 
 class VisionTransformer(nn.Module):
-    """A ViT (mean-pooled, no class token) built as a B-cos model or a standard twin.
+    """A ViT built as a B-cos model or a standard twin: mean-pooled over its patch tokens (the published
+    models), or, with ``class_token`` and ``global_pool="token"``, classified from a class token (timm's ViTs).
 
     Input: images ``(N, in_chans, H, W)`` with values in [0, 1]; ``H`` and ``W`` divisible by
     ``patch_size``. Output: logits ``(N, num_classes)``. A B-cos model encodes ``[x, 1 - x]``
@@ -461,7 +488,7 @@ class VisionTransformer(nn.Module):
     # --- timm-like contract -------------------------------------------------------------
     def check_input(self, x: Tensor) -> None:
         """Raise ``InputError`` when ``x`` cannot be fed to this model: not a floating-point
-        ``(N, in_chans, H, W)`` tensor (``bcosvit.inputs.check_images``), a size not divisible by the
+        ``(N, in_chans, H, W)`` tensor (``check_images``), a size not divisible by the
         patch size, another device or dtype than the model's, NaN/Inf or values far outside [0, 1]."""
         check_images(x, self.in_chans)
         h, w = x.shape[-2:]
@@ -479,6 +506,11 @@ class VisionTransformer(nn.Module):
                 f"images have dtype {x.dtype} but the model has {param.dtype}; convert with images.to({param.dtype})"
             )
         check_pixel_values(x)
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """``(N, K)`` class probabilities of this model's ``logits`` ``(N, K)`` (``class_probabilities``:
+        sigmoid for a B-cos model, softmax for a standard one)."""
+        return class_probabilities(logits, self.is_bcos)
 
     def forward_tokens(self, x: Tensor) -> tuple[Tensor, Grid]:
         """Encode, tokenise and add position: images ``(N, C, H, W)`` -> tokens ``(N, L, D)``, grid."""

@@ -15,13 +15,16 @@ from pathlib import Path
 from torch import Tensor
 
 from ...errors import ConfigError, InputError
+from ...explanation import UNIT_CHOICES as LIBRARY_UNIT_CHOICES
+from ...inputs import as_model_input
 from ...models.registry import twin_name
 from ...models.vit import VisionTransformer
 from ...visualize import save_figure
 from . import views
 from .views import ClassScore, ExplanationView
 
-UNIT_CHOICES = ("max", "norm", "channel")  # the unit of a token: largest channel, norm direction, a channel
+# the unit of a token: explain_unit's named ones (largest channel, norm direction), or a channel by index
+UNIT_CHOICES = (*LIBRARY_UNIT_CHOICES, "channel")
 
 
 @dataclass
@@ -164,8 +167,8 @@ class Explorer:
             problem = "it takes other input (channels or size)"
         if problem:
             raise ConfigError(f"cannot compare {session.label} with {label}: {problem}")
-        param = standard.norm.weight  # the same input: the same conversion, in the other model's dtype
-        maps = views.comparison(standard, session.image.to(device=param.device, dtype=param.dtype), session.target)
+        image = as_model_input(standard, session.image)  # the same input, in the other model's dtype and device
+        maps = views.comparison(standard, image, session.target)
         return dataclasses.replace(session, compare_label=label, maps=maps)
 
     def export(self, session: Session, folder: str | Path) -> tuple[Path, Path]:

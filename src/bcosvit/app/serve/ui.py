@@ -25,10 +25,11 @@ import numpy as np  # noqa: E402
 
 from ...errors import BcosVitError  # noqa: E402
 from . import views  # noqa: E402
-from .session import Explorer, Session  # noqa: E402
+from .session import UNIT_CHOICES, Explorer, Session  # noqa: E402
 
 LOG = logging.getLogger("bcosvit.serve")
-UNIT_LABELS = {"largest channel": "max", "token norm": "norm", "channel": "channel"}
+_UNIT_NAMES = {"max": "largest channel", "norm": "token norm", "channel": "channel"}
+UNIT_LABELS = {_UNIT_NAMES[unit]: unit for unit in UNIT_CHOICES}  # the page's name of each session.UNIT_CHOICES
 SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
 MONO_FONTS = ("ui-monospace", "Consolas", "monospace")
 MAX_FILE_SIZE = views.MAX_UPLOAD_BYTES

@@ -5,7 +5,7 @@ returns numpy pictures, numbers, dataclasses or a matplotlib figure, so each vie
 a browser (tests/test_serve.py) and timed without a server (benchmarks/serve_latency.py). The
 explanations are the library's (``bcosvit.explain``, ``explain_unit``, ``token_contributions``,
 ``bcosvit.attribution``), the pictures ``bcosvit.visualize``'s, the image conversion
-``bcosvit.app.imageio.load_image``'s, as ``bcosvit explain`` uses them.
+``bcosvit.load_image``'s, as ``bcosvit explain`` uses them.
 
 Shapes: ``image`` is one converted input ``(1, C, S, S)`` in [0, 1] in the model's dtype; pictures
 are ``float32`` channels-last in [0, 1], ``(H, W, 3)`` or ``(H, W, 4)``. Layers count as in
@@ -29,9 +29,10 @@ from torch import Tensor
 from ...attribution import attribute
 from ...errors import ConfigError, InputError
 from ...explanation import Explanation, explain, explain_unit, token_contributions
+from ...images import LoadedImage, load_image
+from ...inputs import as_model_input
 from ...models.vit import VisionTransformer
 from ...visualize import colour_explanation, contribution_map, literal_text, overlay, to_display_image
-from ..imageio import LoadedImage, load_image
 
 MAX_UPLOAD_BYTES = 20 * 2**20  # an uploaded file may have at most this many bytes ...
 MAX_UPLOAD_PIXELS = 40_000_000  # ... and this many pixels (read from its header before decoding)
@@ -51,21 +52,13 @@ def example_images() -> list[Path]:
 def read_input(path: str | Path, model: VisionTransformer, background: float = 0.0) -> LoadedImage:
     """``path`` converted for ``model`` by ``load_image`` (colour mode, resize, centre crop), with the
     upload bounds ``MAX_UPLOAD_BYTES`` and ``MAX_UPLOAD_PIXELS``; ``InputError`` says what was wrong."""
-    return load_image(
-        path,
-        model.in_chans,
-        model.image_size,
-        background,
-        model.config.resize_size,
-        max_pixels=MAX_UPLOAD_PIXELS,
-        max_bytes=MAX_UPLOAD_BYTES,
-    )
+    return load_image(path, model, background, max_pixels=MAX_UPLOAD_PIXELS, max_bytes=MAX_UPLOAD_BYTES)
 
 
 def model_input(loaded: LoadedImage, model: VisionTransformer) -> Tensor:
-    """The loaded image as the batch of one ``(1, C, S, S)`` that ``model`` computes with."""
-    param = model.norm.weight
-    return loaded.tensor.unsqueeze(0).to(device=param.device, dtype=param.dtype)
+    """The loaded image as the batch of one ``(1, C, S, S)`` that ``model`` computes with
+    (``bcosvit.inputs.as_model_input``: its device and dtype, checked)."""
+    return as_model_input(model, loaded.tensor.unsqueeze(0))
 
 
 def conversion_text(loaded: LoadedImage, model: VisionTransformer) -> str:
@@ -93,12 +86,11 @@ def class_names(model: VisionTransformer) -> list[str]:
 
 
 def top_classes(model: VisionTransformer, image: Tensor, k: int = 5) -> list[ClassScore]:
-    """The ``k`` classes of largest logit for ``image`` ``(1, C, S, S)``, with their probabilities:
-    ``sigmoid(logit)`` for a B-cos model (``Explanation.probabilities``, its training objective is
-    BCE), ``softmax`` for a standard one."""
+    """The ``k`` classes of largest logit for ``image`` ``(1, C, S, S)``, with their probabilities
+    (``VisionTransformer.probabilities``: sigmoid for a B-cos model, softmax for a standard one)."""
     with torch.no_grad():
         logits = model(image)[0]
-    probabilities = torch.sigmoid(logits) if model.is_bcos else torch.softmax(logits, dim=0)  # the model's dtype
+    probabilities = model.probabilities(logits)  # the model's dtype
     names = class_names(model)
     order = logits.argsort(descending=True)[: min(k, model.num_classes)].tolist()
     return [ClassScore(i, names[i], float(probabilities[i]), float(logits[i])) for i in order]
@@ -109,7 +101,8 @@ class ExplanationView:
     """One explained value (a class logit, or an intermediate unit) and its pictures.
 
     Attributes:
-        explanation: the library's ``Explanation`` of the one image and target.
+        explanation: the library's ``Explanation`` of the one image and target (``weights``
+            ``(1, 1, 2C, S, S)``, ``outputs`` ``(1, 1)``, ...).
         colour: ``(S, S, 4)`` colour explanation; contributions: ``(S, S, 4)`` contribution map;
         overlay: ``(S, S, 3)`` the colour explanation over the input.
     """
@@ -126,39 +119,39 @@ class ExplanationView:
 
     @property
     def output(self) -> float:
-        return float(self.explanation.outputs[0])
+        return float(self.explanation.outputs[0, 0])
 
     @property
     def completeness_error(self) -> float:
-        return float(self.explanation.completeness_error[0])
+        return float(self.explanation.completeness_error[0, 0])
 
     @property
     def positional(self) -> float:
-        return float(self.explanation.positional[0])
+        return float(self.explanation.positional[0, 0])
 
 
 def _pictures(explanation: Explanation, image: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rgba = colour_explanation(explanation.weights[0], explanation.inputs[0])
-    return rgba, contribution_map(explanation.contributions[0]), overlay(image[0], rgba)
+    rgba = colour_explanation(explanation.weights[0, 0], explanation.inputs[0])
+    return rgba, contribution_map(explanation.contributions[0, 0]), overlay(image[0], rgba)
 
 
 def class_view(model: VisionTransformer, image: Tensor, target: int | None = None) -> ExplanationView:
     """The exact explanation of class ``target`` (None: the predicted one) for ``image`` ``(1, C, S, S)``.
     ``ConfigError`` for a standard model (``bcosvit.explain``'s own message)."""
-    expl = explain(model, image, None if target is None else [int(target)])
+    expl = explain(model, image, None if target is None else int(target))
     return ExplanationView(expl, *_pictures(expl, image))
 
 
 def class_numbers(view: ExplanationView, names: Sequence[str]) -> dict[str, float | int | str]:
     """The numbers the page shows for a class explanation."""
     expl = view.explanation
-    index = int(expl.target[0])
+    index = int(expl.target[0, 0])
     return {
         "class": names[index],
         "index": index,
         "probability": float(expl.probabilities[0, index]),
         "logit": view.output,
-        "contributions (sum)": float(expl.contributions[0].sum()),
+        "contributions (sum)": float(expl.contributions[0, 0].sum()),
         "positional term": view.positional,
         "logit bias": float(expl.logit_bias),
         "completeness error": view.completeness_error,
@@ -215,7 +208,7 @@ def unit_view(
 def unit_label(model: VisionTransformer, view: ExplanationView, layer: int, token: int) -> str:
     """A one-line description of a unit view."""
     row, col = token_position(model, token)
-    channel = int(view.explanation.target[0])
+    channel = int(view.explanation.target[0, 0])
     unit = "norm" if channel < 0 else f"channel {channel}"
     where = "embedded tokens" if resolve_layer(model, layer) == 0 else f"block {resolve_layer(model, layer)}"
     return (
@@ -229,7 +222,7 @@ def block_strip(model: VisionTransformer, image: Tensor, target: int) -> Tensor:
     (index 0: the embedded tokens), from one forward and one backward pass. Each map sums to
     ``logit - logit_bias``: the evidence moves between tokens, its total stays."""
     layers = range(model.config.depth + 1)
-    return token_contributions(model, image, [int(target)], layer=layers)[0].detach()
+    return token_contributions(model, image, int(target), layer=layers)[0, 0].detach()
 
 
 def strip_pictures(strip: Tensor) -> list[tuple[np.ndarray, str]]:
@@ -386,12 +379,12 @@ def export_arrays(
 
     def fields(prefix: str, expl: Explanation) -> dict[str, np.ndarray]:
         return {
-            f"{prefix}weights": numpy(expl.weights[0]),
-            f"{prefix}contributions": numpy(expl.contributions[0]),
-            f"{prefix}target": numpy(expl.target[0]),
-            f"{prefix}output": numpy(expl.outputs[0]),
-            f"{prefix}positional": numpy(expl.positional[0]),
-            f"{prefix}completeness_error": numpy(expl.completeness_error[0]),
+            f"{prefix}weights": numpy(expl.weights[0, 0]),
+            f"{prefix}contributions": numpy(expl.contributions[0, 0]),
+            f"{prefix}target": numpy(expl.target[0, 0]),
+            f"{prefix}output": numpy(expl.outputs[0, 0]),
+            f"{prefix}positional": numpy(expl.positional[0, 0]),
+            f"{prefix}completeness_error": numpy(expl.completeness_error[0, 0]),
         }
 
     arrays = {"image": numpy(image[0]), "logits": numpy(view.explanation.logits[0]), **fields("", view.explanation)}

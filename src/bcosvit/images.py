@@ -1,4 +1,14 @@
-"""Reading image files of any colour mode, bit depth and size into what a model expects."""
+"""Images as a model expects them: its preprocessing as a torchvision transform, and image files
+of any colour mode, bit depth and size read into it.
+
+    preprocess = bcosvit.transforms(model)          # PIL images or uint8/float tensors -> (C, S, S) in [0, 1]
+    image = bcosvit.load_image("photo.jpg", model).tensor
+
+A model's preprocessing is its ``config``: ``in_chans`` channels, the shorter side resized to
+``resize_size`` (None: ``image_size``), bilinear with antialiasing, then the centre
+``image_size`` × ``image_size`` crop (ImageNet models: 256, then 224). No mean/std normalisation:
+models take images in [0, 1] and normalise (standard twins) or encode ``[x, 1 - x]`` (B-cos) themselves.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +23,10 @@ from typing import BinaryIO
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from ..errors import ConfigError, InputError
+from .errors import ConfigError, InputError
 
 SUPPORTED_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -37,7 +47,7 @@ class LoadedImage:
     notes: list[str] = field(default_factory=list)
 
 
-def load_image(
+def read_image(
     path: str | Path,
     in_chans: int,
     image_size: int,
@@ -115,11 +125,73 @@ def load_image(
     return LoadedImage(path, tensor, mode, size, notes + ([resize_note] if resize_note else []))
 
 
+def load_image(
+    path: str | Path,
+    model: nn.Module,
+    background: float | Sequence[float] = 0.0,
+    *,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
+) -> LoadedImage:
+    """Read ``path`` as ``model`` takes its images: ``read_image`` with the model's ``in_chans``,
+    ``image_size`` and ``config.resize_size`` (``model``: a bcosvit ``VisionTransformer``); the
+    result's ``tensor`` is ``(in_chans, image_size, image_size)`` in [0, 1], its ``notes`` say
+    what was converted. ``background``, ``max_pixels``, ``max_bytes``: as ``read_image``'s."""
+    config = _preprocessing_config(model)
+    size, resize = config.image_size, config.resize_size
+    return read_image(path, config.in_chans, size, background, resize, max_pixels=max_pixels, max_bytes=max_bytes)
+
+
+def transforms(model: nn.Module) -> v2.Compose:
+    """``model``'s preprocessing as a torchvision v2 transform, e.g. for ``ImageFolder(root, transform=...)``.
+
+    Takes a PIL image or an image tensor ``(C, H, W)`` (uint8 in [0, 255] or float in [0, 1]; or a
+    batch ``(N, C, H, W)``) and returns float32 ``(in_chans, image_size, image_size)`` in [0, 1]:
+    greyscale and RGB converted to the model's channel count (1 or 3), the shorter side resized to
+    ``config.resize_size`` (None: ``image_size``; bilinear, antialiased), the centre crop taken —
+    the same steps, in the same order, as ``load_image``.
+    """
+    config = _preprocessing_config(model)
+    ops: list = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]  # in float, so greyscale does not round
+    if config.in_chans == 1:
+        ops.append(v2.Grayscale(num_output_channels=1))
+    elif config.in_chans == 3:
+        ops.append(v2.RGB())
+    ops.append(ResizeCrop(config.image_size, config.resize_size))
+    return v2.Compose(ops)
+
+
+class ResizeCrop(nn.Module):
+    """``resize_and_crop`` as a transform: float images ``(..., C, H, W)`` in [0, 1] -> ``(..., C, S, S)``."""
+
+    def __init__(self, image_size: int, resize_size: int | None = None) -> None:
+        super().__init__()
+        if resize_size is not None and resize_size < image_size:
+            raise ConfigError(f"resize_size must be at least image_size ({image_size}), got {resize_size}")
+        self.image_size, self.resize_size = image_size, resize_size
+
+    def forward(self, image: Tensor) -> Tensor:
+        return resize_and_crop(image, self.image_size, self.resize_size)[0]
+
+    def extra_repr(self) -> str:
+        return f"image_size={self.image_size}, resize_size={self.resize_size}"
+
+
+def _preprocessing_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    if not all(hasattr(config, name) for name in ("in_chans", "image_size", "resize_size")):
+        raise ConfigError(
+            "expected a bcosvit VisionTransformer (its config says how images are prepared), "
+            f"got {type(model).__name__}"
+        )
+    return config
+
+
 def resize_and_crop(image: Tensor, image_size: int, resize_size: int | None = None) -> tuple[Tensor, str | None]:
-    """``image`` ``(C, H, W)`` in [0, 1] with its shorter side resized to ``resize_size`` (None:
-    ``image_size``; bilinear, antialiased) and its centre ``(C, image_size, image_size)`` cropped,
+    """``image`` ``(..., C, H, W)`` in [0, 1] with its shorter side resized to ``resize_size`` (None:
+    ``image_size``; bilinear, antialiased) and its centre ``(..., C, image_size, image_size)`` cropped,
     and a note saying what was done (None when nothing was)."""
-    height, width = image.shape[1:]
+    height, width = image.shape[-2:]
     if resize_size is None:
         if (width, height) == (image_size, image_size):
             return image, None
@@ -129,8 +201,8 @@ def resize_and_crop(image: Tensor, image_size: int, resize_size: int | None = No
     steps = []
     if min(height, width) != resize_size:
         image = v2.functional.resize(image, resize_size, antialias=True).clamp(0.0, 1.0)
-        steps.append(f"resized {width}x{height} -> {image.shape[2]}x{image.shape[1]} (shorter side {resize_size})")
-    if tuple(image.shape[1:]) != (image_size, image_size):
+        steps.append(f"resized {width}x{height} -> {image.shape[-1]}x{image.shape[-2]} (shorter side {resize_size})")
+    if tuple(image.shape[-2:]) != (image_size, image_size):
         image = v2.functional.center_crop(image, [image_size])
         steps.append(f"centre crop {image_size}x{image_size}")
     return image, ", ".join(steps) or None
