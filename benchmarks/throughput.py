@@ -47,7 +47,8 @@ from torch import Tensor, nn
 
 import bcosvit
 from bcosvit.app.precision import autocast, cpu_features, native_bf16, resolve_precision
-from bcosvit.app.training.recipe import adaptive_clip_grad_, bce_uniform_off_labels
+from bcosvit.app.training.clipping import adaptive_clip_grad_
+from bcosvit.app.training.losses import bce_uniform_off_labels
 from bcosvit.fileio import atomic_write
 from bcosvit.models.registry import twin_name
 
@@ -247,7 +248,7 @@ def log(message: str) -> None:
 
 def default_precisions() -> list[str]:
     """fp32, and bf16 autocast only where the CPU computes bf16 natively (emulated, it is far slower than fp32:
-    docs/results.md, "The main job")."""
+    docs/results.md, "Precision")."""
     return ["fp32", "bf16"] if native_bf16(CPU) else ["fp32"]
 
 

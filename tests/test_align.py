@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from bcosvit import ConfigError, create_model, explain, load_model
 from bcosvit.app.cli import main
-from bcosvit.app.training import loop as training_loop
+from bcosvit.app.data import load_dataset
 from bcosvit.app.training import train
 from bcosvit.app.training.align import AlignmentNet, aligned_depths
 from bcosvit.app.training.teacher import bcos_student, load_teacher
@@ -86,17 +86,19 @@ class PermutedLabels(Dataset):
         return image, int(self.permutation[label])
 
 
-def test_alignment_reads_no_labels_the_same_student_whatever_the_labels(tmp_path, monkeypatch):
+def test_alignment_reads_no_labels_the_same_student_whatever_the_labels(tmp_path):
     teacher = standard_teacher(tmp_path / "teacher")
-    original = training_loop.load_dataset
+    permuted_splits = []
     for seed in (1, 2):
 
         def permuted(name, split, *args, seed=seed, **kwargs):
-            dataset, spec = original(name, split, *args, **kwargs)
+            dataset, spec = load_dataset(name, split, *args, **kwargs)
+            if split == "train":
+                permuted_splits.append(seed)
             return (PermutedLabels(dataset, seed) if split == "train" else dataset), spec
 
-        monkeypatch.setattr(training_loop, "load_dataset", permuted)
-        train(align_config(teacher, epochs=1), tmp_path / f"labels{seed}", progress=False)
+        train(align_config(teacher, epochs=1), tmp_path / f"labels{seed}", progress=False, dataset_loader=permuted)
+    assert permuted_splits == [1, 2]  # each run read its train split with other labels
     a = load_file(str(tmp_path / "labels1" / "model.safetensors"))
     b = load_file(str(tmp_path / "labels2" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from bcosvit import ConfigError, bcosify, create_model, explain, load_model
 from bcosvit.app.cli import main
 from bcosvit.app.training import train
-from bcosvit.app.training.loop import build_model
-from bcosvit.app.training.recipe import bcosify_progress, bias_step_ratio
+from bcosvit.app.training.builders import build_model
+from bcosvit.app.training.schedules import bcosify_progress, bias_step_ratio
 from tests.test_align import standard_teacher
 from tests.test_train import SUBSET, straight_and_resumed, tiny_config
 

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
+from bcosvit import VisionTransformer
 from bcosvit.app import precision
 from bcosvit.app.precision import resolve_precision
 from bcosvit.app.training import TrainConfig, list_recipes, load_recipe, train
-from bcosvit.app.training import loop as train_loop
 
 from .test_train import tiny_config
 
@@ -56,13 +56,25 @@ def test_every_recipe_trains_in_fp32_on_a_cpu_without_native_bf16(avx2_only):
     assert set(chosen.values()) == {"fp32"}, {n: p for n, p in chosen.items() if p != "fp32"}
 
 
-def test_training_prints_and_records_the_chosen_precision(avx2_only, monkeypatch, tmp_path, capsys):
-    used = []
-    real = precision.autocast
-    monkeypatch.setattr(train_loop, "autocast", lambda p, d: used.append(p) or real(p, d))
+def precision_of_forward(module, args, output, used: list[str]) -> None:
+    """A forward hook: the precision the forward pass of a ``VisionTransformer`` ran in, into ``used``."""
+    if isinstance(module, VisionTransformer):
+        device = args[0].device.type
+        bf16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
+        used.append("bf16" if bf16 else "fp32")
+
+
+def test_training_prints_and_records_the_chosen_precision(avx2_only, tmp_path, capsys):
+    used = []  # the precision of every forward pass of the model: training steps and evaluation
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: precision_of_forward(module, args, output, used)
+    )
     config = one_short_epoch()
     assert config.precision == "auto"
-    train(config, tmp_path, progress=False)
+    try:
+        train(config, tmp_path, progress=False)
+    finally:
+        hook.remove()
     assert "precision fp32 (auto: no native bfloat16" in capsys.readouterr().out
     assert json.loads((tmp_path / "model.json").read_text())["precision"] == "fp32"
     assert used and set(used) == {"fp32"}

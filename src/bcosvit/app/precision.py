@@ -3,7 +3,7 @@
 bf16 autocast pays off only where the hardware computes in bfloat16: CUDA devices with bf16 support,
 and CPUs with AVX512-BF16 or AMX. Elsewhere (e.g. a CPU with AVX2 only) every bf16 matrix product is
 emulated, so a training step runs far slower under bf16 autocast than in float32 (measured with
-``benchmarks/precision.py``, docs/results.md, "The main job"): ``"auto"`` picks float32 there.
+``benchmarks/precision.py``, docs/results.md, "Precision"): ``"auto"`` picks float32 there.
 """
 
 from __future__ import annotations

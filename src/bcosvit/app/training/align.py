@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ...errors import ConfigError
 from ...models.vit import Capture, VisionTransformer
-from .recipe import cosine_distance
+from .losses import cosine_distance
 from .teacher import frozen
 
 

@@ -1,5 +1,5 @@
-"""Training followed by what a user wants to see: test accuracy and explanations of test images;
-the stages of a recipe one after the other."""
+"""The recipe runner: the stages of a recipe one after the other (``run_recipe``), each a training
+run followed by what a user wants to see: test accuracy and explanations of test images (``run_training``)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ import torch.distributed as dist
 
 from ...weights.checkpoint import load_model
 from ..data import evaluation_split, load_dataset
-from .config import Recipe, TrainConfig
-from .loop import finished_epochs, is_main_process, train
+from .config import TrainConfig
+from .distributed import is_main_process
+from .loop import train
+from .recipes import Recipe
+from .run_folder import finished_epochs
 
 
 def one_image_per_class(dataset, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,6 +35,7 @@ def write_explanation_figure(run: Path, config: TrainConfig) -> Path | None:
     """Explain one test image per class with the trained B-cos model (top-2 classes each) and
     save ``explanations.png`` in the run folder. Returns None for standard models."""
     from ... import explain
+    from ...targets import TopK
     from ...visualize import explanation_figure, save_figure
 
     model = load_model(run)
@@ -41,9 +45,7 @@ def write_explanation_figure(run: Path, config: TrainConfig) -> Path | None:
         config.dataset, evaluation_split(config.dataset), config.data_dir, config.image_size
     )
     images, labels = one_image_per_class(test_ds, spec.num_classes)
-    with torch.no_grad():
-        top2 = model(images).topk(2, dim=1).indices
-    expl = explain(model, images, target=top2)
+    expl = explain(model, images, target=TopK(2))
     true = [f"true: {spec.classes[int(y)]}" for y in labels]
     fig = explanation_figure(images, expl, class_names=spec.classes, row_labels=true)
     fig.suptitle("One test image per class: the two most likely classes, colour explanation and contributions")
