@@ -15,6 +15,7 @@ on the committed Fashion-MNIST subset (their metrics without timings and a hash 
 
 ``compare`` matches arrays by value; an array whose singleton axes differ (a target axis kept
 where it used to be squeezed) compares equal when its values are, and the shape change is listed.
+Texts compare without timings, and without the paths of the snapshots and of the data folder.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -137,7 +139,8 @@ def _command_line(out: Path, texts: dict[str, object]) -> None:
                   "--set", "head.epochs=1"],
     }  # fmt: skip
     for name, args in runs.items():
-        texts[f"{name}.log"] = [line for line in _bcosvit(*args, "--out", name, cwd=work).splitlines() if "s (" not in line]
+        log = _bcosvit(*args, "--out", name, cwd=work).splitlines()
+        texts[f"{name}.log"] = [line for line in log if "s (" not in line]  # without the timed lines
         for model_json in sorted((work / name).rglob("model.json")):
             run = model_json.parent
             key = f"{name}/{run.relative_to(work / name)}"
@@ -160,10 +163,13 @@ def save(out: Path) -> None:
     print(f"saved {len(arrays)} arrays and {len(texts)} texts to {out}")
 
 
-def _paths_agnostic(value, a: Path, b: Path):
-    """``value`` with each snapshot's folder replaced by a placeholder, so the two compare."""
-    text = json.dumps(value, sort_keys=True)
-    return json.loads(text.replace(str(a), "<snapshot>").replace(str(b), "<snapshot>"))
+def _comparable(value, a: Path, b: Path):
+    """``value`` without what differs from run to run: each snapshot's folder and the tree's data
+    folder replaced by placeholders, timings (fields and "12s" in log lines) dropped."""
+    text = json.dumps(_without_timings(value), sort_keys=True)
+    text = text.replace(str(a), "<snapshot>").replace(str(b), "<snapshot>")
+    text = re.sub(r'[^"\s]*/tests/data/fashion-mnist', "<data>", text)
+    return json.loads(re.sub(r"\b\d+s\b", "<time>", text))
 
 
 def compare(a: Path, b: Path) -> int:
@@ -183,11 +189,12 @@ def compare(a: Path, b: Path) -> int:
         if not np.array_equal(x, y):
             diff = np.abs(x.astype(np.float64) - y.astype(np.float64)).max()
             problems.append(f"{key}: values differ (max abs difference {diff:.3g})")
-    texts_a = _paths_agnostic(json.loads((a / "texts.json").read_text()), a, b)
-    texts_b = _paths_agnostic(json.loads((b / "texts.json").read_text()), a, b)
+    texts_a = _comparable(json.loads((a / "texts.json").read_text()), a, b)
+    texts_b = _comparable(json.loads((b / "texts.json").read_text()), a, b)
     for key in sorted(set(texts_a) | set(texts_b)):
         if texts_a.get(key) != texts_b.get(key):
-            problems.append(f"{key}: differs\n  before: {str(texts_a.get(key))[:600]}\n  after:  {str(texts_b.get(key))[:600]}")
+            old, new = str(texts_a.get(key))[:600], str(texts_b.get(key))[:600]
+            problems.append(f"{key}: differs\n  before: {old}\n  after:  {new}")
     print(f"{len(before.files)} arrays and {len(texts_a)} texts compared")
     for line in reshaped:
         print(f"same values, new shape: {line}")

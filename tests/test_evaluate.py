@@ -7,9 +7,16 @@ import pytest
 import torch
 
 from bcosvit import create_model
-from bcosvit.app.cli import main
-from bcosvit.app.data import FASHION_MNIST_CLASSES, load_fashion_mnist
-from bcosvit.app.evaluation import EvalConfig, baseline_value, evaluate_model, evaluate_models
+from bcosvit.app.cli import build_parser, main
+from bcosvit.app.data import FASHION_MNIST_CLASSES, DataSpec, load_fashion_mnist
+from bcosvit.app.evaluation import (
+    EvalConfig,
+    baseline_value,
+    check_models_fit_dataset,
+    check_same_preprocessing,
+    evaluate_model,
+    evaluate_models,
+)
 from bcosvit.errors import ConfigError
 from bcosvit.metrics import CompletenessStats, CurveResult, GridResult, TopkAccuracy
 from bcosvit.weights.checkpoint import save_weights
@@ -132,6 +139,14 @@ def test_evaluate_model_keeps_results_typed_and_leaves_the_model_as_it_was():
         ({"num_grids": 0}, r"num_grids \(--grids\) must be >= 1"),
         ({"ig_steps": 0}, r"ig_steps \(--ig-steps\) must be >= 1"),
         ({"faithfulness_images": -1}, r"faithfulness_images \(--faithfulness-images\) must be >= 1"),
+        ({"num_grids": "30"}, r"'num_grids \(--grids\)' must be of type int, got '30'"),
+        ({"seed": True}, r"'seed \(--seed\)' must be of type int, got True"),
+        ({"steps": 2.0}, r"'steps' must be of type int, got 2.0"),
+        ({"test_subset": 1.5}, r"'test_subset \(--test-subset\)' must be of type int or null"),
+        ({"grids": (2, 3.0)}, r"grids \(--grid-sizes\) must be a sequence of whole numbers"),
+        ({"grids": 2}, r"grids \(--grid-sizes\) must be a sequence of whole numbers"),
+        ({"methods": "bcos"}, r"methods \(--methods\) must be a sequence of names"),
+        ({"baselines": ("zero", 0.5)}, r"baselines \(--baselines\) must be a sequence of strings"),
     ],
 )
 def test_bad_evaluation_settings_are_rejected_with_the_reason(overrides, message):
@@ -139,15 +154,27 @@ def test_bad_evaluation_settings_are_rejected_with_the_reason(overrides, message
         EvalConfig(**overrides).validate()
 
 
-def test_grids_with_more_cells_than_classes_are_rejected_before_any_work(tmp_path, monkeypatch, capsys):
+def test_grids_with_more_cells_than_classes_are_rejected_before_any_work(tmp_path, capsys):
     with pytest.raises(
         ConfigError, match=r"a 4x4 grid \(--grid-sizes\) needs 16 distinct classes but the models have 10"
     ):
         EvalConfig(grids=(2, 4)).validate(num_classes=10)
     EvalConfig(grids=(2, 3)).validate(num_classes=10)
-    _fail_if_reached(monkeypatch, "bcosvit.app.evaluation.evaluate_model")
+    lines = []
+    with pytest.raises(ConfigError, match=r"a 4x4 grid \(--grid-sizes\) needs 16 distinct classes"):
+        evaluate_models(
+            {"m": create_model("bcos_vitc_micro_28")},
+            torch.rand(8, 1, 28, 28),
+            torch.arange(8) % 10,
+            tmp_path / "direct",
+            EvalConfig(grids=(2, 4)),
+            log=lines.append,
+        )
+    assert lines == [] and not (tmp_path / "direct").exists()  # nothing measured, nothing written
     assert _evaluate(tmp_path, "--grid-sizes", "2", "4", "--test-subset", "8") == 2
-    assert "a 4x4 grid (--grid-sizes) needs 16 distinct classes" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "a 4x4 grid (--grid-sizes) needs 16 distinct classes" in captured.err
+    assert "top-1" not in captured.out and not (tmp_path / "out" / "metrics.json").exists()
 
 
 def test_mean_baseline_is_the_per_channel_mean_of_the_images():
@@ -158,19 +185,9 @@ def test_mean_baseline_is_the_per_channel_mean_of_the_images():
     assert baseline_value("zero", images) == 0.0 and baseline_value("0.5", images) == 0.5
 
 
-def _fail_if_reached(monkeypatch, *targets):
-    """Make each of ``targets`` (dotted names) fail the test when called: the work must not start."""
-
-    def reached(*args, **kwargs):
-        raise AssertionError("the evaluation started its work despite an invalid setting")
-
-    for target in targets:
-        monkeypatch.setattr(target, reached)
-
-
-def _evaluate(tmp_path, *options):
+def _evaluate(tmp_path, *options, data_dir=SUBSET):
     return main(
-        ["evaluate", "--model", "bcos_vitc_micro_28", "--data-dir", SUBSET, "--out", str(tmp_path / "out"), *options]
+        ["evaluate", "--model", "bcos_vitc_micro_28", "--data-dir", data_dir, "--out", str(tmp_path / "out"), *options]
     )
 
 
@@ -187,28 +204,29 @@ def _evaluate(tmp_path, *options):
         (["--seed", "-1"], "seed (--seed) must lie in"),
     ],
 )
-def test_evaluate_rejects_bad_options_before_loading_data(tmp_path, monkeypatch, capsys, options, message):
-    _fail_if_reached(monkeypatch, "bcosvit.app.data.load_dataset", "bcosvit.app.evaluation.evaluate_models")
-    assert _evaluate(tmp_path, *options) == 2
+def test_evaluate_rejects_bad_options_before_loading_data(tmp_path, capsys, options, message):
+    # no dataset in --data-dir: reading it first would fail with another message
+    assert _evaluate(tmp_path, *options, data_dir=str(tmp_path / "no-data")) == 2
     err = capsys.readouterr().err
     assert err.startswith("bcosvit evaluate: error: ") and message in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("where", ["existing file", "under /proc", "parent is a file"])
-def test_evaluate_refuses_an_unwritable_out_before_any_work(tmp_path, monkeypatch, capsys, where):
-    _fail_if_reached(monkeypatch, "bcosvit.app.data.load_dataset", "bcosvit.app.evaluation.evaluate_model")
+def test_evaluate_refuses_an_unwritable_out_before_any_work(tmp_path, capsys, where):
     (tmp_path / "file").write_text("not a folder")
     out = {
         "existing file": tmp_path / "file",
         "under /proc": Path("/proc/bcosvit-out"),
         "parent is a file": tmp_path / "file" / "evaluation",
     }[where]
-    code = main(["evaluate", "--model", "bcos_vitc_micro_28", "--data-dir", SUBSET, "--out", str(out)])
+    # no dataset in --data-dir: reading it first would fail with another message
+    no_data = str(tmp_path / "no-data")
+    code = main(["evaluate", "--model", "bcos_vitc_micro_28", "--data-dir", no_data, "--out", str(out)])
     assert code == 2 and f"output folder (--out) {out}" in capsys.readouterr().err
-    images, labels = torch.rand(4, 1, 28, 28), torch.arange(4)
+    images, labels, lines = torch.rand(4, 1, 28, 28), torch.arange(4), []
     with pytest.raises(ConfigError, match=f"output folder \\(--out\\) {out}"):
-        evaluate_models({"m": create_model("bcos_vitc_micro_28")}, images, labels, out, EvalConfig())
-    assert (tmp_path / "file").read_text() == "not a folder"
+        evaluate_models({"m": create_model("bcos_vitc_micro_28")}, images, labels, out, EvalConfig(), log=lines.append)
+    assert lines == [] and (tmp_path / "file").read_text() == "not a folder"
 
 
 def _tiny_checkpoint(path: Path, num_classes: int = 10, train_config: dict | None = None) -> Path:
@@ -221,16 +239,32 @@ def _tiny_checkpoint(path: Path, num_classes: int = 10, train_config: dict | Non
     return save_weights(model, path, meta)
 
 
-def test_a_model_for_other_classes_is_refused_saying_which_data_fits(tmp_path, monkeypatch, capsys):
-    _fail_if_reached(monkeypatch, "bcosvit.app.evaluation.evaluate_models")
+def test_a_model_for_other_classes_is_refused_saying_which_data_fits(tmp_path, capsys):
     weights = _tiny_checkpoint(
         tmp_path / "run20" / "model.safetensors", 20, {"dataset": "folder", "data_dir": "/data/shapes"}
     )
     code = main(["evaluate", "--checkpoint", str(weights.parent), "--data-dir", SUBSET, "--out", str(tmp_path / "o")])
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert code == 2 and "Traceback" not in err
     assert "run20" in err and "has 20 classes but the dataset has 10" in err
     assert "trained with --dataset folder --data-dir /data/shapes" in err
+    assert "evaluating" not in captured.out and not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_the_dataset_checks_name_the_model_and_what_it_was_trained_with():
+    model = create_model("bcos_vit_nano_patch4_28", depth=1, embed_dim=16, num_heads=2, num_classes=20)
+    spec = DataSpec(1, 28, 10, list(FASHION_MNIST_CLASSES), (0.5,), (0.5,))
+    models, sources = {"run": model}, {"run": "/runs/run"}
+    expected = r"model run \(/runs/run\) has 20 classes but the dataset has 10: it does not fit fashion-mnist in /d; "
+    with pytest.raises(ConfigError, match=expected + "pass the --dataset and --data-dir it was trained on"):
+        check_models_fit_dataset(models, sources, spec, "fashion-mnist", "/d")
+    with pytest.raises(ConfigError, match=expected + "it was trained with --dataset cifar10$"):
+        check_models_fit_dataset(models, sources, spec, "fashion-mnist", "/d", lambda source: "--dataset cifar10")
+    other = create_model("bcos_vit_nano_patch4_28", depth=1, embed_dim=16, num_heads=2, resize_size=32)
+    check_same_preprocessing({"a": model, "b": other}, "fashion-mnist")  # resized only in folder datasets
+    with pytest.raises(ConfigError, match=r"resize images differently .* \(resize_size a: None, b: 32\)"):
+        check_same_preprocessing({"a": model, "b": other}, "folder")
 
 
 def test_models_with_the_same_file_or_folder_name_are_all_evaluated_under_distinct_labels(
@@ -241,7 +275,7 @@ def test_models_with_the_same_file_or_folder_name_are_all_evaluated_under_distin
     def record(models, images, labels, out, config, dataset="", log=print, sources=None):
         seen.update(models=models, sources=sources)
 
-    monkeypatch.setattr("bcosvit.app.evaluation.evaluate_models", record)
+    monkeypatch.setattr("bcosvit.app.evaluation.run.evaluate_models", record)  # what evaluate_dataset calls
     files = [_tiny_checkpoint(tmp_path / folder / "model.safetensors") for folder in ("a", "b")]
     runs = [_tiny_checkpoint(tmp_path / parent / "run" / "model.safetensors").parent for parent in ("x", "y")]
     checkpoints = [str(p) for p in files + runs]
@@ -263,3 +297,27 @@ def test_models_with_the_same_file_or_folder_name_are_all_evaluated_under_distin
     assert list(seen["sources"].values()) == checkpoints + names
     out = capsys.readouterr().out
     assert all(f"model {label}: {source}" in out for label, source in zip(labels, checkpoints + names))
+
+
+def test_the_evaluate_flags_default_to_eval_configs_fields(capsys):
+    args = build_parser().parse_args(["evaluate"])
+    fields = {
+        "grid_sizes": "grids",
+        "grids": "num_grids",
+        "faithfulness_images": "faithfulness_images",
+        "ig_steps": "ig_steps",
+        "methods": "methods",
+        "seed": "seed",
+        "baselines": "baselines",
+        "test_subset": "test_subset",
+    }
+    defaults = EvalConfig()
+    for flag, name in fields.items():
+        value = getattr(args, flag)
+        assert (tuple(value) if isinstance(value, list) else value) == getattr(defaults, name), flag
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert f"(default {defaults.num_grids})" in shown and f"(default {defaults.ig_steps})" in shown
+    assert f"(default {defaults.faithfulness_images})" in shown and "grid sizes (default 2 3)" in shown
+    assert "(default: zero mean)" in shown

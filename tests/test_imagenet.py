@@ -14,8 +14,8 @@ from torchvision.transforms import v2
 
 from bcosvit.app.cli import main
 from bcosvit.app.data import build_transforms, load_dataset
-from bcosvit.images import read_image
 from bcosvit.errors import ConfigError, DataError
+from bcosvit.images import read_image
 from bcosvit.models.vit import VisionTransformer, ViTConfig
 from bcosvit.weights.checkpoint import save_weights
 from bcosvit.weights.imagenet import imagenet_class_names, imagenet_wnids, is_wnid, parse_classes

@@ -15,7 +15,7 @@ import torch
 from ..errors import BcosVitError
 
 if TYPE_CHECKING:
-    from .training.config import Recipe
+    from .training.recipes import Recipe
 
 
 def _count(name: str) -> tuple[int, object]:
@@ -73,7 +73,7 @@ TRAIN_FLAGS = ("model", "dataset", "data_dir", "epochs", "batch_size", "lr", "se
 
 def command_line_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     """``(settings, stage_settings)`` of the training flags given and ``--set`` (which wins)."""
-    from .training.config import parse_settings
+    from .training.recipes import parse_settings
 
     settings, stage_settings = parse_settings(args.set or [])
     flags = {key: getattr(args, key, None) for key in TRAIN_FLAGS}
@@ -83,7 +83,7 @@ def command_line_settings(args: argparse.Namespace) -> tuple[dict, dict]:
 def train_run_from_args(args: argparse.Namespace) -> tuple[Recipe, Path]:
     """The recipe, with the command line's options applied, and the run folder of ``bcosvit train``.
     With ``--bcosify-from`` and no ``--model`` the model is the teacher's B-cos twin."""
-    from .training.config import build_recipe, load_recipe
+    from .training.recipes import build_recipe, load_recipe
     from .training.teacher import bcos_twin_name
 
     settings, stage_settings = command_line_settings(args)
@@ -98,8 +98,8 @@ def train_run_from_args(args: argparse.Namespace) -> tuple[Recipe, Path]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training.config import list_recipes
-    from .training.main_job import run_recipe
+    from .training.recipes import list_recipes
+    from .training.runner import run_recipe
 
     if args.list_recipes:
         for name, description in list_recipes().items():
@@ -116,7 +116,7 @@ def align_run_from_args(args: argparse.Namespace) -> tuple[Recipe, Path]:
     """The recipe of ``bcosvit align`` with its alignment stages aligning to ``--teacher``: the
     student is the teacher B-cosified (B = 2, no biases) or, with ``--student``, a fresh model."""
     from ..errors import ConfigError
-    from .training.config import load_recipe
+    from .training.recipes import load_recipe
     from .training.teacher import bcos_twin_name
 
     settings, stage_settings = command_line_settings(args)
@@ -139,7 +139,7 @@ def align_run_from_args(args: argparse.Namespace) -> tuple[Recipe, Path]:
 
 
 def cmd_align(args: argparse.Namespace) -> int:
-    from .training.main_job import run_recipe
+    from .training.runner import run_recipe
 
     recipe, out = align_run_from_args(args)
     student = f" --student {args.student}" if args.student else ""
@@ -280,46 +280,8 @@ def _trained_with(source: str) -> str:
     return " ".join(options)
 
 
-def check_models_fit_dataset(models: dict, sources: dict[str, str], spec, args: argparse.Namespace) -> None:
-    """Raise ``ConfigError`` for the first model that does not fit the dataset (classes, channels, size),
-    saying which ``--dataset``/``--data-dir`` it was trained with."""
-    from ..errors import ConfigError
-    from ..weights.imagenet import IMAGENET_NUM_CLASSES
-    from .evaluation import dataset_mismatch
-
-    for label, model in models.items():
-        problem = dataset_mismatch(model, spec)
-        if problem:
-            data = args.dataset + (f" in {args.data_dir}" if args.data_dir else "")
-            trained = _trained_with(sources[label])
-            fix = f"it was trained with {trained}" if trained else "pass the --dataset and --data-dir it was trained on"
-            if model.num_classes == IMAGENET_NUM_CLASSES and args.dataset == "folder":
-                fix += (
-                    " (an ImageNet model reads class folders named by WordNet id, n01440764 ... n15075141, "
-                    "as in ImageNet's val/ folder)"
-                )
-            raise ConfigError(f"model {label} ({sources[label]}) {problem}: it does not fit {data}; {fix}")
-
-
-def check_same_preprocessing(models: dict, args: argparse.Namespace) -> None:
-    """Raise ``ConfigError`` when the models read a folder dataset's images differently (their
-    ``config.resize_size``): the images are read once, with the first model's preprocessing."""
-    from ..errors import ConfigError
-
-    sizes = {label: model.config.resize_size for label, model in models.items()}
-    if args.dataset == "folder" and len(set(sizes.values())) > 1:
-        listed = ", ".join(f"{label}: {size}" for label, size in sizes.items())
-        raise ConfigError(
-            f"the models resize images differently before the centre crop (resize_size {listed}); "
-            "evaluate them in separate runs"
-        )
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..errors import DataError
-    from ..fileio import ensure_writable_dir
-    from .data import evaluation_split, load_dataset
-    from .evaluation import EvalConfig, evaluate_models
+    from .evaluation import EvalConfig, evaluate_dataset
 
     config = EvalConfig(
         grids=tuple(args.grid_sizes),
@@ -334,31 +296,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config.validate()
     names, pretrained, weights = pretrained_from_args(args)
     models = load_cli_models(args.checkpoint or [], names, pretrained=pretrained, weights=weights)
-    ensure_writable_dir(args.out, "output folder (--out)")
-    sources = cli_model_sources(args.checkpoint or [], names) or {name: name for name in models}
-    for label, source in sources.items():
-        print(f"model {label}: {source}")
-    check_same_preprocessing(models, args)
-    first = next(iter(models.values()))
-    split = evaluation_split(args.dataset)
-    dataset, spec = load_dataset(
-        args.dataset,
-        split,
-        args.data_dir,
-        first.image_size,
-        resize_size=first.config.resize_size,
-        num_classes=first.num_classes,
-    )
-    check_models_fit_dataset(models, sources, spec, args)
-    count = min(len(dataset), config.test_subset or len(dataset))
-    if count == 0:
-        raise DataError(f"the {args.dataset} {split} split holds no images; check --data-dir")
-    items = [dataset[i] for i in range(count)]
-    images = torch.stack([image for image, _ in items])
-    labels = torch.tensor([int(label) for _, label in items])
-    where = f" from {dataset.root}" if args.dataset == "folder" else ""
-    print(f"evaluating {', '.join(models)} on {count} {args.dataset} {split} images{where}")
-    evaluate_models(models, images, labels, args.out, config, dataset=args.dataset, sources=sources)
+    sources = cli_model_sources(args.checkpoint or [], names)
+    evaluate_dataset(models, args.dataset, args.data_dir, args.out, config, sources, trained_with=_trained_with)
     return 0
 
 
@@ -503,7 +442,7 @@ def _add_training_options(group) -> None:
 
 
 def _add_other_commands(sub) -> None:
-    """``explain``, ``evaluate`` and ``convert``."""
+    """``explain``, ``evaluate``, ``serve`` and ``convert``."""
     from .data import DATASETS
 
     p = sub.add_parser(
@@ -538,7 +477,9 @@ def _add_other_commands(sub) -> None:
     p.set_defaults(func=cmd_explain)
 
     from ..attribution import METHODS
+    from .evaluation import EvalConfig
 
+    defaults = EvalConfig()  # the flags' defaults
     p = sub.add_parser(
         "evaluate",
         help="accuracy, localisation, faithfulness and completeness, with post-hoc baselines",
@@ -550,19 +491,41 @@ def _add_other_commands(sub) -> None:
     _add_pretrained_options(p)
     p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
     p.add_argument("--data-dir", help="dataset location (default for Fashion-MNIST: the Debian package's)")
-    p.add_argument("--test-subset", type=int, help="use only the first N test images")
-    p.add_argument("--grids", type=int, default=30, help="number of grids per grid size (default 30)")
-    p.add_argument("--grid-sizes", type=int, nargs="+", default=[2, 3], help="grid sizes (default 2 3)")
-    p.add_argument("--faithfulness-images", type=int, default=256, help="images for deletion/insertion (default 256)")
-    p.add_argument("--ig-steps", type=int, default=10, help="integrated-gradients steps (default 10)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="attribution methods")
+    p.add_argument("--test-subset", type=int, default=defaults.test_subset, help="use only the first N test images")
+    p.add_argument(
+        "--grids",
+        type=int,
+        default=defaults.num_grids,
+        help=f"number of grids per grid size (default {defaults.num_grids})",
+    )
+    p.add_argument(
+        "--grid-sizes",
+        type=int,
+        nargs="+",
+        default=list(defaults.grids),
+        help=f"grid sizes (default {' '.join(map(str, defaults.grids))})",
+    )
+    p.add_argument(
+        "--faithfulness-images",
+        type=int,
+        default=defaults.faithfulness_images,
+        help=f"images for deletion/insertion (default {defaults.faithfulness_images})",
+    )
+    p.add_argument(
+        "--ig-steps",
+        type=int,
+        default=defaults.ig_steps,
+        help=f"integrated-gradients steps (default {defaults.ig_steps})",
+    )
+    p.add_argument("--methods", nargs="+", default=list(defaults.methods), choices=METHODS, help="attribution methods")
     p.add_argument(
         "--baselines",
         nargs="+",
-        default=["zero", "mean"],
-        help="deletion/insertion replacement values: zero, mean (of the test images) or numbers (default: zero mean)",
+        default=list(defaults.baselines),
+        help="deletion/insertion replacement values: zero, mean (of the test images) or numbers "
+        f"(default: {' '.join(defaults.baselines)})",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--out", default="evaluation", help="output folder (default: evaluation/)")
     p.set_defaults(func=cmd_evaluate)
 

@@ -1,5 +1,6 @@
-"""``bcosvit evaluate``: accuracy, localisation, faithfulness and completeness of trained models,
-with the post-hoc baselines run through the same code, written as JSON, PNG figures and HTML.
+"""The evaluation protocol of ``bcosvit evaluate``: what is measured (``EvalConfig``), which models
+fit a dataset (``dataset_mismatch``), the measurements of each model and attribution method
+(``evaluate_model``, ``measure_models``) and their typed results (``ModelResult``, ``MethodResult``).
 
 Protocols (all seeded):
 - accuracy: top-1 / top-5 on the whole test set;
@@ -23,22 +24,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-import matplotlib
-import numpy as np
-from matplotlib.figure import Figure
 from torch import Tensor
 
-from ..attribution import METHODS, attribute
-from ..errors import ConfigError
-from ..explanation import explain
-from ..fileio import ensure_writable_dir, write_json
-from ..metrics import (
+from ...attribution import METHODS, attribute
+from ...errors import ConfigError
+from ...explanation import explain
+from ...metrics import (
+    AttributionMethod,
     CompletenessStats,
     CurveResult,
     GridResult,
@@ -48,14 +45,12 @@ from ..metrics import (
     confident_images_by_class,
     deletion_insertion,
     grid_pointing_game,
-    make_grids,
     predict_logits,
     topk_accuracy,
 )
-from ..models.vit import VisionTransformer
-from ..visualize import contribution_map, save_figure, to_display_image
-from .data import DataSpec
-from .report import Section, Table, write_report
+from ...models.vit import VisionTransformer
+from ...validation import check_fields, is_int, is_number
+from ..data import DataSpec
 
 POST_HOC = tuple(m for m in METHODS if m != "bcos")
 # Methods with a reference image (their ``baseline`` option), and its default: their curves are
@@ -84,13 +79,14 @@ class EvalConfig:
     def validate(self, num_classes: int | None = None) -> None:
         """Raise ``ConfigError`` naming the first invalid value; with ``num_classes`` (the models'), also
         for grids with more cells than there are classes (each cell shows a different class)."""
+        self._check_types()
         for name in self.baselines:
             if name not in ("zero", "mean"):
                 try:
                     number = float(name)
                 except ValueError:
                     raise ConfigError(f"deletion baseline must be 'zero', 'mean' or a number, got {name!r}") from None
-                if not math.isfinite(number):
+                if not is_number(number):
                     raise ConfigError(f"deletion baseline must be a finite number, got {name!r}")
         if not self.baselines:
             raise ConfigError("give at least one deletion baseline ('zero', 'mean' or a number)")
@@ -115,14 +111,42 @@ class EvalConfig:
                 f"use grid sizes up to {math.isqrt(num_classes)}"
             )
 
+    def _check_types(self) -> None:
+        """Raise ``ConfigError`` naming the first field whose value has the wrong type (whole numbers, and
+        sequences of whole numbers or of strings); ``validate`` checks the ranges."""
+        check_fields(
+            {_with_flag(name): getattr(self, name) for name in _INTEGERS},
+            {_with_flag(name): (int, type(None)) if name == "test_subset" else int for name in _INTEGERS},
+            "the evaluation settings",
+        )
+        for name, is_item, what in (
+            ("grids", is_int, "whole numbers"),
+            ("methods", _is_text, "names"),
+            ("baselines", _is_text, "strings ('zero', 'mean' or numbers)"),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(map(is_item, value)):
+                raise ConfigError(f"{_with_flag(name)} must be a sequence of {what}, got {value!r:.60}")
+
+
+# The whole-number fields of EvalConfig (``test_subset`` may also be None).
+_INTEGERS = ("num_grids", "faithfulness_images", "steps", "ig_steps", "batch_size", "seed", "test_subset")
+
+
+def _is_text(value: object) -> bool:
+    return isinstance(value, str)
+
 
 # The ``bcosvit evaluate`` flag of each EvalConfig field that has one (named in error messages).
 _FLAGS = {
+    "grids": "--grid-sizes",
     "num_grids": "--grids",
     "faithfulness_images": "--faithfulness-images",
     "ig_steps": "--ig-steps",
     "test_subset": "--test-subset",
     "seed": "--seed",
+    "methods": "--methods",
+    "baselines": "--baselines",
 }
 
 
@@ -207,6 +231,14 @@ class ModelResult:
         }
 
 
+def curve_rows(res: ModelResult) -> Iterator[tuple[str, str, Curves]]:
+    """``(method, label, curves)`` for every method's curves, then its curves relative to the baseline."""
+    for method, entry in res.methods.items():
+        yield method, method, entry.curves
+        if entry.relative is not None:
+            yield method, f"{method} relative to the baseline", entry.relative
+
+
 def baseline_value(name: str, images: Tensor) -> float | Tensor:
     """The replacement value named ``name``: 0, the per-channel mean ``(C, 1, 1)`` of ``images``, or a number."""
     if name == "zero":
@@ -216,14 +248,14 @@ def baseline_value(name: str, images: Tensor) -> float | Tensor:
     return float(name)
 
 
-def method_fn(name: str, config: EvalConfig, **options):
+def method_fn(name: str, config: EvalConfig, **options: Any) -> AttributionMethod:
     """``(model, images, target) -> (N, H, W)`` for the named attribution method (``options``: its keywords)."""
     if name == "integrated_gradients":
         options = {"n_steps": config.ig_steps, "internal_batch_size": config.batch_size, **options}
     return partial(_attribute, name, options)
 
 
-def _attribute(name: str, options: dict, model, images: Tensor, target: Tensor) -> Tensor:
+def _attribute(name: str, options: dict, model: VisionTransformer, images: Tensor, target: Tensor) -> Tensor:
     return attribute(name, model, images, target, **options)
 
 
@@ -278,13 +310,54 @@ def _relative_curves(
     return {mode: {b: relative[mode].get(b, curves[mode][b]) for b in config.baselines} for mode in relative}
 
 
+def evaluate_method(
+    method: str,
+    model: VisionTransformer,
+    images: Tensor,
+    labels: Tensor,
+    confident: tuple[list[Tensor], list[Tensor]],
+    subset: Tensor,
+    predicted: Tensor,
+    baselines: dict[str, float | Tensor],
+    config: EvalConfig,
+) -> MethodResult:
+    """One method's measurements on one model: the pointing game on grids of ``images`` (of the
+    ``confident`` ones, ``confident_images_by_class``), and the deletion and insertion curves of its
+    maps of the ``predicted`` classes of the faithfulness ``subset`` for each of the ``baselines``
+    (name -> replacement value), relative to each of them too for methods with a reference image."""
+    t0 = time.perf_counter()
+    fn = method_fn(method, config)
+    games = {
+        grid: grid_pointing_game(
+            model,
+            images,
+            labels,
+            fn,
+            grid=grid,
+            num_grids=config.num_grids,
+            seed=config.seed,
+            batch_size=config.batch_size,
+            confident=confident,
+        )
+        for grid in config.grids
+    }
+    maps = compute_attributions(model, subset, predicted, fn, config.batch_size)
+    entry = MethodResult(
+        games, _curves(model, subset, predicted, dict.fromkeys(config.baselines, maps), baselines, config)
+    )
+    if method in REFERENCE_METHODS:
+        entry.relative = _relative_curves(method, entry.curves, model, subset, predicted, baselines, config)
+    entry.seconds = time.perf_counter() - t0
+    return entry
+
+
 def evaluate_model(
     name: str,
     model: VisionTransformer,
     images: Tensor,
     labels: Tensor,
     config: EvalConfig,
-    log=print,
+    log: Callable[[str], None] = print,
     source: str = "",
 ) -> ModelResult:
     """Every measurement for one model; post-hoc methods for any model, ``bcos`` for B-cos models.
@@ -299,29 +372,7 @@ def evaluate_model(
     confident = confident_images_by_class(model, images, labels, logits=logits)
     baselines = {name: baseline_value(name, images) for name in config.baselines}
     for method in methods:
-        t0 = time.perf_counter()
-        fn = method_fn(method, config)
-        games = {
-            grid: grid_pointing_game(
-                model,
-                images,
-                labels,
-                fn,
-                grid=grid,
-                num_grids=config.num_grids,
-                seed=config.seed,
-                batch_size=config.batch_size,
-                confident=confident,
-            )
-            for grid in config.grids
-        }
-        maps = compute_attributions(model, subset, predicted, fn, config.batch_size)
-        entry = MethodResult(
-            games, _curves(model, subset, predicted, dict.fromkeys(config.baselines, maps), baselines, config)
-        )
-        if method in REFERENCE_METHODS:
-            entry.relative = _relative_curves(method, entry.curves, model, subset, predicted, baselines, config)
-        entry.seconds = time.perf_counter() - t0
+        entry = evaluate_method(method, model, images, labels, confident, subset, predicted, baselines, config)
         result.methods[method] = entry
         scores = ", ".join(f"{g}x{g} {entry.grids[g].mean:.3f}" for g in config.grids)
         log(f"  {method:24s} pointing game {scores} | {_aucs(entry.curves, config)} | {entry.seconds:.0f}s")
@@ -338,6 +389,22 @@ def evaluate_model(
     return result
 
 
+def measure_models(
+    models: dict[str, VisionTransformer],
+    images: Tensor,
+    labels: Tensor,
+    config: EvalConfig,
+    log: Callable[[str], None] = print,
+    sources: dict[str, str] | None = None,
+) -> list[ModelResult]:
+    """``evaluate_model`` for every model, in order; ``sources``: where each came from (by its key)."""
+    sources = sources or {}
+    return [
+        evaluate_model(name, model, images, labels, config, log, source=sources.get(name, ""))
+        for name, model in models.items()
+    ]
+
+
 def _aucs(curves: Curves, config: EvalConfig) -> str:
     """``deletion AUC a/b | insertion AUC c/d (zero/mean)`` for a log line."""
     aucs = " | ".join(
@@ -345,214 +412,3 @@ def _aucs(curves: Curves, config: EvalConfig) -> str:
         for mode in ("deletion", "insertion")
     )
     return f"{aucs} ({'/'.join(config.baselines)})"
-
-
-# --- figures ---------------------------------------------------------------------------------
-
-
-def _method_row(axes, model: VisionTransformer, x: Tensor, target: Tensor, title: str, config: EvalConfig) -> None:
-    """One figure row: the input ``x`` ``(1, C, H, W)``, then every method's map for ``target``."""
-    axes[0].imshow(to_display_image(x[0]))
-    axes[0].set_title(title, fontsize=7)
-    axes[0].axis("off")
-    for ax, method in zip(axes[1:], config.methods):
-        ax.axis("off")
-        if method == "bcos" and not model.is_bcos:
-            continue
-        ax.imshow(contribution_map(method_fn(method, config)(model, x, target)[0]))
-        ax.set_title(method, fontsize=8)
-
-
-def examples_figure(models: dict[str, VisionTransformer], images: Tensor, config: EvalConfig, n: int = 4) -> Figure:
-    """Rows: test images × models; columns: the input and every method's map (predicted class)."""
-    rows = [(name, model, i) for i in range(n) for name, model in models.items()]
-    fig = Figure(figsize=(1.5 * (len(config.methods) + 1), 1.6 * len(rows)))
-    axes = fig.subplots(len(rows), len(config.methods) + 1, squeeze=False)
-    for r, (name, model, i) in enumerate(rows):
-        x = images[i : i + 1]
-        target = predict_logits(model, x).argmax(dim=1)
-        _method_row(axes[r], model, x, target, f"{name}\nclass {int(target)}", config)
-    fig.tight_layout()
-    return fig
-
-
-def grid_figure(models: dict[str, VisionTransformer], images: Tensor, labels: Tensor, config: EvalConfig) -> Figure:
-    """The first 2×2 grid and each method's map for its first cell's class, per model."""
-    fig = Figure(figsize=(1.7 * (len(config.methods) + 1), 1.9 * len(models)))
-    axes = fig.subplots(len(models), len(config.methods) + 1, squeeze=False)
-    for r, (name, model) in enumerate(models.items()):
-        grids = make_grids(model, images, labels, grid=2, num_grids=1, seed=config.seed, batch_size=config.batch_size)
-        x, target = grids.images[:1], grids.classes[:1, 0]
-        _method_row(axes[r], model, x, target, f"{name}\ntarget: top-left class {int(target)}", config)
-    fig.tight_layout()
-    return fig
-
-
-def localisation_figure(results: list[ModelResult], config: EvalConfig) -> Figure:
-    fig = Figure(figsize=(5 * len(config.grids), 3.6))
-    axes = fig.subplots(1, len(config.grids), squeeze=False)[0]
-    for ax, grid in zip(axes, config.grids):
-        labels, means, errors = [], [], []
-        for res in results:
-            for method, entry in res.methods.items():
-                game = entry.grids[grid]
-                labels.append(f"{res.name}\n{method}")
-                means.append(game.mean)
-                errors.append([game.mean - game.ci95[0], game.ci95[1] - game.mean])
-        y = np.arange(len(labels))
-        ax.barh(
-            y,
-            means,
-            xerr=np.array(errors).T,
-            color=["tab:orange" if "bcos" in lbl.split("\n")[1] else "tab:blue" for lbl in labels],
-        )
-        ax.set_yticks(y, labels, fontsize=6)
-        ax.axvline(1 / grid**2, color="grey", linestyle="--", linewidth=1)
-        ax.set(xlim=(0, 1), xlabel="pointing game score (mean, 95% CI)", title=f"{grid}x{grid} grids")
-        ax.invert_yaxis()
-    fig.tight_layout()
-    return fig
-
-
-def _curve_rows(res: ModelResult) -> Iterator[tuple[str, str, Curves]]:
-    """``(method, label, curves)`` for every method's curves, then its curves relative to the baseline."""
-    for method, entry in res.methods.items():
-        yield method, method, entry.curves
-        if entry.relative is not None:
-            yield method, f"{method} relative to the baseline", entry.relative
-
-
-def curves_figure(results: list[ModelResult], mode: str, config: EvalConfig) -> Figure:
-    """One panel per baseline: mean curve of every (model, method), AUC in the legend."""
-    fig = Figure(figsize=(6 * len(config.baselines), 4))
-    axes = fig.subplots(1, len(config.baselines), squeeze=False)[0]
-    colours = matplotlib.colormaps["tab20"]  # up to 20 distinguishable curves per panel
-    for ax, base in zip(axes, config.baselines):
-        rows = [(res, label, curves) for res in results for _, label, curves in _curve_rows(res)]
-        for i, (res, label, curves) in enumerate(rows):
-            curve = curves[mode][base]
-            style = "-" if res.is_bcos else "--"
-            label = f"{res.name} {label} ({curve.mean_auc:.3f})"
-            ax.plot(curve.fractions.tolist(), curve.mean_curve.tolist(), style, color=colours(i % 20), label=label)
-        ax.set(
-            xlabel=f"fraction of pixels {'removed' if mode == 'deletion' else 'inserted'} (most relevant first)",
-            ylabel="probability of the class",
-            title=f"{mode} curves, baseline {base} (AUC in brackets)",
-        )
-        ax.legend(fontsize=5)
-    fig.tight_layout()
-    return fig
-
-
-# --- report ----------------------------------------------------------------------------------
-
-
-def evaluate_models(
-    models: dict[str, VisionTransformer],
-    images: Tensor,
-    labels: Tensor,
-    out: str | Path,
-    config: EvalConfig,
-    dataset: str = "",
-    log=print,
-    sources: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Evaluate every model, write ``metrics.json``, figures and ``report.html`` to ``out``.
-
-    ``sources``: where each model (by its key in ``models``) came from, e.g. its checkpoint path;
-    stored with its results.
-    """
-    config.validate(num_classes=min((model.num_classes for model in models.values()), default=None))
-    out = ensure_writable_dir(out, "output folder (--out)")
-    sources = sources or {}
-    started = time.perf_counter()
-    results = [
-        evaluate_model(name, model, images, labels, config, log, source=sources.get(name, ""))
-        for name, model in models.items()
-    ]
-    figures = {
-        "examples.png": examples_figure(models, images, config),
-        "grid_examples.png": grid_figure(models, images, labels, config),
-        "localisation.png": localisation_figure(results, config),
-        "deletion.png": curves_figure(results, "deletion", config),
-        "insertion.png": curves_figure(results, "insertion", config),
-    }
-    paths = {name: save_figure(fig, out / name) for name, fig in figures.items()}
-    summary = {
-        "dataset": dataset,
-        "num_test_images": len(images),
-        "config": asdict(config),
-        "models": [r.to_dict() for r in results],
-        "seconds": time.perf_counter() - started,
-    }
-    write_json(out / "metrics.json", summary)
-    write_report(
-        out / "report.html",
-        "bcosvit evaluation",
-        _sections(results, config, paths),
-        meta=f"{dataset}: {len(images)} test images; {config.num_grids} grids per size (seed {config.seed}); "
-        f"faithfulness on {min(config.faithfulness_images, len(images))} images; "
-        f"{summary['seconds']:.0f}s",
-    )
-    log(f"\nwrote {out}/metrics.json, report.html and {len(paths)} figures in {summary['seconds']:.0f}s")
-    return summary
-
-
-def _sections(results: list[ModelResult], config: EvalConfig, paths: dict[str, Path]) -> list[Section]:
-    accuracy = Table(
-        ["model", "source", "family", "top-1 (%)", "top-5 (%)"],
-        [
-            [r.name, r.source, "B-cos" if r.is_bcos else "standard", r.accuracy.top1, r.accuracy.top5]
-            for r in results
-        ],
-        precision=2,
-    )
-    headers = (
-        ["model", "method"]
-        + [f"pointing {g}x{g} (95% CI)" for g in config.grids]
-        + [f"deletion AUC ↓ ({b})" for b in config.baselines]
-        + [f"insertion AUC ↑ ({b})" for b in config.baselines]
-    )
-    rows = []
-    for r in results:
-        for method, label, curves in _curve_rows(r):
-            grids = r.methods[method].grids
-            games = [
-                f"{grids[g].mean:.3f} [{grids[g].ci95[0]:.3f}, {grids[g].ci95[1]:.3f}]"
-                if curves is r.methods[method].curves
-                else "–"
-                for g in config.grids
-            ]
-            aucs = [curves[mode][b].mean_auc for mode in ("deletion", "insertion") for b in config.baselines]
-            rows.append([r.name, label, *games, *aucs])
-    completeness = [
-        [r.name, r.completeness.absolute.median, r.completeness.absolute.p99, r.completeness.absolute.max]
-        for r in results
-        if r.completeness
-    ]
-    return [
-        Section("Accuracy", tables=[accuracy]),
-        Section(
-            "Localisation and faithfulness",
-            "Grid pointing game: share of positive attribution inside the cell of the explained class (chance: "
-            "1/cells). Deletion/insertion: probability of the predicted class as the most relevant pixels are "
-            "removed (set to the baseline value) or inserted into an image of the baseline value; area under the "
-            "curve. Baselines: zero = black, mean = the test images' mean pixel value. A pixel already at the "
-            "baseline cannot be removed, so with zero the evidence carried by dark pixels is never deleted. "
-            "Rows 'relative to the baseline' measure a method with its reference at the replacement value: "
-            "integrated gradients from the all-baseline image, and the B-cos weights applied to the change from "
-            "it, w(x)·([x, 1-x] - [b, 1-b]), instead of w(x)·[x, 1-x] (relative to the encoded input 0).",
-            tables=[Table(headers, rows)],
-            figures=[paths["localisation.png"], paths["deletion.png"], paths["insertion.png"]],
-        ),
-        Section(
-            "Completeness of B-cos explanations",
-            "|logit - sum(w·x) - positional - logit bias| in logit units.",
-            tables=[Table(["model", "median", "99th percentile", "max"], completeness, precision=10)],
-        ),
-        Section(
-            "Examples",
-            "Test images explained by every method (red: positive, blue: negative).",
-            figures=[paths["examples.png"], paths["grid_examples.png"]],
-        ),
-    ]

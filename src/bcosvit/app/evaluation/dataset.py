@@ -1,0 +1,96 @@
+"""The test images of ``bcosvit evaluate``: the rules that the models read a dataset alike
+(``check_same_preprocessing``) and fit it (``check_models_fit_dataset``), and its test split read
+once and stacked into tensors (``load_test_images``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ...errors import ConfigError, DataError
+from ...models.vit import VisionTransformer
+from ...weights.imagenet import IMAGENET_NUM_CLASSES
+from ..data import DataSpec, evaluation_split, load_dataset
+from .protocol import dataset_mismatch
+
+
+def check_same_preprocessing(models: dict[str, VisionTransformer], dataset: str) -> None:
+    """Raise ``ConfigError`` when the models read a folder dataset's images differently (their
+    ``config.resize_size``): the images are read once, with the first model's preprocessing."""
+    sizes = {label: model.config.resize_size for label, model in models.items()}
+    if dataset == "folder" and len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{label}: {size}" for label, size in sizes.items())
+        raise ConfigError(
+            f"the models resize images differently before the centre crop (resize_size {listed}); "
+            "evaluate them in separate runs"
+        )
+
+
+def check_models_fit_dataset(
+    models: dict[str, VisionTransformer],
+    sources: dict[str, str],
+    spec: DataSpec,
+    dataset: str,
+    data_dir: str | Path | None,
+    trained_with: Callable[[str], str] | None = None,
+) -> None:
+    """Raise ``ConfigError`` for the first model that does not fit the dataset (classes, channels, size),
+    saying which ``--dataset``/``--data-dir`` it was trained with: ``trained_with(source)`` (its
+    options, "" when unknown) for the model's source in ``sources``."""
+    for label, model in models.items():
+        problem = dataset_mismatch(model, spec)
+        if problem:
+            data = dataset + (f" in {data_dir}" if data_dir else "")
+            trained = trained_with(sources[label]) if trained_with is not None else ""
+            fix = f"it was trained with {trained}" if trained else "pass the --dataset and --data-dir it was trained on"
+            if model.num_classes == IMAGENET_NUM_CLASSES and dataset == "folder":
+                fix += (
+                    " (an ImageNet model reads class folders named by WordNet id, n01440764 ... n15075141, "
+                    "as in ImageNet's val/ folder)"
+                )
+            raise ConfigError(f"model {label} ({sources[label]}) {problem}: it does not fit {data}; {fix}")
+
+
+def stack_images(data: Dataset, count: int) -> tuple[Tensor, Tensor]:
+    """The first ``count`` items of ``data`` as images ``(count, C, H, W)`` and labels ``(count,)``."""
+    items = [data[i] for i in range(count)]
+    images = torch.stack([image for image, _ in items])
+    labels = torch.tensor([int(label) for _, label in items])
+    return images, labels
+
+
+def load_test_images(
+    models: dict[str, VisionTransformer],
+    dataset: str,
+    data_dir: str | Path | None,
+    sources: dict[str, str],
+    test_subset: int | None = None,
+    trained_with: Callable[[str], str] | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[Tensor, Tensor]:
+    """The test split of ``dataset`` (``evaluation_split``; its first ``test_subset`` images, or all)
+    as images and labels, read as the first model reads images, after checking that every model
+    reads them alike and fits them (``check_same_preprocessing``, ``check_models_fit_dataset``)."""
+    check_same_preprocessing(models, dataset)
+    first = next(iter(models.values()))
+    split = evaluation_split(dataset)
+    data, spec = load_dataset(
+        dataset,
+        split,
+        data_dir,
+        first.image_size,
+        resize_size=first.config.resize_size,
+        num_classes=first.num_classes,
+    )
+    check_models_fit_dataset(models, sources, spec, dataset, data_dir, trained_with)
+    count = min(len(data), test_subset or len(data))
+    if count == 0:
+        raise DataError(f"the {dataset} {split} split holds no images; check --data-dir")
+    images, labels = stack_images(data, count)
+    where = f" from {data.root}" if dataset == "folder" else ""
+    log(f"evaluating {', '.join(models)} on {count} {dataset} {split} images{where}")
+    return images, labels
