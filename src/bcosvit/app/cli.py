@@ -443,8 +443,11 @@ def _add_training_options(group) -> None:
 
 def _add_other_commands(sub) -> None:
     """``explain``, ``evaluate``, ``serve`` and ``convert``."""
-    from .data import DATASETS
+    for add in (_add_explain_command, _add_evaluate_command, _add_serve_command, _add_convert_command):
+        add(sub)
 
+
+def _add_explain_command(sub) -> None:
     p = sub.add_parser(
         "explain",
         help="explain image files with a B-cos model (one figure per image)",
@@ -476,7 +479,10 @@ def _add_other_commands(sub) -> None:
     )
     p.set_defaults(func=cmd_explain)
 
+
+def _add_evaluate_command(sub) -> None:
     from ..attribution import METHODS
+    from .data import DATASETS
     from .evaluation import EvalConfig
 
     defaults = EvalConfig()  # the flags' defaults
@@ -529,6 +535,8 @@ def _add_other_commands(sub) -> None:
     p.add_argument("--out", default="evaluation", help="output folder (default: evaluation/)")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_serve_command(sub) -> None:
     p = sub.add_parser(
         "serve",
         help="a local web page to walk through exact explanations (needs bcosvit[serve])",
@@ -544,6 +552,8 @@ def _add_other_commands(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.set_defaults(func=cmd_serve)
 
+
+def _add_convert_command(sub) -> None:
     p = sub.add_parser(
         "convert",
         help="convert a published B-cos-v2 ViT checkpoint (.pth) into a model folder",
