@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from bcosvit import ConfigError, create_model, explain, load_model
 from bcosvit.app.cli import main
-from bcosvit.app.data import load_dataset
+from bcosvit.app.data import dataset_labels, load_dataset
 from bcosvit.app.training import train
 from bcosvit.app.training.align import AlignmentNet, aligned_depths
 from bcosvit.app.training.teacher import bcos_student, load_teacher
@@ -80,6 +80,10 @@ class PermutedLabels(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.permutation[torch.as_tensor(dataset_labels(self.dataset))]
 
     def __getitem__(self, i):
         image, label = self.dataset[i]

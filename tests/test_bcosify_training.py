@@ -26,7 +26,11 @@ def bcosify_config(teacher, **overrides):
 
 def test_schedule_raises_b_linearly_and_takes_the_biases_to_exactly_zero():
     assert [bcosify_progress(t, 4) for t in (0, 1, 2, 4, 9)] == [
-        (1.0, 1.0), (1.25, 0.75), (1.5, 0.5), (2.0, 0.0), (2.0, 0.0)
+        (1.0, 1.0),
+        (1.25, 0.75),
+        (1.5, 0.5),
+        (2.0, 0.0),
+        (2.0, 0.0),
     ]
     assert bcosify_progress(0, 0) == (2.0, 0.0)  # the authors' released choice
     scale = 1.0

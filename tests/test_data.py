@@ -7,19 +7,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import Subset
 from torchvision.transforms import v2
 
 from bcosvit.app.data import (
     DATASETS,
+    TensorImageDataset,
+    batch_to_device,
     build_transforms,
+    dataset_labels,
     evaluation_split,
+    first_images_per_class,
     load_cifar10,
     load_dataset,
     load_fashion_mnist,
     load_image_folder,
     read_idx,
+    stratified_indices,
 )
 from bcosvit.errors import DataError
+from bcosvit.weights.imagenet import imagenet_wnids
+
+from .imagenet_tree import make_imagenet_tree
 
 SUBSET = Path(__file__).parent / "data" / "fashion-mnist"
 
@@ -204,3 +213,41 @@ def test_folder_evaluation_resizes_the_shorter_side_to_resize_size_then_crops_th
     # resize_size is the evaluation of folder datasets only: training and native-size datasets ignore it
     assert repr(build_transforms(True, 28, 28, resize_size=36)) == repr(build_transforms(True, 28, 28))
     assert repr(build_transforms(True, 32, None, resize_size=36)) == repr(build_transforms(True, 32, None))
+
+
+def test_a_folder_dataset_holds_its_file_list_as_numpy_arrays_and_knows_labels_without_decoding(tmp_path):
+    tree = make_imagenet_tree(tmp_path, num_classes=4, train_per_class=3, splits=("train",))
+    ds, _ = load_dataset("folder", "train", tree, 16)
+    assert isinstance(ds.paths, np.ndarray) and ds.paths.dtype.kind == "S" and ds.targets.dtype == np.int64
+    assert dataset_labels(ds).tolist() == [0] * 3 + [250] * 3 + [500] * 3 + [750] * 3
+    assert Path(ds.path(4)).parent.name == imagenet_wnids()[250] and ds[4][1] == 250
+    assert dataset_labels(Subset(ds, [11, 0])).tolist() == [750, 0]
+
+
+@pytest.mark.parametrize("count", [10, 37, 100])
+def test_stratified_subsets_keep_every_class_s_share_and_depend_on_the_seed_only(count):
+    labels = np.repeat(np.arange(10), 20)  # 200 items in class order, as a folder lists them
+    picked = stratified_indices(labels, count, seed=3)
+    per_class = np.bincount(labels[picked], minlength=10)
+    assert len(picked) == len(set(picked.tolist())) == count and np.all(np.diff(picked) > 0)
+    assert per_class.min() >= count // 10 and per_class.max() <= -(-count // 10)  # floor or ceil of the share
+    assert picked.tolist() == stratified_indices(labels, count, seed=3).tolist()
+    assert picked.tolist() != stratified_indices(labels, count, seed=4).tolist()
+    assert stratified_indices(labels, 500).tolist() == list(range(200))
+
+
+def test_first_images_per_class_spread_over_the_classes_without_decoding():
+    labels = torch.arange(40).repeat_interleave(2)  # 80 images, 40 classes
+    ds = TensorImageDataset(torch.zeros(80, 1, 4, 4, dtype=torch.uint8), labels, [str(k) for k in range(40)])
+    picked = first_images_per_class(ds, max_classes=16)
+    assert len(picked) == 16 and picked[0] == 0 and picked[-1] == 78
+    assert len(set(labels[picked].tolist())) == 16
+    assert first_images_per_class(ds, max_classes=100) == list(range(0, 80, 2))
+
+
+def test_uint8_batches_become_float_images_on_the_device():
+    batch = torch.tensor([[[[0, 51, 255]]]], dtype=torch.uint8)
+    images = batch_to_device(batch, "cpu")
+    assert images.dtype == torch.float32 and torch.equal(images.flatten(), torch.tensor([0.0, 0.2, 1.0]))
+    floats = torch.rand(1, 1, 2, 2)
+    assert batch_to_device(floats, "cpu") is floats

@@ -321,3 +321,13 @@ def test_the_evaluate_flags_default_to_eval_configs_fields(capsys):
     assert f"(default {defaults.num_grids})" in shown and f"(default {defaults.ig_steps})" in shown
     assert f"(default {defaults.faithfulness_images})" in shown and "grid sizes (default 2 3)" in shown
     assert "(default: zero mean)" in shown
+
+
+def test_a_class_mismatch_is_told_by_counts_and_first_differences_not_whole_lists():
+    from bcosvit.app.evaluation.protocol import class_differences
+    from bcosvit.weights.imagenet import imagenet_class_names, imagenet_wnids
+
+    text = class_differences(imagenet_class_names(), imagenet_wnids())
+    assert text.startswith("1000 model classes, 1000 dataset classes, 1000 differ (class 0: 'tench' vs 'n01440764';")
+    assert text.endswith("and 997 more)") and len(text) < 300
+    assert class_differences(["a", "b"], ["a", "b", "c"]) == "2 model classes, 3 dataset classes"

@@ -188,9 +188,7 @@ def test_a_damaged_conversion_cache_is_converted_again(reference, hub_dir, publi
     assert bcosvit.load_model(hub.converted_path(NAME)).num_classes == 1000
 
 
-def test_a_conversion_cached_by_another_conversion_version_is_converted_again(
-    reference, hub_dir, monkeypatch, publish
-):
+def test_a_conversion_cached_by_another_conversion_version_is_converted_again(reference, hub_dir, monkeypatch, publish):
     publish(reference.path)
     bcosvit.create_model(NAME, pretrained="imagenet", progress=False)
     assert bcosvit.weights.read_metadata(hub.converted_path(NAME))["conversion_version"] == CONVERSION_VERSION

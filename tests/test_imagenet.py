@@ -20,6 +20,8 @@ from bcosvit.models.vit import VisionTransformer, ViTConfig
 from bcosvit.weights.checkpoint import save_weights
 from bcosvit.weights.imagenet import imagenet_class_names, imagenet_wnids, is_wnid, parse_classes
 
+from .imagenet_tree import make_imagenet_tree
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -137,17 +139,27 @@ def _out(tmp_path: Path) -> list[str]:
 
 
 def test_wordnet_id_folders_take_their_imagenet_class_indices(val_folder):
-    ds, spec = load_dataset("folder", "val", val_folder, 32, resize_size=36, num_classes=1000)
+    ds, spec = load_dataset("folder", "val", val_folder, 32, resize_size=36)
     assert ds.root == str(val_folder)  # no val/ sub-folder: the class folders sit in the folder itself
-    assert ds.targets == [k for k in CLASSES for _ in SIZES]
+    assert ds.targets.tolist() == [k for k in CLASSES for _ in SIZES]
     assert spec.num_classes == 1000 and spec.classes == imagenet_class_names() and ds.classes == spec.classes
     image, label = ds[2]
     assert image.shape == (3, 32, 32) and label == 207
 
 
-def test_wordnet_id_folders_for_a_model_of_other_classes_stay_an_ordinary_folder_dataset(val_folder):
-    ds, spec = load_dataset("folder", "val", val_folder, 32, num_classes=4)
-    assert ds.targets == [0, 0, 1, 1, 2, 2, 3, 3] and spec.classes == list(CLASSES.values())
+def test_wordnet_id_folders_are_imagenet_classes_for_training_too(tmp_path):
+    # the same tree means the same classes to every command: train reads ImageNet's indices and
+    # names, and the model it builds records them (and the evaluation resize it was trained for)
+    from bcosvit.app.training.builders import build_model
+    from bcosvit.app.training.config import TrainConfig
+
+    tree = make_imagenet_tree(tmp_path, num_classes=5, sizes=(20, 30))
+    train, spec = load_dataset("folder", "train", tree, 16)
+    val, _ = load_dataset("folder", "val", tree, 16)
+    assert spec.num_classes == 1000 and train.classes == val.classes == imagenet_class_names()
+    assert train.targets.tolist() == val.targets.tolist() == [0, 200, 400, 600, 800]
+    model = build_model(TrainConfig(model="bcos_vit_nano_patch4_28", dataset="folder"), spec)
+    assert model.config.class_names == imagenet_class_names() and model.config.resize_size == 18
 
 
 def test_a_folder_that_is_no_imagenet_wordnet_id_is_refused_by_name(val_folder):
@@ -155,13 +167,13 @@ def test_a_folder_that_is_no_imagenet_wordnet_id_is_refused_by_name(val_folder):
         _image_folder(val_folder.parent / "other", [name])
         (val_folder.parent / "other" / name).rename(val_folder / name)
     with pytest.raises(DataError, match=r"class folder\(s\) cats, n99999999 in .* are not ImageNet WordNet ids"):
-        load_dataset("folder", "val", val_folder, 32, num_classes=1000)
+        load_dataset("folder", "val", val_folder, 32)
 
 
 def test_a_folder_with_train_but_no_val_is_not_read_as_class_folders(val_folder):
     (val_folder / "train").mkdir()
     with pytest.raises(DataError, match=r"imagenet-val/val not found; expected .*\{train,val\}.*or for evaluation"):
-        load_dataset("folder", "val", val_folder, 32, num_classes=1000)
+        load_dataset("folder", "val", val_folder, 32)
 
 
 def test_resize_then_centre_crop_is_what_torchvision_s_resize_and_center_crop_give(tmp_path):
@@ -185,7 +197,7 @@ def test_without_resize_size_images_are_read_as_before(tmp_path):
     expected = v2.Compose([v2.Resize(32, antialias=True), v2.CenterCrop(32)])(original).clamp(0, 1)
     torch.testing.assert_close(item.tensor, expected, rtol=0, atol=1e-6)
     assert item.notes == ["resized 300x200 -> 32x32 (shorter side, centre crop)"]
-    # folder evaluation without a resize_size keeps its 1/0.875 resize (256 for 224)
+    # a folder dataset's default evaluation resize is 1/0.875 (256 for 224); models trained on it record it
     ops = build_transforms(False, 224, None).transforms
     assert ops[0].size == [256] and ops[1].size == (224, 224)
     assert build_transforms(False, 224, None, resize_size=240).transforms[0].size == [240]

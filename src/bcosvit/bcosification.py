@@ -197,8 +197,7 @@ def _check_timm_supported(model: nn.Module) -> None:
     missing = [name for name in needed if not hasattr(model, name)]
     if missing:
         raise ConfigError(
-            f"expected a bcosvit standard twin or a timm VisionTransformer, got {type(model).__name__} "
-            f"(no {missing})"
+            f"expected a bcosvit standard twin or a timm VisionTransformer, got {type(model).__name__} (no {missing})"
         )
     problems = []
     if getattr(model, "num_reg_tokens", 0):

@@ -4,28 +4,30 @@ Images stay ordinary tensors in [0, 1]: each model owns its input encoding.
 
 - Fashion-MNIST: the four idx ``.gz`` files of Debian's ``dataset-fashion-mnist`` package.
 - CIFAR-10: the standard python-format batches (``data_batch_1`` ... ``test_batch``).
-- Any ImageNet-style folder tree ``<root>/{train,val}/<class>/<image>`` through torchvision (for
-  evaluation also a single folder of class folders); WordNet-id class folders read by a 1000-class
-  model take their ImageNet class indices.
+- Any ImageNet-style folder tree ``<root>/{train,val}/<class>/<image>`` (``FolderDataset``; for
+  evaluation also a single folder of class folders); WordNet-id class folders are ImageNet's
+  classes in every command.
 """
 
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tv_datasets
 from torchvision.transforms import v2
 
 from ..errors import DataError
-from ..weights.imagenet import IMAGENET_NUM_CLASSES, imagenet_class_names, imagenet_wnids, is_wnid
+from ..weights.imagenet import imagenet_class_names, imagenet_wnids, is_wnid
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -43,6 +45,7 @@ FASHION_MNIST_CLASSES = [
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DATASETS = ("fashion-mnist", "cifar10", "folder")
 
 
@@ -180,39 +183,11 @@ def load_cifar10(split: str, root: str | Path, transform=None) -> TensorImageDat
     )
 
 
-def load_image_folder(
-    split: str, root: str | Path, transform=None, num_classes: int | None = None
-) -> tv_datasets.ImageFolder:
-    """A folder of class folders read by torchvision: ``root/<split>/<class>/<image>``, or for the
-    evaluation split "val", ``root/<class>/<image>`` when ``root`` has neither ``train`` nor ``val``.
-
-    With ``num_classes`` 1000 (an ImageNet model's) and class folders named by WordNet id (ImageNet's
-    layout, e.g. ``val/n01440764/*.JPEG``, all 1000 classes or only some), each folder's images get
-    the ImageNet index of its id (``bcosvit.weights.imagenet.imagenet_wnids``) and the dataset's ``classes``
-    are ImageNet's 1000 names; otherwise the sorted folder names are the classes.
-
-    Raises:
-        DataError: for a missing folder (naming the accepted layouts), no class folders, a class
-            folder without images, or class folders that are not all ImageNet WordNet ids when some
-            are and ``num_classes`` is 1000.
-    """
-    folder = _split_folder(split, Path(root))
-    decode = v2.Compose([v2.ToImage(), v2.RGB()])
-    pipeline = (
-        v2.Compose([decode, transform])
-        if transform is not None
-        else v2.Compose([decode, v2.ToDtype(torch.float32, scale=True)])
-    )
-    try:
-        class_folders = tv_datasets.folder.find_classes(str(folder))[0]
-        mapping = imagenet_class_indices(class_folders, folder) if num_classes == IMAGENET_NUM_CLASSES else None
-        if mapping is None:
-            return tv_datasets.ImageFolder(str(folder), transform=pipeline, loader=read_folder_image)
-        return ImageNetFolder(str(folder), mapping, transform=pipeline, loader=read_folder_image)
-    except DataError:
-        raise
-    except OSError as exc:  # no class folders, a class folder without image files, or an unreadable folder
-        raise DataError(f"image folder {folder} is unusable: {exc} Expected {folder}/<class>/<image files>") from exc
+def load_image_folder(split: str, root: str | Path, transform=None) -> FolderDataset:
+    """A folder of class folders: ``root/<split>/<class>/<image>``, or for the evaluation split
+    "val", ``root/<class>/<image>`` when ``root`` has neither ``train`` nor ``val``
+    (``FolderDataset``: WordNet-id class folders are ImageNet classes, in every command)."""
+    return FolderDataset(_split_folder(split, Path(root)), transform)
 
 
 def _split_folder(split: str, root: Path) -> Path:
@@ -241,34 +216,157 @@ def imagenet_class_indices(class_folders: list[str], folder: Path) -> dict[str, 
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise DataError(
-            f"class folder(s) {shown} in {folder} are not ImageNet WordNet ids; an ImageNet (1000-class) model "
-            "reads class folders named by the WordNet id of their class (n01440764 ... n15075141), as in "
-            "ImageNet's val/ folder: rename or remove them"
+            f"class folder(s) {shown} in {folder} are not ImageNet WordNet ids; class folders named by "
+            "WordNet id (n01440764 ... n15075141, ImageNet's layout) are read as ImageNet's 1000 classes, "
+            "so all of them must be ImageNet-1k ids: rename or remove the others"
         )
     return {name: index[name] for name in class_folders}
 
 
-class ImageNetFolder(tv_datasets.ImageFolder):
-    """An ``ImageFolder`` of WordNet-id class folders (any subset of ImageNet's 1000) whose targets are
-    ImageNet class indices; ``classes`` are ImageNet's 1000 names in index order."""
+class FolderDataset(Dataset):
+    """The images of a folder of class folders ``folder/<class>/<image>``, yielding
+    ``(transform(image), label)`` with ``image`` an RGB PIL image (``read_folder_image``).
 
-    def __init__(self, root: str, class_to_idx: dict[str, int], **kwargs) -> None:
-        self._imagenet_class_to_idx = dict(class_to_idx)
-        super().__init__(root, **kwargs)
-        self.classes = imagenet_class_names()
+    Class folders named by ImageNet WordNet id (``n01440764``, all 1000 or any subset) are ImageNet
+    classes: their labels are ImageNet's indices and ``classes`` ImageNet's 1000 names, so that a
+    tree means the same classes to ``train``, ``align``, ``evaluate``, ``explain`` and ``serve``.
+    Other folders' sorted names are the classes.
 
-    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        """The class folders and their ImageNet indices (torchvision calls this while indexing files)."""
-        return sorted(self._imagenet_class_to_idx), self._imagenet_class_to_idx
+    The file list is held as two numpy arrays (``paths`` of bytes relative to ``root`` and
+    ``targets`` int64), not as Python objects: DataLoader workers share them with their parent
+    (copy-on-write pages that reference counting never touches), so 1.28 M files cost about
+    50 MB once, not once per worker. Labels are known without decoding anything (``targets``).
+
+    Raises:
+        DataError: for no class folders, a class folder without image files, an unreadable folder,
+            or class folders that are not all ImageNet WordNet ids when some are.
+    """
+
+    def __init__(self, folder: str | Path, transform=None, loader=None) -> None:
+        self.root = str(folder)
+        self.transform = transform
+        self.loader = loader if loader is not None else read_folder_image
+        try:
+            class_folders = tv_datasets.folder.find_classes(self.root)[0]
+            mapping = imagenet_class_indices(class_folders, Path(folder))
+            if mapping is None:
+                mapping = {name: k for k, name in enumerate(class_folders)}
+                self.classes = list(class_folders)
+            else:
+                self.classes = imagenet_class_names()
+            samples = tv_datasets.folder.make_dataset(self.root, mapping, extensions=tv_datasets.folder.IMG_EXTENSIONS)
+        except OSError as exc:  # no class folders, a class folder without image files, or an unreadable folder
+            raise DataError(
+                f"image folder {folder} is unusable: {exc} Expected {folder}/<class>/<image files>"
+            ) from exc
+        self.class_folders = list(class_folders)
+        prefix = len(self.root.rstrip(os.sep)) + 1
+        self.paths = np.array([path[prefix:].encode("utf-8", "surrogateescape") for path, _ in samples])
+        self.targets = np.array([label for _, label in samples], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def path(self, index: int) -> str:
+        """The file of item ``index``."""
+        return os.path.join(self.root, self.paths[index].decode("utf-8", "surrogateescape"))
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = self.loader(self.path(index))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
 
 
 def read_folder_image(path: str) -> Image.Image:
     """torchvision's loader (an RGB PIL image) with a ``DataError`` naming a file that cannot be decoded
-    (torchvision reads each file only when its item is first loaded)."""
+    (a folder dataset reads each file only when its item is loaded)."""
     try:
         return tv_datasets.folder.default_loader(path)
     except (OSError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL's errors for damaged files
         raise DataError(f"cannot read image {path} ({exc}); remove or replace the file") from exc
+
+
+def dataset_labels(dataset: Dataset) -> np.ndarray:
+    """The labels ``(N,)`` int64 of ``dataset``, read without decoding any image: a dataset of this
+    module, a ``Subset`` of one, or any dataset with torchvision's ``targets`` attribute.
+
+    Raises:
+        DataError: for a dataset that does not say its labels.
+    """
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
+    if isinstance(dataset, TensorImageDataset):
+        return dataset.labels.numpy()
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        raise DataError(
+            f"cannot read the labels of a {type(dataset).__name__} without decoding it; give it a "
+            "'targets' attribute (torchvision's convention) to draw subsets from it"
+        )
+    return np.asarray(targets, dtype=np.int64)
+
+
+def stratified_indices(labels: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` indices into ``labels`` drawn without replacement so that every class keeps its
+    share (each class gets ``floor`` or ``ceil`` of ``count * n_class / N``; the classes whose
+    share has the largest remainder get the extra ones, ties broken by the seeded draw), in
+    increasing order. ``count >= len(labels)``: all indices.
+
+    A subset of ImageNet's validation set taken this way covers every class once ``count`` reaches
+    the number of classes, where the first ``count`` files (in class order) cover a few classes.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if count >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    classes, inverse, sizes = np.unique(labels, return_inverse=True, return_counts=True)
+    quota = count * sizes / len(labels)
+    take = np.floor(quota).astype(np.int64)
+    remainder = quota - take
+    extra = count - int(take.sum())
+    # the largest remainders get one more; a random key breaks ties between equal remainders
+    order = np.lexsort((rng.random(len(classes)), -remainder))
+    take[order[:extra]] += 1
+    chosen = []
+    for k in range(len(classes)):
+        members = np.flatnonzero(inverse == k)
+        chosen.append(rng.choice(members, size=take[k], replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def subset(dataset: Dataset, count: int | None, seed: int = 0, stratified: bool = True) -> Dataset:
+    """``dataset``, or a ``Subset`` of ``count`` of its items drawn with ``seed``: stratified by
+    class (``stratified_indices``), or, for work that reads no labels (alignment), uniformly."""
+    if count is None or count >= len(dataset):
+        return dataset
+    if stratified:
+        indices = stratified_indices(dataset_labels(dataset), count, seed)
+    else:
+        indices = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:count])
+    return Subset(dataset, indices.tolist())
+
+
+def first_images_per_class(dataset: Dataset, max_classes: int = 16) -> list[int]:
+    """Indices of the first item of each of up to ``max_classes`` classes of ``dataset``, spread
+    evenly over the classes present (read from the labels, nothing decoded)."""
+    labels = dataset_labels(dataset)
+    classes, first = np.unique(labels, return_index=True)
+    if len(classes) > max_classes:
+        picked = np.linspace(0, len(classes) - 1, max_classes).round().astype(np.int64)
+        first = first[picked]
+    return first.tolist()
+
+
+def batch_to_device(images: Tensor, device: torch.device | str) -> Tensor:
+    """A batch of images as a model takes it, on ``device``: uint8 ``(N, C, H, W)`` (what the
+    datasets' loaders yield, 4x narrower across the worker pipe and the bus) becomes float32 in
+    [0, 1] there; float images are moved as they are. ``non_blocking``: a pinned batch copies
+    while the host goes on."""
+    images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        return images.float().div_(255)
+    return images
 
 
 @dataclass
@@ -281,6 +379,7 @@ class DataSpec:
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resize_size: int | None = None  # folder datasets: the evaluation resize (a trained model records it)
 
 
 def build_transforms(
@@ -310,7 +409,7 @@ def build_transforms(
     elif train:
         ops.append(v2.RandomResizedCrop(image_size, antialias=True))
     else:
-        resize = resize_size if resize_size is not None else int(round(image_size / 0.875))
+        resize = resize_size if resize_size is not None else folder_resize_size(image_size)
         ops += [v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)]
     if train and flip:
         ops.append(v2.RandomHorizontalFlip())
@@ -326,6 +425,13 @@ def evaluation_split(name: str) -> str:
     return "val" if name == "folder" else "test"
 
 
+def folder_resize_size(image_size: int) -> int:
+    """The shorter side a folder dataset's evaluation images are resized to before the centre
+    ``image_size`` crop when nothing says otherwise: ``round(image_size / 0.875)`` (256 for 224,
+    ImageNet's protocol). A model trained on a folder records it as its ``config.resize_size``."""
+    return int(round(image_size / 0.875))
+
+
 def load_dataset(
     name: str,
     split: str,
@@ -336,13 +442,12 @@ def load_dataset(
     flip: bool = True,
     crop_padding: int | None = None,
     resize_size: int | None = None,
-    num_classes: int | None = None,
 ) -> tuple[Dataset, DataSpec]:
     """Load ``name`` ("fashion-mnist", "cifar10" or "folder") with the train or eval transforms.
 
     For folder datasets only: ``resize_size`` is the evaluation resize before the centre crop
-    (``build_transforms``), and ``num_classes`` the model's class count, with which a 1000-class
-    model reads WordNet-id class folders as ImageNet classes (``load_image_folder``).
+    (``build_transforms``; None: ``folder_resize_size``), recorded in the spec; WordNet-id class
+    folders are ImageNet's classes (``FolderDataset``).
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {DATASETS}")
@@ -359,6 +464,8 @@ def load_dataset(
         ds = load_cifar10(split, root, build_transforms(train_transforms, size, 32, randaugment, flip, crop_padding))
         return ds, DataSpec(3, size, 10, ds.classes, CIFAR10_MEAN, CIFAR10_STD)
     size = image_size or 224
-    transform = build_transforms(train_transforms, size, None, randaugment, flip, crop_padding, resize_size)
-    ds = load_image_folder(split, root, transform, num_classes)
-    return ds, DataSpec(3, size, len(ds.classes), list(ds.classes), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    resize = resize_size if resize_size is not None else folder_resize_size(size)
+    transform = build_transforms(train_transforms, size, None, randaugment, flip, crop_padding, resize)
+    ds = load_image_folder(split, root, v2.Compose([v2.ToImage(), v2.RGB(), transform]))
+    spec = DataSpec(3, size, len(ds.classes), list(ds.classes), IMAGENET_MEAN, IMAGENET_STD, resize)
+    return ds, spec

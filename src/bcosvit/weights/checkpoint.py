@@ -225,9 +225,7 @@ def trained_config(architecture: dict[str, Any], overrides: dict[str, Any]) -> V
     fixed = {k: v for k, v in overrides.items() if v is not None and k not in MAY_CHANGE_WHEN_TRAINED}
     bad = sorted(k for k, v in fixed.items() if architecture.get(k) != v)
     if bad:
-        raise ConfigError(
-            f"cannot override {bad} of a trained model (only {list(MAY_CHANGE_WHEN_TRAINED)} may change)"
-        )
+        raise ConfigError(f"cannot override {bad} of a trained model (only {list(MAY_CHANGE_WHEN_TRAINED)} may change)")
     changed = {k: v for k, v in overrides.items() if k in MAY_CHANGE_WHEN_TRAINED and v is not None}
     return ViTConfig.from_dict({**architecture, **changed})
 

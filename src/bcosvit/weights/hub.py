@@ -163,7 +163,6 @@ def fetch_checkpoint(name: str, weights: str | Path | None = None, progress: boo
     return download_checkpoint(entry, progress)
 
 
-
 def conversion_metadata(name: str, source: str, digest: str) -> dict[str, Any]:
     """The provenance a converted model's ``model.json`` records: its name, the file or URL it was
     converted from, that file's SHA-256 and the ``CONVERSION_VERSION`` that converted it."""
@@ -214,7 +213,6 @@ def convert_published(name: str, weights: str | Path | None = None, progress: bo
     model = convert.convert_official(source, name)
     _save_cached(model, name, entry, source)
     return model
-
 
 
 def published_location(entry: PublishedCheckpoint) -> Path | None:

@@ -101,7 +101,6 @@ def published(name: str) -> PublishedCheckpoint:
     return PUBLISHED[name]
 
 
-
 # The reference's B-cos entry point -> bcosvit name; the standard twins' entry points are the same
 # with "standard_" in front, and their names drop "bcos_" (docs/design.md#published-checkpoints).
 OFFICIAL_NAMES: dict[str, str] = {

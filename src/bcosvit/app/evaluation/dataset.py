@@ -83,8 +83,7 @@ def load_test_images(
         split,
         data_dir,
         first.image_size,
-        resize_size=first.config.resize_size,
-        num_classes=first.num_classes,
+        resize_size=first.config.resize_size or first.image_size,  # as bcosvit.load_image reads files
     )
     check_models_fit_dataset(models, sources, spec, dataset, data_dir, trained_with)
     count = min(len(data), test_subset or len(data))

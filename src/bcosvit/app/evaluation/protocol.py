@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -162,12 +162,24 @@ def dataset_mismatch(model: VisionTransformer, spec: DataSpec) -> str | None:
         return f"has {model.num_classes} classes but the dataset has {spec.num_classes}"
     names = model.config.class_names
     if names and list(names) != list(spec.classes):
-        return f"was trained on the classes {list(names)} but the dataset's are {list(spec.classes)}"
+        return f"was trained on other classes than the dataset's: {class_differences(names, spec.classes)}"
     if model.in_chans != spec.in_chans:
         return f"takes {model.in_chans}-channel images but the dataset's have {spec.in_chans}"
     if model.image_size != spec.image_size:
         return f"takes {model.image_size}x{model.image_size} images but the dataset is read at {spec.image_size}"
     return None
+
+
+def class_differences(model_classes: Sequence[str], dataset_classes: Sequence[str], shown: int = 3) -> str:
+    """A short account of how two class lists differ: their counts and the first ``shown``
+    positions where they disagree (not the lists: ImageNet's hold 1000 names)."""
+    differing = [k for k, (a, b) in enumerate(zip(model_classes, dataset_classes)) if a != b]
+    text = f"{len(model_classes)} model classes, {len(dataset_classes)} dataset classes"
+    if differing:
+        first = "; ".join(f"class {k}: {model_classes[k]!r} vs {dataset_classes[k]!r}" for k in differing[:shown])
+        more = f" and {len(differing) - shown} more" if len(differing) > shown else ""
+        text += f", {len(differing)} differ ({first}{more})"
+    return text
 
 
 # Deletion and insertion curves of one method: mode ("deletion", "insertion") -> replacement value -> curves.

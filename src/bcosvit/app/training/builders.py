@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ...errors import ConfigError
 from ...models import registry
 from ...models.vit import VisionTransformer
-from ..data import DataSpec, evaluation_split, load_dataset
+from ..data import DataSpec, evaluation_split, load_dataset, subset
 from ..precision import compile_available
 from .config import TrainConfig
 from .distributed import Runtime
@@ -26,10 +26,6 @@ from .teacher import bcos_student, bcosified_teacher
 # ``bcosvit.app.data.load_dataset``'s signature: (name, split, root, image_size, train_transforms,
 # randaugment, flip, crop_padding) -> (dataset, spec)
 DatasetLoader = Callable[..., tuple[Dataset, DataSpec]]
-
-
-def _subset(ds, n: int | None):
-    return Subset(ds, range(min(n, len(ds)))) if n else ds
 
 
 def build_model(config: TrainConfig, spec: DataSpec) -> VisionTransformer:
@@ -42,6 +38,8 @@ def build_model(config: TrainConfig, spec: DataSpec) -> VisionTransformer:
     options = dict(config.model_options)
     options.setdefault("in_chans", spec.in_chans)
     options.setdefault("image_size", spec.image_size)
+    if spec.resize_size is not None:
+        options.setdefault("resize_size", spec.resize_size)  # evaluate, explain and serve read images so
     if not config.is_bcos:
         options.setdefault("input_mean", list(spec.mean))
         options.setdefault("input_std", list(spec.std))
@@ -82,7 +80,9 @@ def build_data(config: TrainConfig, rt: Runtime, dataset_loader: DatasetLoader =
     )
     test_split = evaluation_split(config.dataset)
     test_ds, _ = dataset_loader(config.dataset, test_split, config.data_dir, config.image_size)
-    train_ds, test_ds = _subset(train_ds, config.train_subset), _subset(test_ds, config.test_subset)
+    labelled = config.align_to is None  # alignment reads no labels, not even to draw its subset
+    train_ds = subset(train_ds, config.train_subset, config.seed, stratified=labelled)
+    test_ds = subset(test_ds, config.test_subset, config.seed)
     sampler = DistributedSampler(
         train_ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=config.seed, drop_last=True
     )

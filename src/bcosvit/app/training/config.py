@@ -27,7 +27,7 @@ class TrainConfig:
     dataset: str = "fashion-mnist"
     data_dir: str | None = None  # None: the dataset's default location (Fashion-MNIST only)
     image_size: int | None = None  # None: the dataset's native size
-    train_subset: int | None = None  # use only the first N training images (tests, quick runs)
+    train_subset: int | None = None  # use only N training images, drawn stratified by class with the seed
     test_subset: int | None = None
     epochs: int = 10
     batch_size: int = 128  # global batch, split over processes

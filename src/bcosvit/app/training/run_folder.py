@@ -111,9 +111,7 @@ def load_resume_state(out: Path, config: TrainConfig) -> dict[str, Any]:
     # runs before the recipes stored "auto"; resolving both sides compares what the runs do
     stored = TrainConfig.from_dict(state["config"]).resolved().to_dict()
     current = config.resolved().to_dict()
-    differs = sorted(
-        k for k in current if k not in _RESUMABLE_CHANGES and stored.get(k) != current[k]
-    )
+    differs = sorted(k for k in current if k not in _RESUMABLE_CHANGES and stored.get(k) != current[k])
     if differs:
         raise ConfigError(
             f"--resume: the run in {out} was started with different settings for {differs} "

@@ -41,9 +41,7 @@ def write_explanation_figure(run: Path, config: TrainConfig) -> Path | None:
     model = load_model(run)
     if not model.is_bcos:
         return None
-    test_ds, spec = load_dataset(
-        config.dataset, evaluation_split(config.dataset), config.data_dir, config.image_size
-    )
+    test_ds, spec = load_dataset(config.dataset, evaluation_split(config.dataset), config.data_dir, config.image_size)
     images, labels = one_image_per_class(test_ds, spec.num_classes)
     expl = explain(model, images, target=TopK(2))
     true = [f"true: {spec.classes[int(y)]}" for y in labels]
@@ -76,7 +74,7 @@ def run_training(
         f"(top-5 {metrics['test_top5']:.2f}%) after epoch {metrics['epoch']}/{config.epochs}."
     )
     print(f"Run folder {out}:")
-    print("  config.json                     the configuration as run (every \"auto\" resolved)")
+    print('  config.json                     the configuration as run (every "auto" resolved)')
     print("  model.safetensors, model.json   weights and metadata (load with bcosvit.load_model)")
     print("  metrics.jsonl, curves.png       per-epoch metrics and their plot")
     print("  state.pt                        optimizer state for --resume")
