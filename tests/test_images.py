@@ -86,3 +86,20 @@ def test_something_other_than_a_bcosvit_model_is_refused(tmp_path):
         bcosvit.transforms(torch.nn.Linear(2, 2))
     with pytest.raises(ConfigError, match="expected a bcosvit VisionTransformer"):
         bcosvit.load_image(tmp_path / "missing.png", torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("size", [(1, 200_000), (4000, 1)])
+def test_a_tiny_file_of_extreme_aspect_ratio_is_resized_in_bounded_memory(tmp_path, size):
+    # 470 and 95 bytes: resized whole to a shorter side of 256, they asked for 157 GB and 3 GB
+    Image.fromarray(np.full(size[::-1], 200, np.uint8)).save(tmp_path / "thin.png")
+    item = read_image(tmp_path / "thin.png", 3, 224, resize_size=256)
+    assert item.tensor.shape == (3, 224, 224) and torch.allclose(item.tensor, torch.tensor(200 / 255))
+    assert "aspect ratio above 4:1" in " ".join(item.notes)
+
+
+def test_images_up_to_the_aspect_ratio_bound_are_resized_whole(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 120, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    item = read_image(tmp_path / "a.png", 3, 24, resize_size=28)
+    whole = v2.functional.to_dtype(v2.functional.to_image(Image.open(tmp_path / "a.png")), scale=True)
+    expected = v2.functional.center_crop(v2.functional.resize(whole, 28, antialias=True), [24]).clamp(0, 1)
+    torch.testing.assert_close(item.tensor, expected, rtol=0, atol=1e-6)

@@ -190,7 +190,38 @@ def _preprocessing_config(model: nn.Module):
 def resize_and_crop(image: Tensor, image_size: int, resize_size: int | None = None) -> tuple[Tensor, str | None]:
     """``image`` ``(..., C, H, W)`` in [0, 1] with its shorter side resized to ``resize_size`` (None:
     ``image_size``; bilinear, antialiased) and its centre ``(..., C, image_size, image_size)`` cropped,
-    and a note saying what was done (None when nothing was)."""
+    and a note saying what was done (None when nothing was).
+
+    An image more elongated than ``MAX_ASPECT_RATIO`` : 1 is first centre-cropped along its long side
+    to that ratio: the output (the centre square) is the same region, and the resize never asks
+    for more than ``MAX_ASPECT_RATIO × resize_size²`` pixels (a 1×200000 PNG of 470 bytes would
+    otherwise be resized to 256×51 200 000, 157 GB)."""
+    image, crop_note = _crop_to_aspect_ratio(image)
+    out, note = _resize_and_crop(image, image_size, resize_size)
+    return out, ", ".join(n for n in (crop_note, note) if n) or None
+
+
+# The most elongated image resized whole; beyond it only the centre part (of this ratio) is resized.
+MAX_ASPECT_RATIO = 4
+
+
+def _crop_to_aspect_ratio(image: Tensor) -> tuple[Tensor, str | None]:
+    """``image`` ``(..., C, H, W)`` centre-cropped along its long side to at most
+    ``MAX_ASPECT_RATIO`` : 1, and a note when it was."""
+    height, width = image.shape[-2:]
+    short, long = min(height, width), max(height, width)
+    if long <= MAX_ASPECT_RATIO * short:
+        return image, None
+    keep = MAX_ASPECT_RATIO * short
+    size = [height, keep] if width > height else [keep, width]
+    cropped = v2.functional.center_crop(image, size)
+    return (
+        cropped,
+        f"centre part {size[1]}x{size[0]} of {width}x{height} kept (aspect ratio above {MAX_ASPECT_RATIO}:1)",
+    )
+
+
+def _resize_and_crop(image: Tensor, image_size: int, resize_size: int | None) -> tuple[Tensor, str | None]:
     height, width = image.shape[-2:]
     if resize_size is None:
         if (width, height) == (image_size, image_size):
