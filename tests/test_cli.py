@@ -194,6 +194,18 @@ def test_convert_refuses_a_non_empty_out_unless_forced_and_bad_files(reference, 
     assert "is corrupt" in capsys.readouterr().err and not (tmp_path / "y").exists()
 
 
+def test_a_conversion_that_fails_after_creating_out_leaves_no_folder(reference, tmp_path, capsys, monkeypatch):
+    from bcosvit.errors import CheckpointError
+    from bcosvit.weights import convert
+
+    def fail(*args, **kwargs):
+        raise CheckpointError("conversion failed")
+
+    monkeypatch.setattr(convert, "convert_official", fail)
+    assert main(["convert", str(reference.path), "--out", str(tmp_path / "new")]) == 2
+    assert "conversion failed" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
 def test_explain_with_published_imagenet_weights(reference, hub_dir, publish, tmp_path, capsys):
     import bcosvit
 

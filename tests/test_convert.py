@@ -8,6 +8,7 @@ converted, then both run in float64 on the same images.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 
 import pytest
@@ -195,3 +196,30 @@ def test_pth_files_are_read_without_pickle_and_bad_files_are_refused(tmp_path):
 
     with pytest.raises(CheckpointError, match="cannot read"):
         convert.convert_official(tmp_path / "missing.pth")
+
+
+def test_a_crafted_head_of_repeated_strides_is_refused_before_anything_is_built(tmp_path):
+    # 20 MB on disk, but a (10^8, 192) head: the model built from its shape would need 77 GB
+    state = reference_model("vitc_ti_patch1_14", standard=False).state_dict()
+    state["0.linear_head.linear.linear.weight"] = torch.randn(1, 192).expand(10**8, 192)
+    crafted = tmp_path / "crafted.pth"
+    torch.save(state, crafted)
+    with pytest.raises(CheckpointError, match=r"claims shape \(100000000, 192\) but stores only 768 bytes"):
+        convert.convert_official(crafted)
+
+
+def test_a_head_too_large_to_build_is_refused_by_its_size(tmp_path):
+    state = _shapes_only("bcos_vit_tiny_patch16_224")
+    head = next(key for key in state if key.endswith("linear_head.linear.linear.weight"))
+    state[head] = torch.empty(2**24, 192, device="meta")
+    with pytest.raises(CheckpointError, match="head has 16777216 classes, which bcosvit cannot build: .*values"):
+        convert.match_official(state)
+
+
+def test_a_folder_or_a_fifo_is_refused_as_a_checkpoint_without_blocking(tmp_path):
+    with pytest.raises(CheckpointError, match="is a directory; pass the .pth file"):
+        convert.read_official_checkpoint(tmp_path)
+    fifo = tmp_path / "pipe.pth"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match=r"is a named pipe \(FIFO\), not a checkpoint file"):
+        convert.read_official_checkpoint(fifo)

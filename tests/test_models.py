@@ -3,6 +3,8 @@ encoding to published architectures)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -490,3 +492,18 @@ def test_class_probabilities_are_sigmoid_for_bcos_models_and_softmax_for_standar
             assert torch.equal(expl.probabilities, model.probabilities(expl.logits))
         else:
             torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"num_classes": 2**40}, r"needs about [0-9,]+ values \([0-9,]+ GiB in float32\), more than the 2,147,483,648"),
+        ({"embed_dim": 16_777_216, "num_heads": 1}, "more than the 2,147,483,648 a bcosvit model may have"),
+        ({"depth": 100_000}, "depth 100000 is more than the 1024 blocks"),
+    ],
+)
+def test_architectures_beyond_the_bound_are_refused_before_anything_is_allocated(options, message):
+    started = time.perf_counter()
+    with pytest.raises(bcosvit.ConfigError, match=message):
+        bcosvit.create_model("bcos_vit_nano_patch4_28", **options)
+    assert time.perf_counter() - started < 2

@@ -1,16 +1,18 @@
-"""Atomic file writes: write to a temporary file in the same folder, then rename over the target."""
+"""Files: atomic writes (write to a temporary file in the same folder, then rename over the target)
+and reads that open regular files only (a FIFO or device would block or never end)."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 
 _TMP_SUFFIX = ".tmp"
 # what atomic_write's temporary files look like: ".<target name>.<8 characters of mkstemp>.tmp"
@@ -77,3 +79,43 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+def open_regular_file(path: str | Path, what: str = "file", directory_hint: str | None = None) -> BinaryIO:
+    """``path`` opened for binary reading if it is a regular file (checked on the open file, so a
+    FIFO never blocks); ``InputError`` saying what it is otherwise. ``what`` names what was
+    expected ("image file", "checkpoint"); ``directory_hint`` is added when ``path`` is a folder."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO without a writer must not block
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist") from None
+    except OSError as exc:
+        try:  # sockets cannot be opened at all: say what the path is
+            problem = _not_a_regular_file(path, path.stat().st_mode, what, directory_hint)
+        except OSError:
+            problem = None
+        raise InputError(problem or f"cannot read {path}: {exc.strerror}") from exc
+    problem = _not_a_regular_file(path, os.fstat(fd).st_mode, what, directory_hint)
+    if problem:
+        os.close(fd)
+        raise InputError(problem)
+    return os.fdopen(fd, "rb")
+
+
+def _not_a_regular_file(path: Path, mode: int, what: str, directory_hint: str | None) -> str | None:
+    """Why ``path`` with ``st_mode`` ``mode`` cannot be read as a ``what``; None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return f"{path} is a directory; {directory_hint or f'pass a {what}, not a folder'}"
+    if stat.S_ISFIFO(mode):
+        kind = "a named pipe (FIFO)"
+    elif stat.S_ISSOCK(mode):
+        kind = "a socket"
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        kind = "a device"
+    else:
+        kind = "not a regular file"
+    article = "an" if what[:1] in "aeiou" else "a"
+    return f"{path} is {kind}, not {article} {what}; pass a regular file"

@@ -13,7 +13,6 @@ models take images in [0, 1] and normalise (standard twins) or encode ``[x, 1 - 
 from __future__ import annotations
 
 import os
-import stat
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
+from . import fileio
 from .errors import ConfigError, InputError
 
 SUPPORTED_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -248,40 +248,9 @@ def background_rgb(background: float | Sequence[float]) -> tuple[int, int, int]:
 
 
 def open_regular_file(path: Path) -> BinaryIO:
-    """``path`` opened for binary reading if it is a regular file (checked on the open file, so a
-    FIFO never blocks); ``InputError`` saying what it is otherwise."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO without a writer must not block
-    except FileNotFoundError:
-        raise InputError(f"{path} does not exist") from None
-    except OSError as exc:
-        try:  # sockets cannot be opened at all: say what the path is
-            problem = _not_a_regular_file(path, path.stat().st_mode)
-        except OSError:
-            problem = None
-        raise InputError(problem or f"cannot read {path}: {exc.strerror}") from exc
-    problem = _not_a_regular_file(path, os.fstat(fd).st_mode)
-    if problem:
-        os.close(fd)
-        raise InputError(problem)
-    return os.fdopen(fd, "rb")
-
-
-def _not_a_regular_file(path: Path, mode: int) -> str | None:
-    """Why ``path`` with ``st_mode`` ``mode`` cannot be read as an image; None for a regular file."""
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISDIR(mode):
-        return f"{path} is a directory; pass image files (e.g. {path}/*.png)"
-    if stat.S_ISFIFO(mode):
-        kind = "a named pipe (FIFO)"
-    elif stat.S_ISSOCK(mode):
-        kind = "a socket"
-    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        kind = "a device"
-    else:
-        kind = "not a regular file"
-    return f"{path} is {kind}, not an image file; pass image files"
+    """``path`` opened for binary reading if it is a regular file (``bcosvit.fileio.open_regular_file``);
+    ``InputError`` saying what it is otherwise."""
+    return fileio.open_regular_file(path, "image file", f"pass image files (e.g. {path}/*.png)")
 
 
 def _check_file_size(path: Path, size: int, limit: int | None) -> None:

@@ -327,9 +327,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     name = match_official(state, args.name, str(source))
     digest = sha256_of(source)
     entry = PUBLISHED.get(name)
+    created = not out.exists()
     ensure_writable_dir(out, "output folder (--out)")
-    model = convert_official(state, name)
-    path = save_weights(model, out / "model.safetensors", conversion_metadata(name, str(source), digest))
+    try:
+        model = convert_official(state, name)
+        path = save_weights(model, out / "model.safetensors", conversion_metadata(name, str(source), digest))
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed conversion leaves no empty folder behind
+        raise
     same = entry is not None and digest.startswith(entry.sha256_prefix)
     origin = f"the published {entry.file_name}" if same else f"{name} weights (SHA-256 {digest[:12]}...)"
     print(f"converted {source}: {origin}, {model.num_classes} classes")

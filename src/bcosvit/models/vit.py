@@ -40,6 +40,10 @@ GLOBAL_POOLS = ("avg", "token")
 ACTIVATIONS = {True: ("identity", "gelu"), False: ("gelu",)}  # by family (bcos)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The largest architecture any config may ask for, checked before anything is built: values
+# (parameters and buffers; 8 GiB in float32, ViT-g has 1.0e9) and blocks.
+MAX_MODEL_VALUES = 2**31
+MAX_DEPTH = 1024
 
 
 @dataclass
@@ -160,6 +164,31 @@ class ViTConfig:
             raise ConfigError(f"input_std must be positive, got {self.input_std}")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise ConfigError(f"class_names needs one name per class ({self.num_classes}), got {len(self.class_names)}")
+        self._validate_size()
+
+    def value_count(self) -> int:
+        """An upper estimate of the values (parameters and buffers) the model holds, from the
+        config alone: the blocks' projections, the patch embedding or stem, positions and head."""
+        width, hidden, units = self.embed_dim, int(self.embed_dim * self.mlp_ratio), self.max_out
+        tokens = (self.image_size // self.patch_size) ** 2 + 1
+        blocks = self.depth * (units * (4 * width * width + 2 * width * hidden) + 8 * width)
+        channels = [2 * self.in_chans, *(self.stem_channels or [])]
+        stem = sum(a * b * 9 * units for a, b in zip(channels, channels[1:]))
+        embed = units * width * (channels[-1] * (1 if self.stem_channels else self.patch_size**2))
+        return blocks + stem + embed + 2 * tokens * width + units * width * self.num_classes + 4 * width
+
+    def _validate_size(self) -> None:
+        """Raise ``ConfigError`` for an architecture beyond ``MAX_DEPTH`` blocks or ``MAX_MODEL_VALUES``
+        values, before anything is allocated (a crafted head of 10^8 classes asked for 77 GB)."""
+        if self.depth > MAX_DEPTH:
+            raise ConfigError(f"depth {self.depth} is more than the {MAX_DEPTH} blocks a bcosvit model may have")
+        values = self.value_count()
+        if values > MAX_MODEL_VALUES:
+            raise ConfigError(
+                f"this architecture needs about {values:,} values ({values * 4 / 2**30:,.0f} GiB in float32), more "
+                f"than the {MAX_MODEL_VALUES:,} a bcosvit model may have (embed_dim {self.embed_dim}, depth "
+                f"{self.depth}, num_classes {self.num_classes}, image_size {self.image_size}); choose a smaller one"
+            )
 
     def _validate_types(self) -> None:
         """Raise ``ConfigError`` naming the first field whose value has the wrong type."""

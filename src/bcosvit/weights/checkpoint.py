@@ -21,13 +21,12 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_write, write_json
-from ..models.vit import VisionTransformer, ViTConfig
+from ..models.vit import MAX_DEPTH, MAX_MODEL_VALUES, VisionTransformer, ViTConfig
 from ..validation import check_fields
 
-# Bounds on what a checkpoint may ask for, checked on a model built on the "meta" device (no memory)
-# before anything is allocated: far above every published ViT (ViT-L/16: 0.3 G values, 24 blocks).
-MAX_MODEL_VALUES = 2**31  # parameters and buffers (8 GiB in float32)
-MAX_DEPTH = 1024
+# Bounds on what a checkpoint may ask for (the architecture's, models.vit.MAX_MODEL_VALUES and
+# MAX_DEPTH, far above every published ViT: ViT-L/16 has 0.3 G values in 24 blocks), checked again
+# exactly on a model built on the "meta" device (no memory) before anything is allocated.
 MAX_METADATA_BYTES = 16 * 2**20
 # The safetensors header entry and the model.json field that tie a weights file to its metadata file
 # (the same random id in both, written by one save_weights call).

@@ -24,6 +24,7 @@ A B-cos linear or convolution layer of the reference keeps its weight one level 
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,7 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, InputError
+from ..fileio import open_regular_file
 from ..layers import BcosConv2d, BcosLinear
 from ..models.registry import model_config
 from ..models.vit import VisionTransformer
@@ -97,24 +99,30 @@ def official_shapes(model: VisionTransformer) -> dict[str, tuple[int, ...]]:
 
 
 def read_official_checkpoint(path: str | Path) -> dict[str, Tensor]:
-    """The state dict of a reference ``.pth`` file, read without pickle (``weights_only=True``)."""
+    """The state dict of a reference ``.pth`` file, read without pickle (``weights_only=True``).
+
+    Only regular files of at most ``MAX_CHECKPOINT_BYTES`` are read, and every tensor must store
+    its values: a crafted tensor of stride 0 (shape (10^8, 192) over 192 stored values) would make
+    the model built from it as large as its shape, not its file.
+    """
     path = Path(path)
     try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from exc
-    if size > MAX_CHECKPOINT_BYTES:
-        raise CheckpointError(
-            f"checkpoint {path} is {size:,} bytes, more than any published B-cos ViT ({MAX_CHECKPOINT_BYTES:,}); "
-            "it is not one of them"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt zip, truncated file, or objects weights_only refuses
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a plain PyTorch state dict ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); download it again"
-        ) from exc
+        with open_regular_file(path, "checkpoint file", "pass the .pth file, not a folder") as file:
+            size = os.fstat(file.fileno()).st_size
+            if size > MAX_CHECKPOINT_BYTES:
+                raise CheckpointError(
+                    f"checkpoint {path} is {size:,} bytes, more than any published B-cos ViT "
+                    f"({MAX_CHECKPOINT_BYTES:,}); it is not one of them"
+                )
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as exc:  # corrupt zip, truncated file, or objects weights_only refuses
+                raise CheckpointError(
+                    f"checkpoint {path} is corrupt or not a plain PyTorch state dict ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); download it again"
+                ) from exc
+    except InputError as exc:
+        raise CheckpointError(f"cannot read checkpoint: {exc}") from exc
     return _check_state_dict(state, str(path))
 
 
@@ -124,6 +132,13 @@ def _check_state_dict(state: object, source: str) -> dict[str, Tensor]:
     )
     if not tensors_by_name:
         raise CheckpointError(f"{source} is not a state dict (a mapping of parameter names to tensors)")
+    for key, value in state.items():
+        stored = value.untyped_storage().nbytes() - value.storage_offset() * value.element_size()
+        if value.numel() * value.element_size() > stored:
+            raise CheckpointError(
+                f"{source}: tensor {key!r} claims shape {tuple(value.shape)} but stores only {stored:,} bytes "
+                "(a tensor with repeated strides); a published checkpoint stores every value: this file is crafted"
+            )
     return dict(state)
 
 
