@@ -1,6 +1,7 @@
 """Weights files: round trip, and clear errors for missing, corrupt or mismatched files."""
 
 import json
+import os
 import shutil
 import time
 
@@ -190,3 +191,18 @@ def test_ship_weights_refuses_an_unregistered_name(tmp_path):
     with pytest.raises(ConfigError, match="unknown model name 'not_a_model'"):
         ship_weights(tmp_path / "run", name="not_a_model", dest=tmp_path / "shipped")
     assert not (tmp_path / "shipped").exists()
+
+
+def test_metadata_nested_thousands_deep_is_refused_as_corrupt(tmp_path):
+    saved_model(tmp_path)
+    (tmp_path / "model.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="corrupt .nested too deeply"):
+        load_model(tmp_path)
+
+
+def test_metadata_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    saved_model(tmp_path)
+    (tmp_path / "model.json").unlink()
+    os.mkfifo(tmp_path / "model.json")
+    with pytest.raises(CheckpointError, match=r"is a named pipe \(FIFO\), not a metadata file"):
+        load_model(tmp_path)

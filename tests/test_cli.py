@@ -242,3 +242,17 @@ def test_models_shows_shipped_and_published_weights(hub_dir, capsys):
     tiny = next(line for line in lines if line.startswith("bcos_vit_tiny_patch16_224 "))
     assert tiny.endswith("imagenet 60.0% (downloadable)")
     assert next(line for line in lines if line.startswith("vitc_micro_28 ")).endswith("shipped")
+
+
+def test_a_setting_nested_thousands_deep_is_refused_with_a_message(tmp_path, capsys):
+    code = main(["train", "--out", str(tmp_path / "run"), "--set", "model_options=" + "[" * 100_000 + "]" * 100_000])
+    err = capsys.readouterr().err
+    assert code == 2 and "nested too deeply" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("port", ["80000", "0", "http"])
+def test_serve_refuses_a_port_outside_1_65535_with_a_message(port, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--port", port])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "port number" in err and "Traceback" not in err

@@ -346,3 +346,41 @@ def test_explain_files_explains_the_top_classes_from_one_forward_pass_per_batch(
     fixed, _ = explain_files(model, paths[:1], tmp_path / "fixed", target="Bag", topk=3)
     assert fixed[0].classes == [8] and len(fixed[0].probabilities) == 1
     capsys.readouterr()
+
+
+def test_a_file_name_too_long_for_its_figure_gets_a_short_distinct_one_and_the_batch_goes_on(
+    run, files, tmp_path, capsys
+):
+    # 240-character stems: "<stem>.explained.png" and its temporary file were longer than 255 bytes
+    names = ["a" * 240 + "1.png", "a" * 240 + "2.png"]
+    for name in names:
+        (files / name).write_bytes((files / "boot.png").read_bytes())
+    inputs = [str(files / name) for name in names] + [str(files / "boot.png")]
+    out = tmp_path / "out"
+    assert main(["explain", *inputs, "--checkpoint", str(run), "--out", f"{out}/"]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert len(written) == 3 and "boot.explained.png" in written
+    assert all(len(name.encode()) <= 200 for name in written)
+    assert f"wrote 3 figure(s) to {out}/\n" in capsys.readouterr().out
+
+
+def test_a_figure_that_cannot_be_written_is_reported_and_the_others_are_written(
+    run, files, tmp_path, capsys, monkeypatch
+):
+    from bcosvit.app import explain_files
+
+    real = explain_files.save_figure
+
+    def refuse_wide(figure, path):
+        if "wide" in str(path):
+            raise OSError(28, "No space left on device")
+        return real(figure, path)
+
+    monkeypatch.setattr(explain_files, "save_figure", refuse_wide)
+    out = tmp_path / "out"
+    code = main(
+        ["explain", str(files / "wide.jpg"), str(files / "boot.png"), "--checkpoint", str(run), "--out", str(out)]
+    )
+    text = capsys.readouterr().out
+    assert code == 1 and "cannot write its figure (No space left on device)" in text
+    assert sorted(p.name for p in out.iterdir()) == ["boot.explained.png"]

@@ -116,3 +116,13 @@ def test_functions_of_one_class_per_image_refuse_topk_saying_which_take_it(tiny,
         metrics.deletion_insertion(tiny, x, TopK(2), torch.rand(2, 8, 8))
     with pytest.raises(InputError, match=r"token=TopK\(k=1\) is not accepted here: .* give the tokens explicitly"):
         bcosvit.explain_unit(tiny, x, 1, TopK(1), 0)
+
+
+def test_an_unknown_class_name_suggests_the_closest_few_instead_of_listing_a_thousand():
+    from bcosvit.targets import resolve_target
+    from bcosvit.weights.imagenet import imagenet_class_names
+
+    with pytest.raises(InputError) as caught:
+        resolve_target("tabby cat", imagenet_class_names(), 1000)
+    message = str(caught.value)
+    assert "did you mean 'tabby'" in message and "'tiger cat'" in message and len(message) < 250

@@ -27,7 +27,8 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
+    # the name's first 100 characters: a temporary file's name must fit where the target's does
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:100]}.", suffix=_TMP_SUFFIX)
     os.close(fd)
     try:
         write(tmp)

@@ -10,6 +10,7 @@ the same way.
 
 from __future__ import annotations
 
+import difflib
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,6 +57,22 @@ class TopK:
 TargetLike = int | str | Sequence[int | str] | Sequence[Sequence[int | str]] | Tensor | TopK | None
 
 
+def _closest_classes(name: str, class_names: Sequence[str], shown: int = 5) -> str:
+    """A "did you mean ...?" with the closest few class names (those sharing a word with ``name``
+    first, then by similarity), or the whole list when it is short."""
+    if len(class_names) <= 20:
+        return f"classes: {list(class_names)}"
+    words = set(name.lower().split())
+
+    def rank(candidate: str) -> tuple[bool, float]:
+        shares_word = bool(words & set(candidate.lower().split()))
+        return not shares_word, -difflib.SequenceMatcher(None, name.lower(), candidate.lower()).ratio()
+
+    suggestions = [c for c in sorted(dict.fromkeys(class_names), key=rank) if rank(c)[1] <= -0.5 or not rank(c)[0]]
+    listed = f"did you mean {', '.join(map(repr, suggestions[:shown]))}? " if suggestions else ""
+    return f"{listed}(the model has {len(class_names)} classes; an index in [0, {len(class_names) - 1}] works too)"
+
+
 def resolve_target(target: str | int, class_names: Sequence[str] | None, num_classes: int) -> int:
     """A class index from a class name (case-insensitive) or an index (an int or a string of digits)."""
     if isinstance(target, str) and not target.lstrip("-").isdigit():
@@ -66,7 +83,7 @@ def resolve_target(target: str | int, class_names: Sequence[str] | None, num_cla
                 f"None); give class indices in [0, {num_classes - 1}]"
             )
         if target.lower() not in lookup:
-            raise InputError(f"unknown class {target!r}; classes: {list(class_names)}")
+            raise InputError(f"unknown class {target!r}; {_closest_classes(target, class_names)}")
         return lookup[target.lower()]
     index = int(target)
     if not 0 <= index < num_classes:

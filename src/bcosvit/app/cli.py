@@ -241,7 +241,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     results, failed = explain_files(
         model, args.images, args.out, target=args.target, topk=args.topk, background=args.background
     )
-    print(f"\nwrote {len(results)} figure(s) to {args.out}/" + (f"; {len(failed)} file(s) skipped" if failed else ""))
+    folder = os.path.join(os.path.normpath(args.out), "")  # one trailing separator: explanations/, not //
+    print(f"\nwrote {len(results)} figure(s) to {folder}" + (f"; {len(failed)} file(s) skipped" if failed else ""))
     return 0 if results and not failed else (1 if results else 2)
 
 
@@ -358,6 +359,17 @@ def _add_pretrained_options(p: argparse.ArgumentParser) -> None:
         help="a published ImageNet .pth file you already have (hash checked; implies --pretrained imagenet; "
         "names the model when --model is left out); or set BCOSVIT_WEIGHTS_DIR to a folder of them",
     )
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port in [1, 65535]."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number in [1, 65535], got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port number lies in [1, 65535], got {port}")
+    return port
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -554,7 +566,7 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--checkpoint", nargs="+", help="run folders or .safetensors files (B-cos or standard)")
     p.add_argument("--model", nargs="+", help="names of models with shipped (or, with --pretrained, published) weights")
     _add_pretrained_options(p)
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--port", type=port_number, default=7860, help="port, 1-65535 (default 7860)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.set_defaults(func=cmd_serve)
 

@@ -5,10 +5,13 @@ the next free suffix, ``x-2.explained.png``, ``x-3.explained.png``, ...: taken a
 given to an earlier image of the same call, the input files themselves, and existing files that
 bcosvit did not write (PNGs without the ``Software: bcosvit`` text chunk of ``save_figure``, links,
 folders). Those are never replaced; an existing bcosvit figure is (a rerun updates its figures).
+A stem too long for a file name (with the suffix and a temporary file's, over 255 bytes) is cut
+to ``MAX_STEM_BYTES`` and ends with 8 hex digits of its SHA-256, so that long names stay distinct.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import warnings
@@ -27,6 +30,9 @@ from ..targets import TopK, resolve_target
 from ..visualize import FIGURE_SOFTWARE, explanation_figure, literal_text, save_figure
 
 FIGURE_SUFFIX = ".explained.png"
+# A figure's stem, in UTF-8 bytes: with FIGURE_SUFFIX and atomic_write's temporary-file affixes the
+# name stays below the 255 bytes file systems allow.
+MAX_STEM_BYTES = 180
 
 
 @dataclass
@@ -45,14 +51,25 @@ def figure_paths(images: list[Path], out: Path, inputs: list[Path]) -> list[Path
     taken: set[str] = set()
     paths = []
     for image in images:
+        stem = figure_stem(image.stem)
         for n in itertools.count(1):
-            candidate = out / f"{image.stem}{'' if n == 1 else f'-{n}'}{FIGURE_SUFFIX}"
+            candidate = out / f"{stem}{'' if n == 1 else f'-{n}'}{FIGURE_SUFFIX}"
             # casefold: x.png and X.png must not share a figure on case-insensitive file systems
             if candidate.name.casefold() not in taken and _may_hold_a_figure(candidate, protected):
                 break
         taken.add(candidate.name.casefold())
         paths.append(candidate)
     return paths
+
+
+def figure_stem(stem: str) -> str:
+    """``stem``, or, beyond ``MAX_STEM_BYTES`` UTF-8 bytes, its start and 8 hex digits of its SHA-256."""
+    encoded = stem.encode("utf-8", "surrogateescape")
+    if len(encoded) <= MAX_STEM_BYTES:
+        return stem
+    digest = hashlib.sha256(encoded).hexdigest()[:8]
+    start = encoded[: MAX_STEM_BYTES - 9].decode("utf-8", "ignore")  # never half a character
+    return f"{start}-{digest}"
 
 
 def _file_identities(paths: list[Path]) -> set:
@@ -137,7 +154,12 @@ def explain_files(
         for i, item in enumerate(chunk):
             figure = explanation_figure(images[i : i + 1], expl[i], class_names=names)
             figure.suptitle(literal_text(item.path.name))
-            path = save_figure(figure, figures[start + i])
+            try:
+                path = save_figure(figure, figures[start + i])
+            except OSError as exc:  # one figure that cannot be written must not lose the others
+                failed.append((item.path, f"cannot write {figures[start + i]}: {exc.strerror or exc}"))
+                print(f"skipped {item.path}: cannot write its figure ({exc.strerror or exc})")
+                continue
             classes = expl.target[i].tolist()
             probs = probabilities[i].tolist()
             error = float(expl.completeness_error[i].max())

@@ -11,6 +11,7 @@ header before a model is built.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError, ConfigError
-from ..fileio import atomic_write, write_json
+from ..errors import CheckpointError, ConfigError, InputError
+from ..fileio import atomic_write, open_regular_file, write_json
 from ..models.vit import MAX_DEPTH, MAX_MODEL_VALUES, VisionTransformer, ViTConfig
 from ..validation import check_fields
 
@@ -70,19 +71,26 @@ def save_weights(model: VisionTransformer, path: str | Path, metadata: dict[str,
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The checked JSON metadata stored beside a ``.safetensors`` weights file (or a run folder's model)."""
     path = resolve_weights(path).with_suffix(".json")
+    if not path.exists():
+        raise CheckpointError(f"metadata file {path} is missing; it is written beside the weights by training")
     try:
-        size = path.stat().st_size
-        if size > MAX_METADATA_BYTES:
-            raise CheckpointError(
-                f"metadata file {path} is {size} bytes, more than the {MAX_METADATA_BYTES} a bcosvit model.json "
-                "can need; it was not written by bcosvit"
-            )
-        meta = json.loads(path.read_text(), object_pairs_hook=_refuse_repeated_keys)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"metadata file {path} is missing; it is written beside the weights by training") from exc
+        with open_regular_file(path, "metadata file") as file:
+            size = os.fstat(file.fileno()).st_size
+            if size > MAX_METADATA_BYTES:
+                raise CheckpointError(
+                    f"metadata file {path} is {size} bytes, more than the {MAX_METADATA_BYTES} a bcosvit model.json "
+                    "can need; it was not written by bcosvit"
+                )
+            meta = json.loads(file.read().decode("utf-8"), object_pairs_hook=_refuse_repeated_keys)
+        check_metadata(meta, path)
+    except InputError as exc:
+        raise CheckpointError(f"cannot read metadata: {exc}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"metadata file {path} is corrupt ({exc}); re-train or restore it") from exc
-    check_metadata(meta, path)
+    except RecursionError:  # JSON nested thousands deep: no bcosvit file is
+        raise CheckpointError(
+            f"metadata file {path} is corrupt (nested too deeply for a bcosvit model.json); re-train or restore it"
+        ) from None
     return meta
 
 

@@ -159,6 +159,8 @@ def parse_settings(items: Sequence[str]) -> tuple[dict[str, Any], dict[str, dict
             value = json.loads(text)
         except json.JSONDecodeError:
             value = text
+        except RecursionError:
+            raise ConfigError(f"--set {key.strip()}: the value is nested too deeply to be a setting") from None
         stage, _, key = key.strip().rpartition(".")
         (stage_settings.setdefault(stage, {}) if stage else settings)[key] = value
     return settings, stage_settings
