@@ -1,5 +1,6 @@
 """The command line: listing models and recipes, and clear errors instead of tracebacks."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -256,3 +257,11 @@ def test_serve_refuses_a_port_outside_1_65535_with_a_message(port, capsys):
         main(["serve", "--port", port])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "port number" in err and "Traceback" not in err
+
+
+def test_a_recipe_that_is_a_folder_or_a_fifo_is_named_as_such(tmp_path, capsys):
+    fifo = tmp_path / "pipe.toml"
+    os.mkfifo(fifo)
+    for source, message in ((tmp_path, "is a folder; pass a recipe's name"), (fifo, "is not a regular file")):
+        assert main(["train", "--recipe", str(source), "--out", str(tmp_path / "run")]) == 2
+        assert message in capsys.readouterr().err

@@ -169,9 +169,14 @@ def parse_settings(items: Sequence[str]) -> tuple[dict[str, Any], dict[str, dict
 def _recipe_path(source: str) -> Traversable:
     """The file of a packaged recipe's name, or ``source`` itself where it names a ``.toml`` file."""
     if source.endswith(".toml") or "/" in source:
-        if not Path(source).is_file():
+        path = Path(source)
+        if path.is_dir():
+            raise ConfigError(f"--recipe {source} is a folder; pass a recipe's name or the path of a .toml file")
+        if not path.exists():
             raise ConfigError(f"recipe file {source} not found")
-        return Path(source)
+        if not path.is_file():
+            raise ConfigError(f"--recipe {source} is not a regular file; pass the path of a .toml file")
+        return path
     path = RECIPES.joinpath(f"{source}.toml")
     if not path.is_file():
         raise ConfigError(
@@ -187,6 +192,10 @@ def _read_recipe_file(path: Traversable) -> tuple[str, dict[str, Any]]:
         return label, tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{label}: not a valid TOML file: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{label}: not a valid recipe (nested too deeply)") from None
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _check_tables(tables: dict[str, Any], label: str) -> None:

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from ...errors import CheckpointError, ConfigError
-from ...fileio import atomic_write
+from ...errors import CheckpointError, ConfigError, InputError
+from ...fileio import atomic_write, open_regular_file
 from ...validation import check_fields
 from ...weights.checkpoint import save_weights
 from .align import AlignmentNet
@@ -101,7 +101,10 @@ def load_resume_state(out: Path, config: TrainConfig) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"--resume: no state.pt in {out}; start a new run without --resume")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with open_regular_file(path, "state file") as file:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except InputError as exc:
+        raise CheckpointError(f"--resume: {exc}") from exc
     except Exception as exc:  # torch raises many types for a damaged or refused pickle
         raise CheckpointError(
             f"--resume: {path} is corrupt or holds more than tensors and plain values ({exc}); "
@@ -147,9 +150,16 @@ def _check_resume_state(state: Any, path: Path) -> None:
     if state["epoch"] < 0 or not all(isinstance(h, dict) for h in state["history"]):
         raise CheckpointError(f"--resume: {path}: 'epoch' or 'history' is invalid; start a new run in a fresh folder")
     try:
-        TrainConfig.from_dict(state["config"])
+        stored = TrainConfig.from_dict(state["config"])
     except ConfigError as exc:
         raise CheckpointError(f"--resume: {path}: stored 'config' is invalid: {exc}") from exc
+    # each finished epoch left one line of history, and a run never passes its own last epoch
+    if state["epoch"] > stored.epochs or len(state["history"]) != state["epoch"]:
+        raise CheckpointError(
+            f"--resume: {path} says {state['epoch']} epochs of {stored.epochs} are done with "
+            f"{len(state['history'])} epochs of history: it was not written by bcosvit train; "
+            "start a new run in a fresh folder"
+        )
 
 
 def restore_resume_state(
