@@ -279,3 +279,26 @@ print(type(model).__name__, bcosvit.__file__)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["VisionTransformer", str(REPO / "src" / "bcosvit" / "__init__.py")]
+
+
+@pytest.mark.parametrize("where", ["missing", "file"])
+def test_a_weights_dir_variable_that_names_no_folder_is_an_error_not_ignored(tmp_path, monkeypatch, where):
+    target = tmp_path / "weights"
+    if where == "file":
+        target.write_text("not a folder")
+    monkeypatch.setenv(hub.WEIGHTS_DIR_ENV, str(target))
+    with pytest.raises(CheckpointError, match=f"{hub.WEIGHTS_DIR_ENV} is set to .*which is not a folder"):
+        hub.fetch_checkpoint(NAME)
+
+
+def test_a_damaged_file_with_a_published_name_is_not_listed_as_cached(reference, hub_dir, publish):
+    publish(reference.path)
+    bcosvit.create_model(NAME, pretrained="imagenet", progress=False)
+    record = next(r for r in bcosvit.list_pretrained_weights() if r.name == NAME)
+    assert record.status == "cached" and record.location == str(hub.converted_path(NAME))
+    hub.converted_path(NAME).write_bytes(b"garbage")
+    record = next(r for r in bcosvit.list_pretrained_weights() if r.name == NAME)
+    assert record.location == str(hub.hub_checkpoint_path(hub.PUBLISHED[NAME]))  # the download, verified
+    hub.hub_checkpoint_path(hub.PUBLISHED[NAME]).write_bytes(b"garbage too")
+    record = next(r for r in bcosvit.list_pretrained_weights() if r.name == NAME)
+    assert record.status == "downloadable"

@@ -144,7 +144,9 @@ def resolve_weights(path: str | Path) -> Path:
 
 def read_weights_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """The tensor shapes and the string metadata of a safetensors file, read from its header alone
-    (no tensor is loaded)."""
+    (no tensor is loaded); only a regular file is opened (a FIFO would block)."""
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} is not a regular file; pass a .safetensors file")
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, dict(f.metadata() or {})

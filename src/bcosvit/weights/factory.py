@@ -163,7 +163,8 @@ class PretrainedWeights:
 
 def list_pretrained_weights(pattern: str = "*") -> list[PretrainedWeights]:
     """Every model whose name matches ``pattern`` with weights, shipped or published, and whether
-    they are on this machine (no file is read or hashed: the check happens when they are loaded)."""
+    they are on this machine (``published_location``: files checked as loading would, so a damaged
+    file with a published name is not listed as cached)."""
     records = [PretrainedWeights(name, SHIPPED, SHIPPED, str(shipped_path(name))) for name in list_pretrained()]
     for entry in PUBLISHED.values():
         found = published_location(entry)

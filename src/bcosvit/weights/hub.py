@@ -40,7 +40,7 @@ from torch.hub import download_url_to_file
 from ..errors import CheckpointError
 from ..models.vit import VisionTransformer
 from . import convert
-from .checkpoint import load_model, read_metadata, save_weights
+from .checkpoint import load_model, read_metadata, read_weights_header, save_weights
 from .published import IMAGENET, PUBLISHED, PublishedCheckpoint, published
 
 WEIGHTS_DIR_ENV = "BCOSVIT_WEIGHTS_DIR"
@@ -66,10 +66,30 @@ def converted_path(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "bcosvit" / f"{name}-{IMAGENET}.safetensors"
 
 
-def weights_dir_path(entry: PublishedCheckpoint) -> Path | None:
-    """``$BCOSVIT_WEIGHTS_DIR/<file name>``, or None when the variable is not set."""
+def weights_dir() -> Path | None:
+    """The folder ``$BCOSVIT_WEIGHTS_DIR`` names, or None when the variable is not set.
+
+    Raises:
+        CheckpointError: when it is set to something that is not a folder (a typo would otherwise
+            be ignored and the weights downloaded).
+    """
     folder = os.environ.get(WEIGHTS_DIR_ENV)
-    return Path(folder).expanduser() / entry.file_name if folder else None
+    if not folder:
+        return None
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        what = "a file" if path.exists() else "missing"
+        raise CheckpointError(
+            f"{WEIGHTS_DIR_ENV} is set to {folder}, which is not a folder ({what}); point it at the folder "
+            "that holds the published .pth files, or unset it"
+        )
+    return path
+
+
+def weights_dir_path(entry: PublishedCheckpoint) -> Path | None:
+    """``$BCOSVIT_WEIGHTS_DIR/<file name>``, or None when the variable is not set (``weights_dir``)."""
+    folder = weights_dir()
+    return folder / entry.file_name if folder is not None else None
 
 
 def verify_checkpoint(path: str | Path, entry: PublishedCheckpoint) -> Path:
@@ -178,18 +198,24 @@ def _load_cached(name: str, entry: PublishedCheckpoint) -> VisionTransformer | N
     """The converted model of ``name`` from the cache, or None when there is none that matches the
     published file (a damaged or outdated cache entry is converted again)."""
     path = converted_path(name)
-    if not path.is_file():
-        return None
     try:
-        meta = read_metadata(path)
-        if meta.get("model_name") != name or not str(meta.get("source_sha256", "")).startswith(entry.sha256_prefix):
-            return None
-        if meta.get("conversion_version") != convert.CONVERSION_VERSION:
-            return None  # written by a bcosvit whose conversion differs
-        return load_model(path)
+        return load_model(path) if _cached_conversion_fits(name, entry) else None
     except CheckpointError as exc:
         warnings.warn(f"ignoring the cached conversion {path}: {exc}", stacklevel=3)
         return None
+
+
+def _cached_conversion_fits(name: str, entry: PublishedCheckpoint) -> bool:
+    """Whether the cache holds a conversion of the published file of ``name`` by this bcosvit's
+    conversion (its metadata says so); ``CheckpointError`` for a damaged metadata file."""
+    path = converted_path(name)
+    if not path.is_file():
+        return False
+    meta = read_metadata(path)
+    read_weights_header(path)  # the weights file beside it is readable
+    if meta.get("model_name") != name or not str(meta.get("source_sha256", "")).startswith(entry.sha256_prefix):
+        return False
+    return meta.get("conversion_version") == convert.CONVERSION_VERSION  # else converted by another version
 
 
 def _save_cached(model: VisionTransformer, name: str, entry: PublishedCheckpoint, source: Path) -> None:
@@ -216,11 +242,22 @@ def convert_published(name: str, weights: str | Path | None = None, progress: bo
 
 
 def published_location(entry: PublishedCheckpoint) -> Path | None:
-    """The first file on this machine that holds ``entry``'s weights (the converted model, the file in
-    ``$BCOSVIT_WEIGHTS_DIR``, torch.hub's download), or None; nothing is read or hashed."""
+    """The first file on this machine that holds ``entry``'s weights, checked as loading would check
+    it: the converted model (its metadata), the file in ``$BCOSVIT_WEIGHTS_DIR`` or torch.hub's
+    download (their SHA-256); None when there is none. A damaged file is passed over."""
+    try:
+        if _cached_conversion_fits(entry.name, entry):
+            return converted_path(entry.name)
+    except CheckpointError:
+        pass  # loading would convert the published file again
     local = weights_dir_path(entry)
-    candidates = [converted_path(entry.name), *([local] if local else []), hub_checkpoint_path(entry)]
-    return next((path for path in candidates if path.is_file()), None)
+    for path in [*([local] if local else []), hub_checkpoint_path(entry)]:
+        if path.is_file():
+            try:
+                return verify_checkpoint(path, entry)
+            except CheckpointError:
+                continue
+    return None
 
 
 __all__ = [
