@@ -208,3 +208,12 @@ def test_the_units_of_the_page_are_the_librarys_and_a_channel_by_index(explorer,
         assert explorer.select_unit(opened, 1, unit).unit == unit
     with pytest.raises(InputError, match=r"unit must be one of \('max', 'norm', 'channel'\)"):
         explorer.select_unit(opened, 1, "mean")
+
+
+def test_upload_errors_name_the_file_not_the_server_s_temporary_folder(shipped, tmp_path):
+    upload = tmp_path / "gradio" / "0123abcd"
+    upload.mkdir(parents=True)
+    (upload / "photo.png").write_text("no image")
+    with pytest.raises(InputError) as caught:
+        views.read_input(upload / "photo.png", shipped["bcos_vitc_micro_28"])
+    assert "photo.png" in str(caught.value) and str(tmp_path) not in str(caught.value)

@@ -51,8 +51,13 @@ def example_images() -> list[Path]:
 
 def read_input(path: str | Path, model: VisionTransformer, background: float = 0.0) -> LoadedImage:
     """``path`` converted for ``model`` by ``load_image`` (colour mode, resize, centre crop), with the
-    upload bounds ``MAX_UPLOAD_BYTES`` and ``MAX_UPLOAD_PIXELS``; ``InputError`` says what was wrong."""
-    return load_image(path, model, background, max_pixels=MAX_UPLOAD_PIXELS, max_bytes=MAX_UPLOAD_BYTES)
+    upload bounds ``MAX_UPLOAD_BYTES`` and ``MAX_UPLOAD_PIXELS``; ``InputError`` says what was wrong,
+    naming the file by its name only (an upload's path is the server's temporary folder)."""
+    try:
+        return load_image(path, model, background, max_pixels=MAX_UPLOAD_PIXELS, max_bytes=MAX_UPLOAD_BYTES)
+    except InputError as exc:
+        name = Path(path).name
+        raise InputError(str(exc).replace(str(Path(path).parent / name), name).replace(str(path), name)) from None
 
 
 def model_input(loaded: LoadedImage, model: VisionTransformer) -> Tensor:
