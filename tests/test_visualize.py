@@ -364,16 +364,17 @@ def test_explanation_figure_several_targets(nano_explanation, tmp_path):
     names = [f"class{k}" for k in range(expl.logits.shape[1])]
     fig = explanation_figure(images, expl, class_names=names)
     assert isinstance(fig, Figure)
-    assert len(fig.axes) == 2 * (1 + 2 * 2)
-    titles = [ax.get_title() for ax in fig.axes]
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 2 * (1 + 2 * 2) and len(fig.axes) - len(panels) == 2 * 2  # a colour bar per map
+    titles = [ax.get_title() for ax in panels]
     p = expl.probabilities
-    assert titles[1] == f"class0: p={float(p[0, 0]):.2f}"
-    assert titles[3] == f"class1: p={float(p[0, 1]):.2f}"
-    assert titles[5 + 3] == f"class3: p={float(p[1, 3]):.2f}"
-    assert titles[2].startswith("contrib.")
-    assert all(not ax.get_xticks().size and not ax.get_yticks().size for ax in fig.axes)
+    assert titles[1] == f"class0: p={visualize.probability_text(float(p[0, 0]))}"
+    assert titles[3] == f"class1: p={visualize.probability_text(float(p[0, 1]))}"
+    assert titles[5 + 3] == f"class3: p={visualize.probability_text(float(p[1, 3]))}"
+    assert titles[2].startswith("contributions (sum ")
+    assert all(not ax.get_xticks().size and not ax.get_yticks().size for ax in panels)
     # the colour explanation panel shows RGB over black: transparent pixels are black
-    shown = fig.axes[1].get_images()[0].get_array()
+    shown = panels[1].get_images()[0].get_array()
     expected = colour_explanation(expl.weights[0, 0], expl.inputs[0])
     np.testing.assert_allclose(shown, expected[..., :3] * expected[..., 3:], atol=1e-6)
     path = tmp_path / "figs" / "explanation.png"
@@ -388,9 +389,10 @@ def test_explanation_figure_single_target_defaults(nano_explanation, tmp_path):
     model = bcosvit.create_model("bcos_vit_nano_patch4_28")
     expl = bcosvit.explain(model, images)  # predicted class, target (N, 1)
     fig = explanation_figure(None, expl, max_images=1)
-    assert len(fig.axes) == 3
+    assert len(fig.axes) == 3 + 1  # and the contribution map's colour bar
     predicted = int(expl.target[0, 0])
-    assert fig.axes[1].get_title() == f"{predicted}: p={float(expl.probabilities[0, predicted]):.2f}"
+    probability = visualize.probability_text(float(expl.probabilities[0, predicted]))
+    assert fig.axes[1].get_title() == f"{predicted}: p={probability}"
     save_figure(fig, tmp_path / "single.svg")
     assert (tmp_path / "single.svg").read_text().lstrip().startswith("<?xml")
 
@@ -437,3 +439,21 @@ def test_save_figure_marks_png_figures_as_written_by_bcosvit(tmp_path):
     fig = Figure()
     path = save_figure(fig, tmp_path / "figure.png")
     assert Image.open(path).info["Software"] == visualize.FIGURE_SOFTWARE == "bcosvit"
+
+
+@pytest.mark.parametrize(("p", "text"), [(0.934, "0.93"), (0.031, "0.031"), (0.0026, "0.0026"), (4.2e-5, "4.2e-05")])
+def test_probabilities_keep_two_significant_digits(p, text):
+    assert visualize.probability_text(p) == text
+
+
+def test_a_224_pixel_explanation_renders_its_panels_at_full_size_with_colour_bars(tmp_path):
+    model = bcosvit.create_model("bcos_vit_nano_patch4_28", in_chans=3, image_size=224, depth=1, num_classes=1000)
+    x = torch.rand(1, 3, 224, 224)
+    fig = visualize.explanation_figure(x, bcosvit.explain(model, x, target=bcosvit.TopK(2)))
+    panels = [ax for ax in fig.axes if ax.get_images()]
+    colour_bars = [ax for ax in fig.axes if not ax.get_images()]
+    fig.canvas.draw()
+    widths = [ax.get_window_extent().width for ax in panels]
+    assert len(panels) == 5 and len(colour_bars) == 2 and min(widths) >= 224  # were 165 px
+    assert panels[0].get_ylabel() == ""  # a lone image has no "image 0"
+    assert all(not ax.get_title().endswith("p=0.00") for ax in panels)  # 1000 classes: significant digits

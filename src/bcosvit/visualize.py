@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from .errors import ConfigError, InputError
@@ -252,6 +254,24 @@ def _diverging_cmap(cmap: str) -> matplotlib.colors.Colormap:
         raise ConfigError(f"unknown matplotlib colour map {cmap!r} (try 'bwr', 'RdBu_r' or 'coolwarm')") from exc
     # an odd number of entries puts one entry exactly at the centre (0 -> white for 'bwr')
     return colormap.resampled(colormap.N + 1) if colormap.N % 2 == 0 else colormap
+
+
+def probability_text(p: float) -> str:
+    """A probability with two significant digits where it matters: ``0.93``, ``0.031``, ``4.2e-05``
+    (with 1000 classes most probabilities print as ``0.00`` with two decimals)."""
+    if p >= 0.095 or p == 0:
+        return f"{p:.2f}"
+    return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def _contribution_colour_bar(fig: Figure, ax, contributions: torch.Tensor, percentile: float = 99.5) -> None:
+    """A colour bar beside a ``contribution_map`` panel, in contribution units (logit units per
+    pixel): its ends are the scale the map was normalised by."""
+    values = contributions.detach().double().numpy()
+    scale = _robust_scale(np.abs(values), percentile) or 1.0
+    mappable = ScalarMappable(Normalize(-scale, scale), _diverging_cmap("bwr"))
+    bar = fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.02, ticks=[-scale, 0, scale])
+    bar.ax.set_yticklabels([f"{-scale:.2g}", "0", f"{scale:.2g}"], fontsize=7)
 
 
 def contribution_map(contributions: ArrayLike, percentile: float = 99.5, cmap: str = "bwr") -> np.ndarray:
@@ -471,7 +491,10 @@ def explanation_figure(
 
     rows = min(n, int(max_images))
     cols = 1 + 2 * num_targets
-    fig = Figure(figsize=(2.0 * cols, 2.2 * max(rows, 1)), layout="constrained")
+    # panels at least as many pixels wide as the images at save_figure's 100 dpi (224-px images
+    # rendered at 165 px with a fixed 2 inches), with room for the contribution maps' colour bars
+    panel = max(2.0, 1.25 * max(height, width) / 100)
+    fig = Figure(figsize=(panel * cols + 0.5 * num_targets, (panel + 0.2) * max(rows, 1)), layout="constrained")
     FigureCanvasAgg(fig)
     if rows == 0:
         return fig
@@ -480,7 +503,8 @@ def explanation_figure(
         ax = axes[i, 0]
         ax.imshow(to_display_image(torch.from_numpy(np.ascontiguousarray(pictures[i]))))
         ax.set_title("input", fontsize=9)
-        ax.set_ylabel(literal_text(row_labels[i]) if row_labels is not None else f"image {i}", fontsize=9)
+        if row_labels is not None or rows > 1:  # a lone image needs no "image 0"
+            ax.set_ylabel(literal_text(row_labels[i]) if row_labels is not None else f"image {i}", fontsize=9)
         for t in range(num_targets):
             index = int(target[i, t])
             if class_names is not None and 0 <= index < len(class_names):
@@ -488,7 +512,7 @@ def explanation_figure(
             else:
                 name = str(index)
             if 0 <= index < num_classes:
-                label = f"{name}: p={float(probabilities[i, index]):.2f}"
+                label = f"{name}: p={probability_text(float(probabilities[i, index]))}"
             else:
                 label = name
             rgba = colour_explanation(weights[i, t], inputs[i])
@@ -499,7 +523,8 @@ def explanation_figure(
             ax.set_title(label, fontsize=9)
             ax = axes[i, 2 + 2 * t]
             ax.imshow(contribution_map(contributions[i, t]))
-            ax.set_title(f"contrib. (sum {float(contributions[i, t].sum()):.2f})", fontsize=9)
+            ax.set_title(f"contributions (sum {float(contributions[i, t].sum()):.3g})", fontsize=9)
+            _contribution_colour_bar(fig, ax, contributions[i, t])
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
