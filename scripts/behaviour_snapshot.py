@@ -71,10 +71,10 @@ def _library(arrays: dict[str, np.ndarray]) -> None:
     torch.set_num_threads(1)
     bcos = bcosvit.create_model("bcos_vitc_micro_28", pretrained=True)
     twin = bcosvit.create_model("vitc_micro_28", pretrained=True)
-    from bcosvit.app.data import load_fashion_mnist
+    from bcosvit.app.data import batch_to_device, load_fashion_mnist
 
     test = load_fashion_mnist("test", DATA)
-    images = torch.stack([test[i][0] for i in range(12)])
+    images = batch_to_device(torch.stack([test[i][0] for i in range(12)]), "cpu")  # uint8 items -> [0, 1]
     labels = torch.tensor([int(test[i][1]) for i in range(12)])
     arrays["images"] = images.numpy()
 
@@ -121,7 +121,7 @@ def _command_line(out: Path, texts: dict[str, object]) -> None:
     files = []
     for i in range(3):
         path = work / f"item{i}.png"
-        Image.fromarray((test[i][0][0].numpy() * 255).round().astype(np.uint8)).save(path)
+        Image.fromarray(test[i][0][0].numpy()).save(path)  # the item's uint8 pixels as they are
         files.append(str(path))
     texts["explain"] = _bcosvit("explain", *files, "--out", "figures", cwd=work)
     texts["explain.target"] = _bcosvit("explain", files[0], "--target", "3", "--out", "figures-t", cwd=work)

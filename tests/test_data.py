@@ -1,17 +1,20 @@
 """Datasets are read from local files; missing or damaged files give errors that say what to do."""
 
 import gzip
+import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import Subset
 from torchvision.transforms import v2
 
 from bcosvit.app.data import (
     DATASETS,
+    ChannelsLastRandomResizedCrop,
     TensorImageDataset,
     batch_to_device,
     build_transforms,
@@ -22,6 +25,7 @@ from bcosvit.app.data import (
     load_dataset,
     load_fashion_mnist,
     load_image_folder,
+    read_folder_image,
     read_idx,
     stratified_indices,
 )
@@ -37,8 +41,7 @@ def test_fashion_mnist_subset_reads_real_images_and_labels():
     ds = load_fashion_mnist("test", SUBSET)
     assert len(ds) == 1000
     image, label = ds[0]
-    assert image.shape == (1, 28, 28) and image.dtype == torch.float32
-    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0 and float(image.max()) > 0.5
+    assert image.shape == (1, 28, 28) and image.dtype == torch.uint8 and int(image.max()) > 128
     assert label == 9  # the first Fashion-MNIST test image is an ankle boot
     assert sorted(set(ds.labels.tolist())) == list(range(10))
 
@@ -64,26 +67,95 @@ def test_non_idx_file_is_reported(tmp_path):
         read_idx(path)
 
 
-def test_train_transforms_pad_and_crop_keep_size_and_range():
+def test_train_transforms_pad_and_crop_keep_size_and_stay_uint8():
     transform = build_transforms(True, 28, 28, randaugment=5, flip=True)
     image = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)
     out = transform(image)
-    assert out.shape == (1, 28, 28) and out.dtype == torch.float32
-    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+    assert out.shape == (1, 28, 28) and out.dtype == torch.uint8 and not torch.equal(out, image)
 
 
-def test_transforms_without_augmentation_only_rescale():
+def test_transforms_without_augmentation_give_the_image_as_it_is():
     transform = build_transforms(True, 28, 28, flip=False, crop_padding=0)
     image = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)
-    torch.testing.assert_close(transform(image), image.float() / 255)
+    assert torch.equal(transform(image), image)
+
+
+def _image_folder_tree(root: Path) -> Path:
+    """``root/{train,val}/{cat,dog}/a.jpg``: 60x40 JPEGs of random pixels."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for k, cls in enumerate(("cat", "dog")):
+            (root / split / cls).mkdir(parents=True)
+            pixels = np.random.default_rng(k).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / split / cls / "a.jpg")
+    return root
+
+
+def _cifar10_batches(root: Path) -> Path:
+    """The six python-format CIFAR-10 batches in ``root``, 4 random images each."""
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(root / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}, f)
+    return root
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "evaluation"])
+@pytest.mark.parametrize(
+    ("name", "size", "shape"),
+    [("fashion-mnist", None, (1, 28, 28)), ("cifar10", 32, (3, 32, 32)), ("folder", 24, (3, 24, 24))],
+)
+def test_every_dataset_yields_plain_uint8_channels_first_tensors(tmp_path, name, size, shape, train):
+    # one item format across the DataLoader workers' pipe: uint8 (C, H, W); floats are made on the device
+    roots = {"fashion-mnist": lambda: SUBSET, "cifar10": lambda: _cifar10_batches(tmp_path)}
+    root = roots.get(name, lambda: _image_folder_tree(tmp_path))()
+    ds, _ = load_dataset(name, "train", root, size, train, randaugment=9 if train else 0)
+    image, label = ds[0]
+    assert type(image) is torch.Tensor and image.dtype == torch.uint8 and image.shape == shape
+    assert isinstance(label, int)
+
+
+def test_folder_training_augmentation_is_a_function_of_torch_s_seed(tmp_path):
+    ds, _ = load_dataset("folder", "train", _image_folder_tree(tmp_path), 24, True, randaugment=9)
+    draws = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        draws.append(ds[0][0])
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+def test_the_channels_last_crop_gives_torchvision_s_random_resized_crop_in_interleaved_memory_from_pil_or_tensor():
+    from PIL import Image
+
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    image = v2.functional.to_image(picture)  # (C, H, W) view of (H, W, C) memory, as images from files are
+    for seed, given in [(seed, given) for seed in range(4) for given in (image, picture)]:
+        torch.manual_seed(seed)
+        ours = ChannelsLastRandomResizedCrop(32, antialias=True)(given)
+        after_ours = torch.rand(1)
+        torch.manual_seed(seed)
+        reference = v2.RandomResizedCrop(32, antialias=True)(image)
+        assert torch.equal(ours, reference) and torch.equal(torch.rand(1), after_ours)  # same pixels, same draws
+        assert ours.permute(1, 2, 0).is_contiguous()  # interleaved: to PIL and into a batch without a transpose
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "CMYK"])
+def test_folder_images_are_read_as_torchvision_s_loader_reads_them(tmp_path, mode):
+    from PIL import Image
+    from torchvision.datasets.folder import default_loader
+
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(
+        tmp_path / "image.jpg" if mode in ("RGB", "CMYK") else tmp_path / "image.png"
+    )
+    path = str(next(tmp_path.iterdir()))
+    image = read_folder_image(path)
+    assert image.mode == "RGB" and np.array_equal(np.asarray(image), np.asarray(default_loader(path)))
 
 
 def test_cifar10_batches_are_read(tmp_path):
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        with open(tmp_path / name, "wb") as f:
-            pickle.dump({"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}, f)
-    train = load_cifar10("train", tmp_path)
+    train = load_cifar10("train", _cifar10_batches(tmp_path))
     assert len(train) == 20 and train[0][0].shape == (3, 32, 32)
     ds, spec = load_dataset("cifar10", "test", tmp_path)
     assert len(ds) == 4 and spec.in_chans == 3 and spec.num_classes == 10
@@ -208,8 +280,8 @@ def test_a_folder_of_class_folders_is_its_own_val_split_but_never_a_train_split(
 
 def test_folder_evaluation_resizes_the_shorter_side_to_resize_size_then_crops_the_centre():
     image = torch.randint(0, 256, (3, 200, 300), dtype=torch.uint8)
-    reference = v2.Compose([v2.Resize(36, antialias=True), v2.CenterCrop(32), v2.ToDtype(torch.float32, scale=True)])
-    torch.testing.assert_close(build_transforms(False, 32, None, resize_size=36)(image), reference(image))
+    reference = v2.Compose([v2.Resize(36, antialias=True), v2.CenterCrop(32)])
+    assert torch.equal(build_transforms(False, 32, None, resize_size=36)(image), reference(image))
     # resize_size is the evaluation of folder datasets only: training and native-size datasets ignore it
     assert repr(build_transforms(True, 28, 28, resize_size=36)) == repr(build_transforms(True, 28, 28))
     assert repr(build_transforms(True, 32, None, resize_size=36)) == repr(build_transforms(True, 32, None))
@@ -251,3 +323,23 @@ def test_uint8_batches_become_float_images_on_the_device():
     assert images.dtype == torch.float32 and torch.equal(images.flatten(), torch.tensor([0.0, 0.2, 1.0]))
     floats = torch.rand(1, 1, 2, 2)
     assert batch_to_device(floats, "cpu") is floats
+    channels_last = torch.randint(0, 256, (2, 4, 5, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # (N, C, H, W)
+    images = batch_to_device(channels_last, "cpu")
+    assert images.is_contiguous() and torch.equal(images, channels_last.float() / 255)
+
+
+def test_folder_evaluation_crops_an_extreme_aspect_ratio_before_resizing(tmp_path):
+    # the shorter side resized to 256 whole would ask for 157 GB; the centre part is what is kept anyway
+    (tmp_path / "val" / "thin").mkdir(parents=True)
+    Image.fromarray(np.full((1, 200_000, 3), 90, np.uint8)).save(tmp_path / "val" / "thin" / "a.png")
+    ds, _ = load_dataset("folder", "val", tmp_path, image_size=224, resize_size=256)
+    image, _ = ds[0]
+    assert image.shape == (3, 224, 224) and int(image.min()) == int(image.max()) == 90
+
+
+def test_a_fifo_in_a_folder_dataset_is_named_not_waited_on(tmp_path):
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    os.mkfifo(tmp_path / "val" / "cat" / "pipe.png")
+    ds, _ = load_dataset("folder", "val", tmp_path, image_size=8)
+    with pytest.raises(DataError, match=r"pipe.png: .*named pipe \(FIFO\)"):
+        ds[0]

@@ -204,7 +204,8 @@ def torchrun_two(*args: str) -> subprocess.CompletedProcess:
 @needs_torchrun
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
     common = ["--model", "bcos_vit_nano_patch4_28", "--data-dir", SUBSET, "--epochs", "1", "--batch-size", "64"]
-    common += ["--no-progress", *settings("train_subset=256", "test_subset=64", "warmup_steps=2", "flip=false")]
+    # 63 test images: shards of 32 and 31, which validate the whole set once between them
+    common += ["--no-progress", *settings("train_subset=256", "test_subset=63", "warmup_steps=2", "flip=false")]
     # fp32 on every machine: "auto" picks bf16 where the CPU has it, and bf16 rounds a batch split
     # over two processes differently from the whole batch, far beyond this comparison's tolerance
     common += settings("crop_padding=0", "explain_examples=false", "precision=fp32")
@@ -226,6 +227,12 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     assert moved > 1e-4  # the weights did change during the 4 steps
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    one, two = (json.loads((tmp_path / name / "metrics.jsonl").read_text()) for name in ("one", "two"))
+    assert (two["test_top1"], two["test_top5"]) == (one["test_top1"], one["test_top5"])
+    assert 0 < one["test_top5"] and round(one["test_top1"] * 63 / 100, 6).is_integer()  # of all 63 images
+    # the losses of the whole test set and of all processes' training batches
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4)
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
 
 
 @pytest.mark.ddp
@@ -398,7 +405,8 @@ DEMO_PRESET = {
     "clip_value": None, "agc_eps": 1e-3, "warmup_steps": 300, "min_lr": 0.0, "randaugment": 0, "flip": True,
     "crop_padding": None, "mixup": 0.0, "mosaic": 0.0, "mosaic_grid": 2, "energy_loss": 0.0, "energy_canvases": 0,
     "init_from": None, "bcosify_from": None, "bcosify_warmup_epochs": 1.0, "align_to": None,
-    "train_head_only": False, "label_smoothing": 0.0, "ema": 0.0, "precision": "auto", "compile": True, "seed": 0,
+    "train_head_only": False, "label_smoothing": 0.0, "ema": 0.0, "precision": "auto", "compile": True,
+    "grad_checkpointing": False, "log_every": 50, "eval_every": 1, "seed": 0,  # the three: options added since
     "num_workers": 0, "explain_examples": True,
 }  # fmt: skip
 
@@ -596,6 +604,9 @@ def test_a_run_that_stored_auto_settings_resumes_with_the_resolved_ones(tmp_path
         ({"image_size": 0}, "image_size must be >= 1"),
         ({"seed": -1}, r"seed must lie in \[0, 2\*\*32\)"),
         ({"seed": 2**64}, r"seed must lie in \[0, 2\*\*32\)"),
+        ({"log_every": 0}, "log_every must be >= 1 step"),
+        ({"eval_every": 0}, "eval_every must be >= 1 epoch"),
+        ({"grad_checkpointing": True, "energy_canvases": 2, "energy_loss": 1.0}, "set energy_loss = 0 or grad_"),
     ],
 )
 def test_bad_training_values_are_rejected_with_the_reason(overrides, message):

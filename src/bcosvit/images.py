@@ -196,7 +196,7 @@ def resize_and_crop(image: Tensor, image_size: int, resize_size: int | None = No
     to that ratio: the output (the centre square) is the same region, and the resize never asks
     for more than ``MAX_ASPECT_RATIO × resize_size²`` pixels (a 1×200000 PNG of 470 bytes would
     otherwise be resized to 256×51 200 000, 157 GB)."""
-    image, crop_note = _crop_to_aspect_ratio(image)
+    image, crop_note = crop_to_aspect_ratio(image)
     out, note = _resize_and_crop(image, image_size, resize_size)
     return out, ", ".join(n for n in (crop_note, note) if n) or None
 
@@ -205,7 +205,7 @@ def resize_and_crop(image: Tensor, image_size: int, resize_size: int | None = No
 MAX_ASPECT_RATIO = 4
 
 
-def _crop_to_aspect_ratio(image: Tensor) -> tuple[Tensor, str | None]:
+def crop_to_aspect_ratio(image: Tensor) -> tuple[Tensor, str | None]:
     """``image`` ``(..., C, H, W)`` centre-cropped along its long side to at most
     ``MAX_ASPECT_RATIO`` : 1, and a note when it was."""
     height, width = image.shape[-2:]

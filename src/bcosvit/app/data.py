@@ -1,6 +1,9 @@
 """Datasets read from local files only (nothing is downloaded) and their transforms.
 
-Images stay ordinary tensors in [0, 1]: each model owns its input encoding.
+One item format for every dataset: ``(image, label)`` with ``image`` a uint8 ``(C, H, W)`` tensor
+(a quarter of float32's bytes across the DataLoader workers' pipe and the host-device bus);
+``batch_to_device`` makes a batch float in [0, 1] on the device, and each model owns its input
+encoding (normalisation) from there.
 
 - Fashion-MNIST: the four idx ``.gz`` files of Debian's ``dataset-fashion-mnist`` package.
 - CIFAR-10: the standard python-format batches (``data_batch_1`` ... ``test_batch``).
@@ -26,7 +29,9 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tv_datasets
 from torchvision.transforms import v2
 
-from ..errors import DataError
+from ..errors import DataError, InputError
+from ..fileio import open_regular_file
+from ..images import crop_to_aspect_ratio
 from ..weights.imagenet import imagenet_class_names, imagenet_wnids, is_wnid
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -70,7 +75,7 @@ def read_idx(path: Path) -> np.ndarray:
 class TensorImageDataset(Dataset):
     """Images held in memory as uint8 ``(N, C, H, W)`` with integer labels; yields ``(image, label)``.
 
-    ``transform`` receives a uint8 ``(C, H, W)`` tensor; without one, images come out as float in [0, 1].
+    ``transform`` receives a uint8 ``(C, H, W)`` tensor; without one, images come out as they are held.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, classes: list[str], transform=None) -> None:
@@ -81,7 +86,7 @@ class TensorImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image = self.images[index]
-        image = self.transform(image) if self.transform is not None else image.float() / 255
+        image = self.transform(image) if self.transform is not None else image
         return image, int(self.labels[index])
 
 
@@ -225,7 +230,8 @@ def imagenet_class_indices(class_folders: list[str], folder: Path) -> dict[str, 
 
 class FolderDataset(Dataset):
     """The images of a folder of class folders ``folder/<class>/<image>``, yielding
-    ``(transform(image), label)`` with ``image`` an RGB PIL image (``read_folder_image``).
+    ``(transform(image), label)`` with ``image`` what ``loader`` reads from the file: by default
+    an RGB PIL image (``read_folder_image``; ``load_dataset``'s transforms make it a uint8 tensor).
 
     Class folders named by ImageNet WordNet id (``n01440764``, all 1000 or any subset) are ImageNet
     classes: their labels are ImageNet's indices and ``classes`` ImageNet's 1000 names, so that a
@@ -279,10 +285,16 @@ class FolderDataset(Dataset):
 
 
 def read_folder_image(path: str) -> Image.Image:
-    """torchvision's loader (an RGB PIL image) with a ``DataError`` naming a file that cannot be decoded
-    (a folder dataset reads each file only when its item is loaded)."""
+    """The RGB PIL image in file ``path``, as torchvision's loader reads it but without its copy of
+    images that are RGB already; a ``DataError`` names a file that cannot be decoded (a folder
+    dataset reads each file only when its item is loaded)."""
     try:
-        return tv_datasets.folder.default_loader(path)
+        with open_regular_file(path, "image file") as file:  # a FIFO named x.JPEG would block a worker
+            image = Image.open(file)
+            image.load()
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except InputError as exc:
+        raise DataError(f"cannot read image {path}: {exc}; remove or replace the file") from exc
     except (OSError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL's errors for damaged files
         raise DataError(f"cannot read image {path} ({exc}); remove or replace the file") from exc
 
@@ -360,12 +372,13 @@ def first_images_per_class(dataset: Dataset, max_classes: int = 16) -> list[int]
 
 def batch_to_device(images: Tensor, device: torch.device | str) -> Tensor:
     """A batch of images as a model takes it, on ``device``: uint8 ``(N, C, H, W)`` (what the
-    datasets' loaders yield, 4x narrower across the worker pipe and the bus) becomes float32 in
-    [0, 1] there; float images are moved as they are. ``non_blocking``: a pinned batch copies
-    while the host goes on."""
+    datasets' loaders yield, 4x narrower across the worker pipe and the bus), in any memory layout
+    (``loading.collate_images``), becomes contiguous float32 in [0, 1] there, conversion and
+    layout in one pass; float images are moved as they are. ``non_blocking``: a pinned batch
+    copies while the host goes on."""
     images = images.to(device, non_blocking=True)
     if images.dtype == torch.uint8:
-        return images.float().div_(255)
+        return images.to(torch.float32, memory_format=torch.contiguous_format).div_(255)
     return images
 
 
@@ -390,33 +403,98 @@ def build_transforms(
     flip: bool = True,
     crop_padding: int | None = None,
     resize_size: int | None = None,
-):
-    """torchvision v2 transforms from a uint8 image tensor to float ``(C, H, W)`` in [0, 1].
+) -> v2.Compose:
+    """torchvision v2 transforms from an image (a uint8 ``(C, H, W)`` tensor or a PIL image) to a
+    uint8 ``(C, image_size, image_size)`` tensor: no float intermediates, no float output
+    (``batch_to_device`` converts batches on the device).
 
     Small datasets with a native size (``native_size``) use pad-and-crop (``crop_padding`` pixels,
-    default ``image_size // 8``, 0 disables it); folder datasets random resized crops (train) and
-    for evaluation the shorter side resized to ``resize_size`` (a model's ``config.resize_size``;
-    None: ``round(image_size / 0.875)``) then the centre ``image_size`` crop, bilinear with
-    antialiasing (ImageNet: Resize(256), CenterCrop(224)). ``resize_size`` is used only there.
+    default ``image_size // 8``, 0 disables it); folder datasets random resized crops (train,
+    ``folder_train_ops``) and for evaluation the shorter side resized to ``resize_size`` (a model's
+    ``config.resize_size``; None: ``round(image_size / 0.875)``) then the centre ``image_size``
+    crop, bilinear with antialiasing (ImageNet: Resize(256), CenterCrop(224)). ``resize_size`` is
+    used only there. ``flip`` and ``randaugment`` (a magnitude; 0: off) are for training only.
     """
-    ops: list = []
     if native_size is not None:
-        if image_size != native_size:
-            ops.append(v2.Resize(image_size, antialias=True))
-        padding = image_size // 8 if crop_padding is None else crop_padding
-        if train and padding > 0:
-            ops.append(v2.RandomCrop(image_size, padding=padding))
+        ops = native_size_ops(train, image_size, native_size, randaugment, flip, crop_padding)
     elif train:
-        ops.append(v2.RandomResizedCrop(image_size, antialias=True))
+        ops = folder_train_ops(image_size, randaugment, flip)
     else:
         resize = resize_size if resize_size is not None else folder_resize_size(image_size)
-        ops += [v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)]
+        ops = [v2.ToImage(), BoundedAspectRatio(), v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)]
+    return v2.Compose([*ops, v2.ToPureTensor()])
+
+
+class BoundedAspectRatio:
+    """An image tensor ``(C, H, W)`` more elongated than ``bcosvit.images.MAX_ASPECT_RATIO`` : 1
+    centre-cropped to that ratio (``crop_to_aspect_ratio``) before the resize of the shorter side,
+    which would otherwise ask for memory in proportion to the long side (a 1x200000 image resized
+    to a shorter side of 256: 157 GB); the centre crop after the resize keeps the same region."""
+
+    def __call__(self, image: Tensor) -> Tensor:
+        return crop_to_aspect_ratio(image)[0]
+
+
+def native_size_ops(
+    train: bool, image_size: int, native_size: int, randaugment: int, flip: bool, crop_padding: int | None
+) -> list[v2.Transform]:
+    """Fashion-MNIST's and CIFAR-10's transforms on uint8 tensors: resize to ``image_size`` when it
+    is not the native size; for training pad-and-crop, flip and RandAugment."""
+    ops: list[v2.Transform] = [v2.ToImage()]
+    if image_size != native_size:
+        ops.append(v2.Resize(image_size, antialias=True))
+    padding = image_size // 8 if crop_padding is None else crop_padding
+    if train and padding > 0:
+        ops.append(v2.RandomCrop(image_size, padding=padding))
     if train and flip:
         ops.append(v2.RandomHorizontalFlip())
     if train and randaugment > 0:
         ops.append(v2.RandAugment(magnitude=randaugment))
-    ops.append(v2.ToDtype(torch.float32, scale=True))
-    return v2.Compose(ops)
+    return ops
+
+
+def folder_train_ops(image_size: int, randaugment: int, flip: bool) -> list[v2.Transform]:
+    """A folder dataset's training augmentation, each step where it is cheapest (measured by
+    ``benchmarks/input_pipeline.py``, one core): the random resized crop and the flip on the
+    uint8 tensor in channels-last memory (``ChannelsLastRandomResizedCrop``: torch's vectorised
+    uint8 resize is about 2.5x faster than Pillow's), RandAugment on a PIL image (Pillow's uint8
+    operations are 3-4x faster than torchvision's tensor ones, which work in float: a 3x3
+    convolution for Sharpness, grid sampling for the affine ones). The image stays uint8 from
+    the decoder to the batch; its memory stays interleaved ``(H, W, C)``, as PIL holds pixels.
+
+    Not used: PIL's JPEG draft mode (decoding at 1/2, 1/4 or 1/8 scale), which can serve only
+    crops whose shorter side is at least twice ``image_size``: 0.1 % of the crops of images of
+    ImageNet's sizes (300-500 px a side) at 224 px.
+    """
+    ops: list[v2.Transform] = [ChannelsLastRandomResizedCrop(image_size, antialias=True)]
+    if flip:
+        ops.append(v2.RandomHorizontalFlip())
+    if randaugment > 0:
+        ops += [v2.ToPILImage(), v2.RandAugment(magnitude=randaugment), v2.PILToTensor()]
+    return ops
+
+
+class ChannelsLastRandomResizedCrop(v2.RandomResizedCrop):
+    """torchvision's ``RandomResizedCrop`` (the same crop drawn from torch's generator, the same
+    pixels) from a PIL image or a uint8 tensor to a uint8 ``(C, H, W)`` tensor in ``(H, W, C)``
+    (channels-last) memory, resized by torch.
+
+    PIL holds pixels interleaved, and an image made from a PIL image is a ``(C, H, W)`` view of
+    ``(H, W, C)`` memory; but a crop of it is contiguous in no layout, and torch's uint8 resize
+    then writes a planar ``(C, H, W)`` result, which costs a transpose of every pixel on the way
+    to PIL (RandAugment) and into the batch (``loading.collate_images``). Here the crop is copied
+    into interleaved memory first (of a PIL image: cropped by PIL, then only the crop converted),
+    which keeps the resize on its vectorised channels-last path and the result interleaved.
+    """
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        top, left, height, width = params["top"], params["left"], params["height"], params["width"]
+        if isinstance(inpt, Image.Image):
+            interleaved = v2.functional.pil_to_tensor(inpt.crop((left, top, left + width, top + height)))
+        else:
+            crop = v2.functional.crop(inpt, top, left, height, width)
+            interleaved = crop.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # (C, h, w) view of (h, w, C) memory
+        return v2.functional.resize(interleaved, self.size, self.interpolation, antialias=self.antialias)
 
 
 def evaluation_split(name: str) -> str:
@@ -466,6 +544,6 @@ def load_dataset(
     size = image_size or 224
     resize = resize_size if resize_size is not None else folder_resize_size(size)
     transform = build_transforms(train_transforms, size, None, randaugment, flip, crop_padding, resize)
-    ds = load_image_folder(split, root, v2.Compose([v2.ToImage(), v2.RGB(), transform]))
+    ds = load_image_folder(split, root, transform)
     spec = DataSpec(3, size, len(ds.classes), list(ds.classes), IMAGENET_MEAN, IMAGENET_STD, resize)
     return ds, spec

@@ -60,8 +60,9 @@ class AlignmentNet(nn.Module):
 
     @staticmethod
     def _features(model: VisionTransformer, layers: tuple[int, ...], images: Tensor) -> list[Tensor]:
-        """The patch tokens ``(N, rows·cols, D)`` at ``layers``, then the pooled features ``(N, D)``."""
-        _, record = model(images, capture=Capture(layers=layers))
+        """The patch tokens ``(N, rows·cols, D)`` at ``layers``, then the pooled features ``(N, D)``
+        (no pixel-range check: the loader's images are in range, and the check waits for the device)."""
+        _, record = model(images, capture=Capture(layers=layers), check=False)
         patches = [record.tokens[k][:, model.num_prefix_tokens :] for k in layers]
         return [*patches, model.forward_head(record.tokens[layers[-1]], pre_logits=True)]
 

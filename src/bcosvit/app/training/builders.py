@@ -1,6 +1,6 @@
 """What a run is built from: the model (``build_model``), the data (``build_data``, ``TrainData``),
 the optimizer (``build_optimizer``), the loss (``loss_function``), the linear probe's frozen features
-(``freeze_all_but_head``) and the DDP / ``torch.compile`` wrappers (``wrap_model``)."""
+(``freeze_all_but_head``) and the DDP wrapper (``wrap_model``)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ from ...errors import ConfigError
 from ...models import registry
 from ...models.vit import VisionTransformer
 from ..data import DataSpec, evaluation_split, load_dataset, subset
-from ..precision import compile_available
+from ..loading import SeededItems, SeededSampler, ShardSampler, collate_images, pins_memory
 from .config import TrainConfig
 from .distributed import Runtime
 from .losses import bce_uniform_off_labels, soft_cross_entropy
 from .teacher import bcos_student, bcosified_teacher
+
+VALIDATION_BATCH = 256  # test images per validation batch
 
 # ``bcosvit.app.data.load_dataset``'s signature: (name, split, root, image_size, train_transforms,
 # randaugment, flip, crop_padding) -> (dataset, spec)
@@ -59,7 +61,7 @@ class TrainData:
 
     train_loader: DataLoader
     test_loader: DataLoader
-    sampler: DistributedSampler
+    sampler: SeededSampler
     spec: Any
     num_train: int
     num_test: int
@@ -83,20 +85,30 @@ def build_data(config: TrainConfig, rt: Runtime, dataset_loader: DatasetLoader =
     labelled = config.align_to is None  # alignment reads no labels, not even to draw its subset
     train_ds = subset(train_ds, config.train_subset, config.seed, stratified=labelled)
     test_ds = subset(test_ds, config.test_subset, config.seed)
-    sampler = DistributedSampler(
+    shuffled = DistributedSampler(
         train_ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=config.seed, drop_last=True
     )
+    sampler = SeededSampler(shuffled, config.seed)  # augmentation by (seed, epoch, index): same after --resume
     train_loader = DataLoader(
-        train_ds,
+        SeededItems(train_ds),
         config.batch_size // rt.world_size,
         sampler=sampler,
         num_workers=config.num_workers,
         drop_last=True,
         persistent_workers=config.num_workers > 0,
+        pin_memory=pins_memory(rt.device),
+        collate_fn=collate_images,
     )
     if len(train_loader) == 0:
         raise ConfigError(f"batch_size {config.batch_size} is larger than the {len(train_ds)} training images")
-    test_loader = DataLoader(test_ds, 256, shuffle=False, num_workers=config.num_workers)
+    test_loader = DataLoader(
+        test_ds,
+        VALIDATION_BATCH,
+        sampler=ShardSampler(len(test_ds), rt.rank, rt.world_size, VALIDATION_BATCH),  # each process its shard
+        num_workers=config.num_workers,
+        pin_memory=pins_memory(rt.device),
+        collate_fn=collate_images,
+    )
     return TrainData(train_loader, test_loader, sampler, spec, len(train_ds), len(test_ds))
 
 
@@ -116,20 +128,12 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
 
 
-def wrap_model(model: nn.Module, config: TrainConfig, rt: Runtime) -> tuple[nn.Module, bool]:
-    """What the batches go through: DDP over several processes, ``torch.compile`` where asked and
-    possible; and whether it is compiled."""
-    net: nn.Module = model
-    if rt.world_size > 1:
-        net = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    compiled = False
-    if config.compile:
-        compiled, why_not = compile_available(rt.device)
-        if compiled:
-            net = torch.compile(net)
-        elif rt.is_main:
-            print(f"torch.compile skipped: {why_not}")
-    return net, compiled
+def wrap_model(model: nn.Module, rt: Runtime) -> nn.Module:
+    """What the training batches go through: DDP over several processes, else ``model`` itself
+    (the loop compiles it where asked: ``loop.compile_from_step``)."""
+    if rt.world_size == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
 
 def freeze_all_but_head(model: VisionTransformer) -> None:

@@ -64,6 +64,11 @@ class TrainConfig:
     ema: float = 0.0  # EMA decay per step; 0 disables it
     precision: str = "auto"  # "auto" (bf16 where the hardware has it natively, else fp32), "fp32" or "bf16"
     compile: bool = False  # torch.compile the model for training (skipped with a message where it cannot run)
+    # recompute each block in the backward pass instead of storing its activations: less memory (e.g. the
+    # large models on smaller GPUs) for about one more forward pass per step; the same loss and gradients
+    grad_checkpointing: bool = False
+    log_every: int = 50  # steps between reads of the running loss on the host (progress bar, non-finite check)
+    eval_every: int = 1  # validate every N epochs, and always after the last one
     seed: int = 0
     num_workers: int = 0
     explain_examples: bool = True  # write an explanation figure for test images at the end
@@ -111,6 +116,11 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {self.label_smoothing}"),
             (self.precision in PRECISIONS, f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+            (self.log_every >= 1, f"log_every must be >= 1 step, got {self.log_every}"),
+            (
+                self.eval_every >= 1,
+                f"eval_every must be >= 1 epoch (the last epoch is always validated), got {self.eval_every}",
+            ),
             (
                 self.train_subset is None or self.train_subset >= 1,
                 f"train_subset must be >= 1, got {self.train_subset}",
@@ -129,6 +139,12 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
         self._validate_teachers()
+        if self.grad_checkpointing and self.energy_loss:
+            raise ConfigError(
+                "grad_checkpointing recomputes each block in the backward pass, where the energy loss's "
+                "explanation graph cannot be recomputed as it was built: set energy_loss = 0 or "
+                "grad_checkpointing = false"
+            )
         if self.energy_loss and not self.is_bcos:
             raise ConfigError(
                 f"energy_loss trains on the exact B-cos explanation; {self.model} is a standard model "

@@ -10,16 +10,22 @@ schedule, EMA, history: what ``--resume`` needs), ``metrics.jsonl`` (one line pe
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from ...errors import CheckpointError, ConfigError, InputError
-from ...fileio import atomic_write, open_regular_file
+from ...fileio import atomic_write, ensure_writable_dir, open_regular_file
 from ...validation import check_fields
 from ...weights.checkpoint import save_weights
 from .align import AlignmentNet
@@ -31,19 +37,66 @@ def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     from matplotlib.figure import Figure
 
     epochs = [h["epoch"] for h in history]
+    tested = [h for h in history if "test_top1" in h]  # the epochs validated (eval_every)
     fig = Figure(figsize=(9, 3.5))
     ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax_loss.plot(epochs, [h["test_loss"] for h in history], "o-", label="test")
+    ax_loss.plot([h["epoch"] for h in tested], [h["test_loss"] for h in tested], "o-", label="test")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_loss.legend()
     if all("train_top1" in h for h in history):  # an alignment stage has no train accuracy (no labels)
         ax_acc.plot(epochs, [h["train_top1"] for h in history], "o-", label="train")
-    ax_acc.plot(epochs, [h["test_top1"] for h in history], "o-", label="test")
+    ax_acc.plot([h["epoch"] for h in tested], [h["test_top1"] for h in tested], "o-", label="test")
     ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
     ax_acc.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+LOCK_NAME = ".lock"  # a run folder's lock file: it holds the PID of the process writing the folder
+
+
+@contextlib.contextmanager
+def writing_run_folder(out: Path) -> Iterator[None]:
+    """Hold the run folder ``out`` (created if need be) for writing: an exclusive ``flock`` on
+    ``out/.lock``, which holds this process's PID. A second ``bcosvit train``/``align``/``--resume``
+    on the same folder is refused, naming the holder's PID; the kernel releases the lock when its
+    process ends, however it ends, so the lock of a killed run never stays behind."""
+    ensure_writable_dir(out, "run folder (--out)")
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(
+            f"{out} is being written by another bcosvit run (PID {holder}); wait for it to end or choose another --out"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def save_bytes(model: nn.Module, config: TrainConfig) -> int:
+    """About how many bytes one ``save_run`` writes for ``model`` trained with ``config`` (resolved):
+    the weights, then ``state.pt`` with the model, the optimizer's per-parameter state (Adam: two
+    tensors, SGD: one) and the EMA. An atomic write holds the new file beside the old one."""
+    values = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    slots = 1 if config.optimizer == "sgd" else 2
+    return values * (2 + slots + (1 if config.ema else 0)) + 2**20  # and the metrics, curves and metadata
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    """Raise ``ConfigError`` before any work when ``out``'s file system has less than ``needed`` bytes free."""
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        raise ConfigError(
+            f"{out} has {free / 2**20:,.0f} MiB free, but saving the run needs about {needed / 2**20:,.0f} MiB "
+            "each epoch; free some space or choose another --out"
+        )
 
 
 def save_run(
@@ -59,7 +112,33 @@ def save_run(
     extra_state: dict[str, Any] | None = None,
 ) -> None:
     """Write the weights, metadata, state, metrics and curves of a run after ``epoch``; ``config`` is
-    resolved; ``extra_state``: what else ``--resume`` needs (``Trainer.extra_state``)."""
+    resolved; ``extra_state``: what else ``--resume`` needs (``Trainer.extra_state``).
+
+    Each file is written atomically, the state last: a save that fails (a full disk) leaves the
+    previous epoch's state, so ``--resume`` repeats the epoch; the failure is a ``CheckpointError``
+    that says so."""
+    try:
+        _write_run(out, model, eval_model, optimizer, ema, config, epoch, history, classes, extra_state)
+    except (OSError, SafetensorError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise CheckpointError(
+            f"cannot save epoch {epoch} into {out} ({reason}); the folder keeps the state after epoch "
+            f"{epoch - 1}: free some space, then continue with --resume (it repeats epoch {epoch})"
+        ) from exc
+
+
+def _write_run(
+    out: Path,
+    model: nn.Module,
+    eval_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: AveragedModel | None,
+    config: TrainConfig,
+    epoch: int,
+    history: list[dict[str, Any]],
+    classes: list[str],
+    extra_state: dict[str, Any] | None,
+) -> None:
     save_weights(
         unwrap(eval_model),
         out / "model.safetensors",
@@ -89,7 +168,16 @@ def save_run(
 
 
 # Settings that may change when a run is resumed: how long it runs and how it is executed.
-_RESUMABLE_CHANGES = ("epochs", "num_workers", "explain_examples", "precision", "compile")
+_RESUMABLE_CHANGES = (
+    "epochs",
+    "num_workers",
+    "explain_examples",
+    "precision",
+    "compile",
+    "grad_checkpointing",
+    "log_every",
+    "eval_every",
+)
 
 
 def load_resume_state(out: Path, config: TrainConfig) -> dict[str, Any]:

@@ -10,30 +10,30 @@ import torch
 import torch.distributed as dist
 
 from ...weights.checkpoint import load_model
-from ..data import evaluation_split, load_dataset
+from ..data import batch_to_device, evaluation_split, first_images_per_class, load_dataset
 from .config import TrainConfig
 from .distributed import is_main_process
 from .loop import train
 from .recipes import Recipe
 from .run_folder import finished_epochs
 
+# classes the end-of-training figure shows at most (one image each, explained in one batch)
+FIGURE_CLASSES = 16
 
-def one_image_per_class(dataset, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first image of every class in ``dataset``: images ``(K, C, H, W)``, labels ``(K,)``."""
-    picked: dict[int, torch.Tensor] = {}
-    for i in range(len(dataset)):
-        image, label = dataset[i]
-        if label not in picked:
-            picked[label] = image
-            if len(picked) == num_classes:
-                break
-    labels = sorted(picked)
-    return torch.stack([picked[c] for c in labels]), torch.tensor(labels)
+
+def figure_images(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first image of each of up to ``FIGURE_CLASSES`` classes of ``dataset``, spread over its
+    classes and found from its labels (``first_images_per_class``: only these images are decoded):
+    images ``(K, C, H, W)`` float in [0, 1], labels ``(K,)``."""
+    items = [dataset[i] for i in first_images_per_class(dataset, FIGURE_CLASSES)]
+    images = batch_to_device(torch.stack([image for image, _ in items]), "cpu")
+    return images, torch.tensor([label for _, label in items])
 
 
 def write_explanation_figure(run: Path, config: TrainConfig) -> Path | None:
-    """Explain one test image per class with the trained B-cos model (top-2 classes each) and
-    save ``explanations.png`` in the run folder. Returns None for standard models."""
+    """Explain one test image of each of up to ``FIGURE_CLASSES`` classes with the trained B-cos
+    model (top-2 classes each) and save ``explanations.png`` in the run folder. Returns None for
+    standard models."""
     from ... import explain
     from ...targets import TopK
     from ...visualize import explanation_figure, save_figure
@@ -42,11 +42,12 @@ def write_explanation_figure(run: Path, config: TrainConfig) -> Path | None:
     if not model.is_bcos:
         return None
     test_ds, spec = load_dataset(config.dataset, evaluation_split(config.dataset), config.data_dir, config.image_size)
-    images, labels = one_image_per_class(test_ds, spec.num_classes)
+    images, labels = figure_images(test_ds)
     expl = explain(model, images, target=TopK(2))
     true = [f"true: {spec.classes[int(y)]}" for y in labels]
     fig = explanation_figure(images, expl, class_names=spec.classes, row_labels=true)
-    fig.suptitle("One test image per class: the two most likely classes, colour explanation and contributions")
+    shown = "One test image per class" if len(images) == spec.num_classes else f"Test images of {len(images)} classes"
+    fig.suptitle(f"{shown}: the two most likely classes, colour explanation and contributions")
     print(
         f"explained {len(images)} test images: max completeness error "
         f"{float(expl.completeness_error.max()):.2e} (logit units)"
@@ -69,18 +70,24 @@ def run_training(
         return metrics
     finished = metrics.get("epoch") == config.epochs
     figure = write_explanation_figure(out, config) if config.explain_examples and finished else None
-    print(
-        f"\nDone in {time.perf_counter() - started:.0f}s. Test top-1 accuracy: {metrics['test_top1']:.2f}% "
-        f"(top-5 {metrics['test_top5']:.2f}%) after epoch {metrics['epoch']}/{config.epochs}."
-    )
+    print(f"\nDone in {time.perf_counter() - started:.0f}s. {_test_accuracy(metrics, config)}")
     print(f"Run folder {out}:")
     print('  config.json                     the configuration as run (every "auto" resolved)')
     print("  model.safetensors, model.json   weights and metadata (load with bcosvit.load_model)")
     print("  metrics.jsonl, curves.png       per-epoch metrics and their plot")
     print("  state.pt                        optimizer state for --resume")
     if figure is not None:
-        print(f"  {figure.name:32s}explanations of one test image per class")
+        print(f"  {figure.name:32s}explanations of test images, one per class (at most {FIGURE_CLASSES})")
     return metrics
+
+
+def _test_accuracy(metrics: dict, config: TrainConfig) -> str:
+    """The sentence on the test accuracy after the run's last epoch (which ``eval_every`` may
+    have left unvalidated when the run stopped early, ``stop_after``)."""
+    after = f"after epoch {metrics['epoch']}/{config.epochs}"
+    if "test_top1" not in metrics:
+        return f"Not validated {after} (eval_every {config.eval_every}; the last epoch always is)."
+    return f"Test top-1 accuracy: {metrics['test_top1']:.2f}% (top-5 {metrics['test_top5']:.2f}%) {after}."
 
 
 def run_recipe(
