@@ -17,6 +17,7 @@ from bcosvit.app.evaluation import (
     evaluate_model,
     evaluate_models,
 )
+from bcosvit.app.precision import resolve_precision
 from bcosvit.errors import ConfigError
 from bcosvit.metrics import CompletenessStats, CurveResult, GridResult, TopkAccuracy
 from bcosvit.weights.checkpoint import save_weights
@@ -71,6 +72,11 @@ def test_evaluation_writes_metrics_for_every_method_and_model(evaluation):
             assert entry["deletion"]["mean"]["baseline"] == [[[pytest.approx(0.286, abs=0.02)]]]  # Fashion-MNIST mean
     assert models["bcos_vitc_micro_28"]["completeness"]["abs_max"] < 1e-4
     assert all(model["source"] == name for name, model in models.items())  # --model names: the name
+    # where it ran: the accuracy pass in the precision "auto" picks there, everything else in fp32
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert metrics["device"] == device.type and metrics["processes"] == 1 and metrics["num_test_images"] == 400
+    assert metrics["precision"]["accuracy"] == resolve_precision("auto", device).precision
+    assert metrics["precision"]["attributions_curves_completeness"] == "fp32"
 
 
 @pytest.mark.slow
@@ -272,10 +278,10 @@ def test_models_with_the_same_file_or_folder_name_are_all_evaluated_under_distin
 ):
     seen = {}
 
-    def record(models, images, labels, out, config, dataset="", log=print, sources=None):
+    def record(models, data, out, config, dataset="", log=print, sources=None, runtime=None):
         seen.update(models=models, sources=sources)
 
-    monkeypatch.setattr("bcosvit.app.evaluation.run.evaluate_models", record)  # what evaluate_dataset calls
+    monkeypatch.setattr("bcosvit.app.evaluation.run.evaluate_test_set", record)  # what evaluate_dataset calls
     files = [_tiny_checkpoint(tmp_path / folder / "model.safetensors") for folder in ("a", "b")]
     runs = [_tiny_checkpoint(tmp_path / parent / "run" / "model.safetensors").parent for parent in ("x", "y")]
     checkpoints = [str(p) for p in files + runs]
@@ -310,6 +316,10 @@ def test_the_evaluate_flags_default_to_eval_configs_fields(capsys):
         "seed": "seed",
         "baselines": "baselines",
         "test_subset": "test_subset",
+        "batch_size": "batch_size",
+        "device": "device",
+        "precision": "precision",
+        "workers": "workers",
     }
     defaults = EvalConfig()
     for flag, name in fields.items():

@@ -293,6 +293,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         baselines=tuple(args.baselines),
         test_subset=args.test_subset,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        workers=args.workers,
     )
     config.validate()
     names, pretrained, weights = pretrained_from_args(args)
@@ -508,14 +512,21 @@ def _add_evaluate_command(sub) -> None:
         "evaluate",
         help="accuracy, localisation, faithfulness and completeness, with post-hoc baselines",
         description="Evaluates trained models (default: the shipped ones) and writes metrics.json, "
-        "figures and a self-contained report.html.",
+        "figures and a self-contained report.html. The test set is streamed (memory does not grow "
+        "with it). Distributed: torchrun --nproc_per_node=N -m bcosvit evaluate ... (each process "
+        "a shard; rank 0 writes).",
     )
     p.add_argument("--checkpoint", nargs="+", help="run folders or .safetensors files")
     p.add_argument("--model", nargs="+", help="names of models with shipped (or, with --pretrained, published) weights")
     _add_pretrained_options(p)
     p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
     p.add_argument("--data-dir", help="dataset location (default for Fashion-MNIST: the Debian package's)")
-    p.add_argument("--test-subset", type=int, default=defaults.test_subset, help="use only the first N test images")
+    p.add_argument(
+        "--test-subset",
+        type=int,
+        default=defaults.test_subset,
+        help="use N test images drawn stratified by class with --seed (default: all)",
+    )
     p.add_argument(
         "--grids",
         type=int,
@@ -550,8 +561,43 @@ def _add_evaluate_command(sub) -> None:
         f"(default: {' '.join(defaults.baselines)})",
     )
     p.add_argument("--seed", type=int, default=defaults.seed)
+    _add_evaluate_runtime_options(p, defaults)
     p.add_argument("--out", default="evaluation", help="output folder (default: evaluation/)")
     p.set_defaults(func=cmd_evaluate)
+
+
+def _add_evaluate_runtime_options(p: argparse.ArgumentParser, defaults) -> None:
+    """Where ``evaluate`` runs: ``--device``, ``--precision``, ``--workers``, ``--batch-size``."""
+    from .evaluation import DEVICES
+    from .precision import PRECISIONS
+
+    p.add_argument(
+        "--device",
+        default=defaults.device,
+        choices=DEVICES,
+        help="where the models run (default auto: CUDA when there is a device; under torchrun, each "
+        "process the GPU of its local rank)",
+    )
+    p.add_argument(
+        "--precision",
+        default=defaults.precision,
+        choices=PRECISIONS,
+        help="of the accuracy pass (default auto: bf16 autocast where bf16 is native); attributions, "
+        "curves and completeness always run in fp32",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=defaults.workers,
+        help="DataLoader worker processes reading images (default: the cores, at most 8, shared by the "
+        "processes of the machine; 0 for datasets held in memory)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help=f"images per pass through a model (default {defaults.batch_size})",
+    )
 
 
 def _add_serve_command(sub) -> None:

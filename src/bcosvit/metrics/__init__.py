@@ -9,9 +9,11 @@ An *attribution method* is any callable ``method(model, images, target) -> maps`
 By job, in sub-modules whose names are all re-exported here:
 
 - ``pointing``: the grid pointing game of docs/design.md, ``grid_pointing_game`` (with
-  ``confident_images_by_class``, ``sample_grids``, ``tile_grids``, ``assemble_grids``,
-  ``make_grids`` and ``grid_cell_scores`` as its parts);
-- ``faithfulness``: ``deletion_insertion``, deletion and insertion curves and their areas;
+  ``confident_images_by_class`` (its selection alone, from predictions: ``confident_indices_by_class``),
+  ``sample_grids``, ``tile_grids``, ``assemble_grids``, ``make_grids``, ``score_grid_cells`` and
+  ``grid_cell_scores`` as its parts);
+- ``faithfulness``: ``deletion_insertion``, deletion and insertion curves and their areas
+  (``concat_curves`` joins the curves of several image sets);
 - ``statistics``: ``mean_ci95`` (mean and 95 % confidence interval, normal approximation),
   ``completeness_stats`` (completeness errors, docs/design.md: completeness) and ``topk_accuracy``;
 - ``passes``: running a model (``predict_logits``) or a method (``compute_attributions``) over
@@ -26,18 +28,20 @@ dataclasses (``GridResult``, ``CurveResult``, ``CompletenessStats``, ``TopkAccur
 ``to_dict()`` for JSON.
 """
 
-from .faithfulness import CurveResult, deletion_insertion
+from .faithfulness import CurveResult, concat_curves, deletion_insertion
 from .passes import AttributionMethod, compute_attributions, predict_logits, target_probabilities
 from .pointing import (
     GridResult,
     Grids,
     assemble_grids,
     confident_images_by_class,
+    confident_indices_by_class,
     grid_cell_scores,
     grid_pointing_game,
     make_grids,
     positive_mass_per_cell,
     sample_grids,
+    score_grid_cells,
     tile_grids,
 )
 from .statistics import CompletenessStats, Summary, TopkAccuracy, completeness_stats, mean_ci95, topk_accuracy
@@ -53,7 +57,9 @@ __all__ = [
     "assemble_grids",
     "completeness_stats",
     "compute_attributions",
+    "concat_curves",
     "confident_images_by_class",
+    "confident_indices_by_class",
     "deletion_insertion",
     "grid_cell_scores",
     "grid_pointing_game",
@@ -62,6 +68,7 @@ __all__ = [
     "positive_mass_per_cell",
     "predict_logits",
     "sample_grids",
+    "score_grid_cells",
     "target_probabilities",
     "tile_grids",
     "topk_accuracy",

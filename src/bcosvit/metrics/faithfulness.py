@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..inputs import as_model_input
 from ..layers.detach import attribution_state
 from ..models.vit import check_images
@@ -69,6 +69,24 @@ class CurveResult:
             out["scores"] = self.scores.tolist()
             out["auc"] = self.auc.tolist()
         return out
+
+
+def concat_curves(parts: Sequence[CurveResult]) -> CurveResult:
+    """The curves of several image sets measured alike (same mode, steps and baseline) as one
+    result: their images in the order of ``parts`` (e.g. the shards of a distributed evaluation)."""
+    if not parts:
+        raise InputError("concat_curves needs at least one CurveResult")
+    first = parts[0]
+    for part in parts[1:]:
+        same_steps = torch.equal(part.fractions, first.fractions)
+        if part.mode != first.mode or part.baseline != first.baseline or not same_steps:
+            raise InputError(
+                f"cannot join {part.mode} curves (baseline {part.baseline}, {part.fractions.numel() - 1} steps) "
+                f"with {first.mode} curves (baseline {first.baseline}, {first.fractions.numel() - 1} steps)"
+            )
+    scores = torch.cat([part.scores for part in parts])
+    auc = torch.cat([part.auc for part in parts])
+    return CurveResult(first.mode, first.fractions, scores, auc, first.baseline)
 
 
 def _pixel_order(attributions: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,20 +1,18 @@
 """The test images of ``bcosvit evaluate``: the rules that the models read a dataset alike
-(``check_same_preprocessing``) and fit it (``check_models_fit_dataset``), and its test split read
-once and stacked into tensors (``load_test_images``)."""
+(``check_same_preprocessing``) and fit it (``check_models_fit_dataset``), and its test split as a
+dataset read item by item (``load_test_set``; a subset is drawn stratified by class)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from torch import Tensor
 from torch.utils.data import Dataset
 
 from ...errors import ConfigError, DataError
 from ...models.vit import VisionTransformer
 from ...weights.imagenet import IMAGENET_NUM_CLASSES
-from ..data import DataSpec, evaluation_split, load_dataset
+from ..data import DataSpec, evaluation_split, load_dataset, subset
 from .protocol import dataset_mismatch
 
 
@@ -55,26 +53,24 @@ def check_models_fit_dataset(
             raise ConfigError(f"model {label} ({sources[label]}) {problem}: it does not fit {data}; {fix}")
 
 
-def stack_images(data: Dataset, count: int) -> tuple[Tensor, Tensor]:
-    """The first ``count`` items of ``data`` as images ``(count, C, H, W)`` and labels ``(count,)``."""
-    items = [data[i] for i in range(count)]
-    images = torch.stack([image for image, _ in items])
-    labels = torch.tensor([int(label) for _, label in items])
-    return images, labels
-
-
-def load_test_images(
+def load_test_set(
     models: dict[str, VisionTransformer],
     dataset: str,
     data_dir: str | Path | None,
     sources: dict[str, str],
     test_subset: int | None = None,
+    seed: int = 0,
     trained_with: Callable[[str], str] | None = None,
     log: Callable[[str], None] = print,
-) -> tuple[Tensor, Tensor]:
-    """The test split of ``dataset`` (``evaluation_split``; its first ``test_subset`` images, or all)
-    as images and labels, read as the first model reads images, after checking that every model
-    reads them alike and fits them (``check_same_preprocessing``, ``check_models_fit_dataset``)."""
+) -> Dataset:
+    """The test split of ``dataset`` (``evaluation_split``), read as the first model reads images,
+    after checking that every model reads them alike and fits them (``check_same_preprocessing``,
+    ``check_models_fit_dataset``): all of it, or ``test_subset`` images drawn stratified by class
+    with ``seed`` (``bcosvit.app.data.subset``). Nothing is decoded here but what the checks need.
+
+    Returns:
+        a dataset of ``(image, label)`` items (``bcosvit.app.data``'s format).
+    """
     check_same_preprocessing(models, dataset)
     first = next(iter(models.values()))
     split = evaluation_split(dataset)
@@ -86,10 +82,14 @@ def load_test_images(
         resize_size=first.config.resize_size or first.image_size,  # as bcosvit.load_image reads files
     )
     check_models_fit_dataset(models, sources, spec, dataset, data_dir, trained_with)
-    count = min(len(data), test_subset or len(data))
-    if count == 0:
+    if len(data) == 0:
         raise DataError(f"the {dataset} {split} split holds no images; check --data-dir")
-    images, labels = stack_images(data, count)
+    chosen = subset(data, test_subset, seed)
+    images = f"{dataset} {split} images"
+    if len(chosen) < len(data):
+        images = f"{len(chosen)} of {len(data)} {images}, stratified by class (seed {seed}),"
+    else:
+        images = f"{len(data)} {images}"
     where = f" from {data.root}" if dataset == "folder" else ""
-    log(f"evaluating {', '.join(models)} on {count} {dataset} {split} images{where}")
-    return images, labels
+    log(f"evaluating {', '.join(models)} on {images}{where}".rstrip(","))
+    return chosen

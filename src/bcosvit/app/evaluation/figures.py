@@ -1,7 +1,8 @@
 """The figures of ``bcosvit evaluate``: every method's maps of a few test images
 (``examples_figure``) and of a grid (``grid_figure``), the pointing game scores
 (``localisation_figure``) and the deletion and insertion curves (``curves_figure``), and
-``save_figures``, which draws and writes all five as the report shows them."""
+``save_figures``, which draws and writes all five as the report shows them. They read a fixed
+number of test images (``EXAMPLES`` and one 2×2 grid per model) by index, never the test set."""
 
 from __future__ import annotations
 
@@ -11,11 +12,17 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from torch import Tensor
+from torch.utils.data import Dataset
 
-from ...metrics import make_grids, predict_logits
+from ...metrics import predict_logits, tile_grids
 from ...models.vit import VisionTransformer
-from ...visualize import contribution_map, save_figure, to_display_image
+from ...visualize import contribution_map, literal_text, save_figure, to_display_image
+from ..data import first_images_per_class
 from .protocol import EvalConfig, ModelResult, curve_rows, method_fn
+from .runtime import EvalRuntime
+from .stream import load_images
+
+EXAMPLES = 4  # test images in examples.png
 
 
 def _method_row(axes, model: VisionTransformer, x: Tensor, target: Tensor, title: str, config: EvalConfig) -> None:
@@ -31,29 +38,61 @@ def _method_row(axes, model: VisionTransformer, x: Tensor, target: Tensor, title
         ax.set_title(method, fontsize=8)
 
 
-def examples_figure(models: dict[str, VisionTransformer], images: Tensor, config: EvalConfig, n: int = 4) -> Figure:
-    """Rows: test images × models; columns: the input and every method's map (predicted class)."""
-    rows = [(name, model, i) for i in range(n) for name, model in models.items()]
+def _class_label(model: VisionTransformer, k: int) -> str:
+    """``"class 207"``, with the model's name for it when it has class names: ``"class 207 (golden retriever)"``."""
+    names = model.config.class_names
+    return f"class {k}" + (f" ({literal_text(names[k])})" if names else "")
+
+
+def examples_figure(
+    models: dict[str, VisionTransformer], images: Tensor, config: EvalConfig, n: int = EXAMPLES
+) -> Figure:
+    """Rows: test images ``images[:n]`` ``(n, C, H, W)`` × models; columns: the input and every
+    method's map (predicted class)."""
+    rows = [(name, model, i) for i in range(min(n, len(images))) for name, model in models.items()]
     fig = Figure(figsize=(1.5 * (len(config.methods) + 1), 1.6 * len(rows)))
     axes = fig.subplots(len(rows), len(config.methods) + 1, squeeze=False)
     for r, (name, model, i) in enumerate(rows):
         x = images[i : i + 1]
         target = predict_logits(model, x).argmax(dim=1)
-        _method_row(axes[r], model, x, target, f"{name}\nclass {int(target)}", config)
+        _method_row(axes[r], model, x, target, f"{name}\n{_class_label(model, int(target))}", config)
     fig.tight_layout()
     return fig
 
 
-def grid_figure(models: dict[str, VisionTransformer], images: Tensor, labels: Tensor, config: EvalConfig) -> Figure:
-    """The first 2×2 grid and each method's map for its first cell's class, per model."""
+def grid_figure(
+    models: dict[str, VisionTransformer], grids: dict[str, tuple[Tensor, Tensor]], config: EvalConfig
+) -> Figure:
+    """Per model, a 2×2 grid and each method's map for its first cell's class; ``grids``: model ->
+    (the grid image ``(1, C, 2H, 2W)``, its cells' classes ``(4,)``), e.g. ``figure_grids``; a model
+    without one (too few classes with confident images) gets an empty row that says so."""
     fig = Figure(figsize=(1.7 * (len(config.methods) + 1), 1.9 * len(models)))
     axes = fig.subplots(len(models), len(config.methods) + 1, squeeze=False)
     for r, (name, model) in enumerate(models.items()):
-        grids = make_grids(model, images, labels, grid=2, num_grids=1, seed=config.seed, batch_size=config.batch_size)
-        x, target = grids.images[:1], grids.classes[:1, 0]
-        _method_row(axes[r], model, x, target, f"{name}\ntarget: top-left class {int(target)}", config)
+        if name not in grids:
+            for ax in axes[r]:
+                ax.axis("off")
+            axes[r][0].set_title(f"{name}\nno 2x2 grid: too few classes\nwith confident images", fontsize=7)
+            continue
+        x, classes = grids[name]
+        target = classes[:1].to(x.device)
+        title = f"{name}\ntarget: top-left {_class_label(model, int(target))}"
+        _method_row(axes[r], model, x, target, title, config)
     fig.tight_layout()
     return fig
+
+
+def figure_grids(
+    results: list[ModelResult], data: Dataset, runtime: EvalRuntime, batch_size: int
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Model -> (image ``(1, C, 2H, 2W)``, classes ``(4,)``) of its first 2×2 grid
+    (``ModelResult.figure_grid``), its four images loaded from ``data``."""
+    grids = {}
+    for res in (res for res in results if res.figure_grid is not None):
+        classes, image_indices = res.figure_grid
+        cells = load_images(data, image_indices.tolist(), runtime, batch_size)
+        grids[res.name] = (tile_grids(cells, 2), classes)
+    return grids
 
 
 def localisation_figure(results: list[ModelResult], config: EvalConfig) -> Figure:
@@ -64,6 +103,8 @@ def localisation_figure(results: list[ModelResult], config: EvalConfig) -> Figur
         labels, means, errors = [], [], []
         for res in results:
             for method, entry in res.methods.items():
+                if grid not in entry.grids:
+                    continue
                 game = entry.grids[grid]
                 labels.append(f"{res.name}\n{method}")
                 means.append(game.mean)
@@ -107,16 +148,20 @@ def curves_figure(results: list[ModelResult], mode: str, config: EvalConfig) -> 
 
 def save_figures(
     models: dict[str, VisionTransformer],
-    images: Tensor,
-    labels: Tensor,
+    data: Dataset,
     results: list[ModelResult],
     config: EvalConfig,
     out: Path,
+    runtime: EvalRuntime | None = None,
 ) -> dict[str, Path]:
-    """Draw every figure, then write each to ``out`` as PNG; file name -> the path written."""
+    """Draw every figure, then write each to ``out`` as PNG; file name -> the path written. Reads
+    ``EXAMPLES`` images of the test set ``data`` (the first of as many classes, spread over them:
+    a folder tree lists its files in class order) and each model's first 2×2 grid."""
+    runtime = runtime or EvalRuntime()
+    examples = load_images(data, first_images_per_class(data, EXAMPLES), runtime, config.batch_size)
     figures = {
-        "examples.png": examples_figure(models, images, config),
-        "grid_examples.png": grid_figure(models, images, labels, config),
+        "examples.png": examples_figure(models, examples, config),
+        "grid_examples.png": grid_figure(models, figure_grids(results, data, runtime, config.batch_size), config),
         "localisation.png": localisation_figure(results, config),
         "deletion.png": curves_figure(results, "deletion", config),
         "insertion.png": curves_figure(results, "insertion", config),

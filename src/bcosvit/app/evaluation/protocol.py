@@ -3,10 +3,14 @@ fit a dataset (``dataset_mismatch``), the measurements of each model and attribu
 (``evaluate_model``, ``measure_models``) and their typed results (``ModelResult``, ``MethodResult``).
 
 Protocols (all seeded):
-- accuracy: top-1 / top-5 on the whole test set;
-- localisation: the grid pointing game (docs/design.md: grid pointing game) on 2×2 and 3×3 grids of test images;
-- faithfulness: deletion and insertion curves (``bcosvit.metrics.deletion_insertion``) on the first
-  ``faithfulness_images`` test images, explaining the predicted class, for each replacement value in
+- accuracy: top-1 / top-5 on the whole test set, streamed (``stream.predict_test_set``: one pass
+  per model keeps per image only its predicted class and its label's confidence);
+- localisation: the grid pointing game (docs/design.md: grid pointing game) on 2×2 and 3×3 grids of
+  test images, drawn from those predictions (``samples.load_grid_cells``);
+- faithfulness: deletion and insertion curves (``bcosvit.metrics.deletion_insertion``) on
+  ``faithfulness_images`` test images drawn stratified by class with the seed
+  (``samples.faithfulness_indices``; all of them when the test set is no larger), explaining the
+  predicted class, for each replacement value in
   ``baselines``: ``"zero"`` (black; the Fashion-MNIST background, and the reference point of
   integrated gradients) and ``"mean"`` (the per-channel mean of the test images). Both are reported
   because a pixel already at the replacement value cannot be removed: with zero, the evidence a
@@ -17,7 +21,21 @@ Protocols (all seeded):
   reference at each replacement value ``b`` (``relative`` in the results): integrated gradients
   from the all-``b`` image, and ``w(x)·([x, 1 - x] - [b, 1 - b])``, the explanation's own account of
   what the replacement removes;
-- completeness: distribution of ``|logit - w·x - positional - bias|`` for B-cos models.
+- completeness: distribution of ``|logit - w·x - positional - bias|`` for B-cos models, on the
+  faithfulness images.
+
+Precision: only the accuracy pass runs in ``EvalConfig.precision`` (``"auto"``: bf16 autocast where
+bf16 is native, ``bcosvit.app.precision``); it is the pass over every image, and bf16 moves a
+prediction only where two logits are within its rounding. Every other pass stays float32: the
+completeness error measures float rounding itself (about 1e-6 logit units in float32; bf16's 8-bit
+mantissa would put it near 1e-2 and hide a real defect of the explanation), the deletion and
+insertion curves compare the probabilities of images a few pixels apart (differences of the size
+of bf16's 0.4 % rounding), and the maps of every method are then computed as the published
+protocols compute them, comparable across machines.
+
+Several processes (``torchrun``, ``runtime.EvalRuntime``): each measures a shard of the test set,
+of the grid cells and of the faithfulness images, cut at multiples of ``batch_size`` so that the
+batches are those of one process; the parts are gathered on every process.
 """
 
 from __future__ import annotations
@@ -29,10 +47,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from ...attribution import METHODS, attribute
-from ...errors import ConfigError
+from ...errors import ConfigError, DataError
 from ...explanation import explain
 from ...metrics import (
     AttributionMethod,
@@ -42,15 +62,18 @@ from ...metrics import (
     TopkAccuracy,
     completeness_stats,
     compute_attributions,
-    confident_images_by_class,
+    concat_curves,
+    confident_indices_by_class,
     deletion_insertion,
-    grid_pointing_game,
-    predict_logits,
-    topk_accuracy,
+    sample_grids,
+    score_grid_cells,
 )
 from ...models.vit import VisionTransformer
 from ...validation import check_fields, is_int, is_number
 from ..data import DataSpec
+from .runtime import EvalRuntime, check_device, check_precision, start_runtime
+from .samples import FaithfulnessImages, GridCells, load_faithfulness, load_grid_cells, too_few_classes
+from .stream import PixelSums, labels_of, predict_test_set, tensor_test_set
 
 POST_HOC = tuple(m for m in METHODS if m != "bcos")
 # Methods with a reference image (their ``baseline`` option), and its default: their curves are
@@ -74,7 +97,10 @@ class EvalConfig:
     batch_size: int = 32
     seed: int = 0
     baselines: tuple[str, ...] = ("zero", "mean")  # deletion/insertion replacement values (or numbers)
-    test_subset: int | None = None  # the command evaluates the first N test images (None: all of them)
+    test_subset: int | None = None  # the command draws N test images stratified by class (None: all of them)
+    device: str = "auto"  # "auto" (CUDA when there is a device), "cpu" or "cuda"
+    precision: str = "auto"  # of the accuracy pass: "auto" (bf16 where native), "fp32" or "bf16"
+    workers: int | None = None  # DataLoader workers per process (None: by the cores, 0 for images in memory)
 
     def validate(self, num_classes: int | None = None) -> None:
         """Raise ``ConfigError`` naming the first invalid value; with ``num_classes`` (the models'), also
@@ -104,6 +130,12 @@ class EvalConfig:
             )
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"{_with_flag('seed')} must lie in [0, 2**32), got {self.seed}")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(
+                f"{_with_flag('workers')} must be >= 0 (0: read images in the main process), got {self.workers}"
+            )
+        check_device(self.device)
+        check_precision(self.precision)
         if num_classes is not None and max(self.grids, default=0) ** 2 > num_classes:
             g = max(self.grids)
             raise ConfigError(
@@ -116,9 +148,12 @@ class EvalConfig:
         sequences of whole numbers or of strings); ``validate`` checks the ranges."""
         check_fields(
             {_with_flag(name): getattr(self, name) for name in _INTEGERS},
-            {_with_flag(name): (int, type(None)) if name == "test_subset" else int for name in _INTEGERS},
+            {_with_flag(name): (int, type(None)) if name in _OPTIONAL else int for name in _INTEGERS},
             "the evaluation settings",
         )
+        for name in ("device", "precision"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{_with_flag(name)} must be a name, got {getattr(self, name)!r:.60}")
         for name, is_item, what in (
             ("grids", is_int, "whole numbers"),
             ("methods", _is_text, "names"),
@@ -129,8 +164,9 @@ class EvalConfig:
                 raise ConfigError(f"{_with_flag(name)} must be a sequence of {what}, got {value!r:.60}")
 
 
-# The whole-number fields of EvalConfig (``test_subset`` may also be None).
-_INTEGERS = ("num_grids", "faithfulness_images", "steps", "ig_steps", "batch_size", "seed", "test_subset")
+# The whole-number fields of EvalConfig (those in ``_OPTIONAL`` may also be None).
+_INTEGERS = ("num_grids", "faithfulness_images", "steps", "ig_steps", "batch_size", "seed", "test_subset", "workers")
+_OPTIONAL = ("test_subset", "workers")
 
 
 def _is_text(value: object) -> bool:
@@ -147,6 +183,10 @@ _FLAGS = {
     "seed": "--seed",
     "methods": "--methods",
     "baselines": "--baselines",
+    "batch_size": "--batch-size",
+    "device": "--device",
+    "precision": "--precision",
+    "workers": "--workers",
 }
 
 
@@ -229,10 +269,17 @@ class ModelResult:
     methods: dict[str, MethodResult] = field(default_factory=dict)
     completeness: CompletenessStats | None = None
     seconds: float = 0.0
+    pass_images_per_s: float = 0.0  # test images per second of the accuracy pass (all processes together)
+    # grid size -> why the pointing game has no grids of that size (too few classes with confident images)
+    grids_skipped: dict[int, str] = field(default_factory=dict)
+    # the classes and test-set indices (4,) of the first 2x2 grid (sample_grids with the seed), which
+    # the figure grid_examples.png shows; not written to JSON
+    figure_grid: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready, as ``metrics.json`` stores it under ``models``."""
-        return {
+        """JSON-ready, as ``metrics.json`` stores it under ``models`` (``grids_skipped`` only when a
+        grid size was skipped)."""
+        out = {
             "name": self.name,
             "is_bcos": self.is_bcos,
             "accuracy": self.accuracy.to_dict(),
@@ -240,7 +287,11 @@ class ModelResult:
             "methods": {method: result.to_dict() for method, result in self.methods.items()},
             "completeness": self.completeness.to_dict() if self.completeness is not None else None,
             "seconds": self.seconds,
+            "accuracy_pass_images_per_s": self.pass_images_per_s,
         }
+        if self.grids_skipped:
+            out["grids_skipped"] = {f"grid{grid}": reason for grid, reason in self.grids_skipped.items()}
+        return out
 
 
 def curve_rows(res: ModelResult) -> Iterator[tuple[str, str, Curves]]:
@@ -251,12 +302,13 @@ def curve_rows(res: ModelResult) -> Iterator[tuple[str, str, Curves]]:
             yield method, f"{method} relative to the baseline", entry.relative
 
 
-def baseline_value(name: str, images: Tensor) -> float | Tensor:
-    """The replacement value named ``name``: 0, the per-channel mean ``(C, 1, 1)`` of ``images``, or a number."""
+def baseline_value(name: str, images: Tensor | PixelSums) -> float | Tensor:
+    """The replacement value named ``name``: 0, the per-channel mean ``(C, 1, 1)`` of ``images``
+    ``(N, C, H, W)`` (or of the images whose pixels ``PixelSums`` added up), or a number."""
     if name == "zero":
         return 0.0
     if name == "mean":
-        return images.mean(dim=(0, 2, 3))[:, None, None]
+        return (images if isinstance(images, PixelSums) else PixelSums.of(images)).mean()
     return float(name)
 
 
@@ -322,45 +374,164 @@ def _relative_curves(
     return {mode: {b: relative[mode].get(b, curves[mode][b]) for b in config.baselines} for mode in relative}
 
 
+def _grid_scores(
+    model: VisionTransformer, cells: GridCells, grid: int, fn: AttributionMethod, batch_size: int
+) -> Tensor:
+    """``(len(pairs),)`` float64: the scores of this process's (grid, cell) pairs of one grid size."""
+    drawn = cells.grids[grid]
+    if not drawn.pairs:
+        return torch.zeros(0, dtype=torch.float64)
+    return score_grid_cells(
+        model, cells.images, drawn.classes, drawn.local_indices, fn, grid, pairs=drawn.pairs, batch_size=batch_size
+    )
+
+
+# One process's share of a method's measurements: the cell scores of each grid size, and its curves
+# and relative curves (None where it has no faithfulness images, or for methods without a reference).
+_MethodPart = tuple[dict[int, Tensor], Curves | None, Curves | None]
+
+
+def _method_part(
+    method: str,
+    model: VisionTransformer,
+    cells: GridCells,
+    faithfulness: FaithfulnessImages,
+    baselines: dict[str, float | Tensor],
+    config: EvalConfig,
+) -> _MethodPart:
+    fn = method_fn(method, config)
+    scores = {grid: _grid_scores(model, cells, grid, fn, config.batch_size) for grid in cells.grids}
+    images, predicted = faithfulness.images, faithfulness.predicted
+    if not faithfulness.share:
+        return scores, None, None
+    maps = compute_attributions(model, images, predicted, fn, config.batch_size)
+    curves = _curves(model, images, predicted, dict.fromkeys(config.baselines, maps), baselines, config)
+    relative = None
+    if method in REFERENCE_METHODS:
+        relative = _relative_curves(method, curves, model, images, predicted, baselines, config)
+    return scores, curves, relative
+
+
+def _joined_curves(parts: list[Curves | None]) -> Curves | None:
+    """The curves of the processes' shares of the faithfulness images as one (None: no parts)."""
+    present = [part for part in parts if part is not None]
+    if not present:
+        return None
+    return {
+        mode: {base: concat_curves([part[mode][base] for part in present]) for base in by_base}
+        for mode, by_base in present[0].items()
+    }
+
+
 def evaluate_method(
     method: str,
     model: VisionTransformer,
-    images: Tensor,
-    labels: Tensor,
-    confident: tuple[list[Tensor], list[Tensor]],
-    subset: Tensor,
-    predicted: Tensor,
+    cells: GridCells,
+    faithfulness: FaithfulnessImages,
     baselines: dict[str, float | Tensor],
     config: EvalConfig,
+    runtime: EvalRuntime | None = None,
 ) -> MethodResult:
-    """One method's measurements on one model: the pointing game on grids of ``images`` (of the
-    ``confident`` ones, ``confident_images_by_class``), and the deletion and insertion curves of its
-    maps of the ``predicted`` classes of the faithfulness ``subset`` for each of the ``baselines``
-    (name -> replacement value), relative to each of them too for methods with a reference image."""
+    """One method's measurements on one model: the pointing game on the drawn grids ``cells``
+    (``samples.load_grid_cells``), and the deletion and insertion curves of its maps of the predicted
+    classes of the ``faithfulness`` images (``samples.load_faithfulness``) for each of the
+    ``baselines`` (name -> replacement value), relative to each of them too for methods with a
+    reference image. With several processes (``runtime``), each measures its share and the
+    result, gathered, is the same on every process."""
+    runtime = runtime or EvalRuntime()
     t0 = time.perf_counter()
-    fn = method_fn(method, config)
-    games = {
-        grid: grid_pointing_game(
-            model,
-            images,
-            labels,
-            fn,
-            grid=grid,
-            num_grids=config.num_grids,
-            seed=config.seed,
-            batch_size=config.batch_size,
-            confident=confident,
-        )
-        for grid in config.grids
-    }
-    maps = compute_attributions(model, subset, predicted, fn, config.batch_size)
-    entry = MethodResult(
-        games, _curves(model, subset, predicted, dict.fromkeys(config.baselines, maps), baselines, config)
+    parts = runtime.gather(_method_part(method, model, cells, faithfulness, baselines, config))
+    games = {}
+    for grid, drawn in cells.grids.items():
+        scores = torch.cat([part[0][grid] for part in parts]).reshape(drawn.classes.shape)
+        games[grid] = GridResult.of(scores, drawn.classes, drawn.image_indices, grid)
+    curves = _joined_curves([part[1] for part in parts])
+    relative = _joined_curves([part[2] for part in parts])
+    if curves is None:
+        raise DataError("no faithfulness images were measured; the test set holds no images")
+    return MethodResult(games, curves, relative, seconds=time.perf_counter() - t0)
+
+
+def _completeness_part(
+    model: VisionTransformer, faithfulness: FaithfulnessImages, batch_size: int
+) -> tuple[Tensor, Tensor] | None:
+    """``(errors, outputs)`` ``(n, 1)`` float64 on the CPU of the exact explanations of this process's
+    faithfulness images (their predicted classes), in batches: an explanation holds the weights of
+    every layer for each image."""
+    if not faithfulness.share:
+        return None
+    errors, outputs = [], []
+    for start in range(0, len(faithfulness.share), batch_size):
+        part = slice(start, start + batch_size)
+        expl = explain(model, faithfulness.images[part], target=faithfulness.predicted[part])
+        errors.append(expl.completeness_error.detach().double().cpu())
+        outputs.append(expl.outputs.detach().double().cpu())
+    return torch.cat(errors), torch.cat(outputs)
+
+
+def measure_completeness(
+    model: VisionTransformer, faithfulness: FaithfulnessImages, config: EvalConfig, runtime: EvalRuntime | None = None
+) -> CompletenessStats:
+    """The completeness errors of a B-cos model's exact explanations of the faithfulness images,
+    gathered from every process and summarised (``completeness_stats``)."""
+    runtime = runtime or EvalRuntime()
+    parts = [
+        part for part in runtime.gather(_completeness_part(model, faithfulness, config.batch_size)) if part is not None
+    ]
+    return completeness_stats(torch.cat([e for e, _ in parts]), torch.cat([o for _, o in parts]))
+
+
+def measure_model(
+    name: str,
+    model: VisionTransformer,
+    data: Dataset,
+    config: EvalConfig,
+    runtime: EvalRuntime | None = None,
+    log: Callable[[str], None] = print,
+    source: str = "",
+) -> ModelResult:
+    """Every measurement for one model on the test set ``data`` (items ``(image, label)``, images
+    uint8 or float in [0, 1], read item by item, never all held); post-hoc methods for any model,
+    ``bcos`` for B-cos models. ``model`` goes to ``runtime.device``; each measurement runs it in
+    eval mode and restores its state (``attribution_state``).
+
+    Memory: per image of ``data`` a few scalars (label, prediction, confidence: 32 bytes); beyond
+    them the images of the grid cells and of the faithfulness images (their numbers fixed by
+    ``config``) and one batch at a time.
+    """
+    runtime = runtime or EvalRuntime()
+    started = time.perf_counter()
+    model.to(runtime.device)
+    labels = labels_of(data)
+    predictions = predict_test_set(model, data, runtime, config.batch_size)
+    result = ModelResult(name, model.is_bcos, predictions.accuracy, source)
+    result.pass_images_per_s = len(data) / (time.perf_counter() - started)
+    log(
+        f"{name}: top-1 {result.accuracy.top1:.2f}%, top-5 {result.accuracy.top5:.2f}% "
+        f"({result.pass_images_per_s:.0f} images/s)"
     )
-    if method in REFERENCE_METHODS:
-        entry.relative = _relative_curves(method, entry.curves, model, subset, predicted, baselines, config)
-    entry.seconds = time.perf_counter() - t0
-    return entry
+    confident, _ = confident_indices_by_class(predictions.predicted, predictions.confidence, labels, model.num_classes)
+    if too_few_classes(confident, 2) is None:
+        result.figure_grid = tuple(cells[0] for cells in sample_grids(confident, 2, 1, config.seed))
+    cells = load_grid_cells(data, confident, config.grids, config.num_grids, config.seed, runtime, config.batch_size)
+    result.grids_skipped = cells.skipped
+    for grid, reason in cells.skipped.items():
+        log(f"  no {grid}x{grid} pointing game: {reason}")
+    faithfulness = load_faithfulness(
+        data, labels, predictions.predicted, config.faithfulness_images, config.seed, runtime, config.batch_size
+    )
+    baselines = {name: baseline_value(name, predictions.pixels) for name in config.baselines}
+    for method in (m for m in config.methods if m != "bcos" or model.is_bcos):
+        result.methods[method] = evaluate_method(method, model, cells, faithfulness, baselines, config, runtime)
+        _log_method(method, result.methods[method], config, log)
+    if model.is_bcos:
+        result.completeness = measure_completeness(model, faithfulness, config, runtime)
+        log(
+            f"  completeness error: max {result.completeness.absolute.max:.2e}, "
+            f"median {result.completeness.absolute.median:.2e} (logit units)"
+        )
+    result.seconds = time.perf_counter() - started
+    return result
 
 
 def evaluate_model(
@@ -372,49 +543,36 @@ def evaluate_model(
     log: Callable[[str], None] = print,
     source: str = "",
 ) -> ModelResult:
-    """Every measurement for one model; post-hoc methods for any model, ``bcos`` for B-cos models.
-    Each measurement runs ``model`` in eval mode and restores its state (``attribution_state``)."""
-    started = time.perf_counter()
-    logits = predict_logits(model, images, config.batch_size)
-    result = ModelResult(name, model.is_bcos, topk_accuracy(logits, labels), source)
-    log(f"{name}: top-1 {result.accuracy.top1:.2f}%, top-5 {result.accuracy.top5:.2f}%")
-    subset = images[: config.faithfulness_images]
-    predicted = logits[: config.faithfulness_images].argmax(dim=1)
-    methods = [m for m in config.methods if m != "bcos" or model.is_bcos]
-    confident = confident_images_by_class(model, images, labels, logits=logits)
-    baselines = {name: baseline_value(name, images) for name in config.baselines}
-    for method in methods:
-        entry = evaluate_method(method, model, images, labels, confident, subset, predicted, baselines, config)
-        result.methods[method] = entry
-        scores = ", ".join(f"{g}x{g} {entry.grids[g].mean:.3f}" for g in config.grids)
-        log(f"  {method:24s} pointing game {scores} | {_aucs(entry.curves, config)} | {entry.seconds:.0f}s")
-        if entry.relative is not None:
-            log(f"  {'  relative to the baseline':24s} {_aucs(entry.relative, config)}")
-    if model.is_bcos:
-        expl = explain(model, subset, target=predicted)
-        result.completeness = completeness_stats(expl.completeness_error, expl.outputs)
-        log(
-            f"  completeness error: max {result.completeness.absolute.max:.2e}, "
-            f"median {result.completeness.absolute.median:.2e} (logit units)"
-        )
-    result.seconds = time.perf_counter() - started
-    return result
+    """``measure_model`` on images ``(N, C, H, W)`` in [0, 1] and labels ``(N,)`` held in memory, on
+    ``config.device`` in ``config.precision`` (``runtime.start_runtime``)."""
+    data = tensor_test_set(images, labels)
+    runtime = start_runtime(config.device, config.precision, config.workers, data)
+    return measure_model(name, model, data, config, runtime, log, source)
 
 
 def measure_models(
     models: dict[str, VisionTransformer],
-    images: Tensor,
-    labels: Tensor,
+    data: Dataset,
     config: EvalConfig,
+    runtime: EvalRuntime | None = None,
     log: Callable[[str], None] = print,
     sources: dict[str, str] | None = None,
 ) -> list[ModelResult]:
-    """``evaluate_model`` for every model, in order; ``sources``: where each came from (by its key)."""
+    """``measure_model`` for every model on the test set ``data``, in order; ``sources``: where each
+    came from (by its key)."""
     sources = sources or {}
     return [
-        evaluate_model(name, model, images, labels, config, log, source=sources.get(name, ""))
+        measure_model(name, model, data, config, runtime, log, source=sources.get(name, ""))
         for name, model in models.items()
     ]
+
+
+def _log_method(method: str, entry: MethodResult, config: EvalConfig, log: Callable[[str], None]) -> None:
+    """A method's log lines: its pointing game scores ("-" for a skipped grid size) and curve areas."""
+    scores = ", ".join(f"{g}x{g} {entry.grids[g].mean:.3f}" if g in entry.grids else f"{g}x{g} -" for g in config.grids)
+    log(f"  {method:24s} pointing game {scores} | {_aucs(entry.curves, config)} | {entry.seconds:.0f}s")
+    if entry.relative is not None:
+        log(f"  {'  relative to the baseline':24s} {_aucs(entry.relative, config)}")
 
 
 def _aucs(curves: Curves, config: EvalConfig) -> str:

@@ -8,14 +8,22 @@ from pathlib import Path
 
 from ..report import Section, Table
 from .protocol import EvalConfig, ModelResult, curve_rows
+from .runtime import EvalRuntime
+from .samples import selection
 
 
-def report_meta(dataset: str, num_images: int, config: EvalConfig, seconds: float) -> str:
-    """The line under the report's title: the data, how much of it each protocol used, and the time taken."""
+def report_meta(
+    dataset: str, num_images: int, config: EvalConfig, seconds: float, runtime: EvalRuntime | None = None
+) -> str:
+    """The line under the report's title: the data, how much of it each protocol used, where it ran
+    (with ``runtime``) and the time taken."""
+    where = ""
+    if runtime is not None:
+        where = f"{runtime.device.type}, {runtime.world_size} process(es), accuracy in {runtime.precision.precision}; "
     return (
         f"{dataset}: {num_images} test images; {config.num_grids} grids per size (seed {config.seed}); "
-        f"faithfulness on {min(config.faithfulness_images, num_images)} images; "
-        f"{seconds:.0f}s"
+        f"faithfulness on {selection(config.faithfulness_images, num_images, config.seed)}; "
+        f"{where}{seconds:.0f}s"
     )
 
 
@@ -39,7 +47,7 @@ def report_sections(results: list[ModelResult], config: EvalConfig, paths: dict[
             grids = r.methods[method].grids
             games = [
                 f"{grids[g].mean:.3f} [{grids[g].ci95[0]:.3f}, {grids[g].ci95[1]:.3f}]"
-                if curves is r.methods[method].curves
+                if curves is r.methods[method].curves and g in grids
                 else "–"
                 for g in config.grids
             ]
