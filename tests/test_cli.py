@@ -1,8 +1,10 @@
 """The command line: listing models and recipes, and clear errors instead of tracebacks."""
 
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -265,3 +267,23 @@ def test_a_recipe_that_is_a_folder_or_a_fifo_is_named_as_such(tmp_path, capsys):
     for source, message in ((tmp_path, "is a folder; pass a recipe's name"), (fifo, "is not a regular file")):
         assert main(["train", "--recipe", str(source), "--out", str(tmp_path / "run")]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (
+            'model_options={"embed_dim": 16777216, "num_heads": 1}',
+            "more than the 2,147,483,648 a bcosvit model may have",
+        ),
+        ('model_options={"depth": 100000}', "depth 100000 is more than the 1024 blocks"),
+        ("num_workers=1000", r"num_workers must lie in \[0, 64\]"),
+    ],
+)
+def test_training_options_beyond_the_bounds_are_refused_before_anything_starts(tmp_path, capsys, setting, message):
+    started = time.perf_counter()
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "fmnist-demo", "--out", str(out), "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err and not out.exists()
+    assert time.perf_counter() - started < 5

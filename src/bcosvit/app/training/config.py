@@ -17,6 +17,10 @@ from ...validation import check_fields, schema_of
 from ..data import DATASETS
 from ..precision import PRECISIONS
 
+# DataLoader worker processes per training process: each is a process with its own copy of the
+# transforms; 1000 of them (a typo) would fork 1000 processes before the first step.
+MAX_WORKERS = 64
+
 
 @dataclass
 class TrainConfig:
@@ -115,7 +119,11 @@ class TrainConfig:
             (0 <= self.ema < 1, f"ema decay must lie in [0, 1), got {self.ema}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {self.label_smoothing}"),
             (self.precision in PRECISIONS, f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
-            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+            (
+                0 <= self.num_workers <= MAX_WORKERS,
+                f"num_workers must lie in [0, {MAX_WORKERS}] (DataLoader worker processes per training process), "
+                f"got {self.num_workers}",
+            ),
             (self.log_every >= 1, f"log_every must be >= 1 step, got {self.log_every}"),
             (
                 self.eval_every >= 1,
