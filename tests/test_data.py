@@ -25,6 +25,7 @@ from bcosvit.app.data import (
     load_dataset,
     load_fashion_mnist,
     load_image_folder,
+    read_cifar10_batch,
     read_folder_image,
     read_idx,
     stratified_indices,
@@ -343,3 +344,11 @@ def test_a_fifo_in_a_folder_dataset_is_named_not_waited_on(tmp_path):
     ds, _ = load_dataset("folder", "val", tmp_path, image_size=8)
     with pytest.raises(DataError, match=r"pipe.png: .*named pipe \(FIFO\)"):
         ds[0]
+
+
+@pytest.mark.parametrize("name", ["train-images-idx3-ubyte.gz", "data_batch_1"])
+def test_dataset_files_that_are_fifos_are_refused_without_blocking(tmp_path, name):
+    os.mkfifo(tmp_path / name)
+    reader = read_idx if name.endswith(".gz") else read_cifar10_batch
+    with pytest.raises(DataError, match=r"named pipe \(FIFO\)"):
+        reader(tmp_path / name)

@@ -56,10 +56,11 @@ DATASETS = ("fashion-mnist", "cifar10", "folder")
 
 def read_idx(path: Path) -> np.ndarray:
     """Read an idx file (optionally gzip-compressed) into a numpy array of its stored shape."""
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as f:
-            data = f.read()
+        with open_regular_file(path, "idx file") as raw:
+            data = (gzip.GzipFile(fileobj=raw) if path.suffix == ".gz" else raw).read()
+    except InputError as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
     except (OSError, EOFError) as exc:
         raise DataError(f"cannot read {path}: {exc}; reinstall the dataset") from exc
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
@@ -151,8 +152,10 @@ def read_cifar10_batch(path: Path) -> tuple[np.ndarray, list[int]]:
     numbers and numpy arrays, so a crafted file cannot run code; anything else is a ``DataError``.
     """
     try:
-        with open(path, "rb") as f:
+        with open_regular_file(path, "CIFAR-10 batch") as f:
             batch = _CifarUnpickler(f, encoding="latin1").load()
+    except InputError as exc:
+        raise DataError(f"cannot read CIFAR-10 batch {path}: {exc}") from exc
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
         raise DataError(f"cannot read CIFAR-10 batch {path}: {exc}; re-extract cifar-10-python.tar.gz") from exc
     if isinstance(batch, dict):
