@@ -114,57 +114,45 @@ def save_run(
     """Write the weights, metadata, state, metrics and curves of a run after ``epoch``; ``config`` is
     resolved; ``extra_state``: what else ``--resume`` needs (``Trainer.extra_state``).
 
-    Each file is written atomically, the state last: a save that fails (a full disk) leaves the
-    previous epoch's state, so ``--resume`` repeats the epoch; the failure is a ``CheckpointError``
-    that says so."""
+    Each file is written atomically, the state after the weights: a save that fails (a full disk)
+    leaves a consistent folder that ``--resume`` continues, and the ``CheckpointError`` says from
+    which epoch."""
+    kept = epoch - 1  # the epoch whose state the folder holds
     try:
-        _write_run(out, model, eval_model, optimizer, ema, config, epoch, history, classes, extra_state)
+        save_weights(
+            unwrap(eval_model),
+            out / "model.safetensors",
+            {
+                "model_name": config.model,
+                "classes": classes,
+                "epoch": epoch,
+                "metrics": history[-1],
+                "ema": ema is not None,
+                "precision": config.precision,  # what "auto" resolved to on this machine
+                "train_config": config.to_dict(),
+            },
+        )
+        state = {
+            "epoch": epoch,
+            "config": config.to_dict(),
+            "history": history,
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            **(extra_state or {}),
+        }
+        atomic_write(out / "state.pt", lambda tmp: torch.save(state, tmp))
+        kept = epoch
+        lines = "".join(json.dumps(h) + "\n" for h in history)
+        atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text(lines))
+        _plot_curves(history, out / "curves.png")
     except (OSError, SafetensorError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
+        repeats = f" (it repeats epoch {epoch})" if kept < epoch else ""
         raise CheckpointError(
             f"cannot save epoch {epoch} into {out} ({reason}); the folder keeps the state after epoch "
-            f"{epoch - 1}: free some space, then continue with --resume (it repeats epoch {epoch})"
+            f"{kept}: free some space, then continue with --resume{repeats}"
         ) from exc
-
-
-def _write_run(
-    out: Path,
-    model: nn.Module,
-    eval_model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    ema: AveragedModel | None,
-    config: TrainConfig,
-    epoch: int,
-    history: list[dict[str, Any]],
-    classes: list[str],
-    extra_state: dict[str, Any] | None,
-) -> None:
-    save_weights(
-        unwrap(eval_model),
-        out / "model.safetensors",
-        {
-            "model_name": config.model,
-            "classes": classes,
-            "epoch": epoch,
-            "metrics": history[-1],
-            "ema": ema is not None,
-            "precision": config.precision,  # what "auto" resolved to on this machine
-            "train_config": config.to_dict(),
-        },
-    )
-    state = {
-        "epoch": epoch,
-        "config": config.to_dict(),
-        "history": history,
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "ema": ema.state_dict() if ema is not None else None,
-        **(extra_state or {}),
-    }
-    atomic_write(out / "state.pt", lambda tmp: torch.save(state, tmp))
-    lines = "".join(json.dumps(h) + "\n" for h in history)
-    atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text(lines))
-    _plot_curves(history, out / "curves.png")
 
 
 # Settings that may change when a run is resumed: how long it runs and how it is executed.
