@@ -134,3 +134,44 @@ def test_a_b_cos_model_or_another_module_is_refused():
         bcosify(bcosvit.create_model("bcos_vitc_micro_28"))
     with pytest.raises(ConfigError, match="timm VisionTransformer"):
         bcosify(torch.nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize(
+    ("name", "named"),
+    [
+        ("vit_small_patch16_rope_224", r"this is timm\.models\.eva\.Eva"),  # was converted with logit error 1.8
+        ("deit_tiny_distilled_patch16_224", r"VisionTransformerDistilled \(a distillation token\)"),
+    ],
+)
+def test_timm_models_of_other_classes_are_refused_naming_the_class(name, named):
+    model = timm.create_model(name, pretrained=False)
+    with pytest.raises(ConfigError, match=named):
+        bcosify(model)
+
+
+def test_a_headless_timm_backbone_is_refused_by_name():
+    with pytest.raises(ConfigError, match="no classifier head .num_classes=0"):
+        bcosify(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0))
+
+
+def test_a_conversion_that_changes_the_function_is_refused_by_the_probe(monkeypatch):
+    from bcosvit import bcosification
+
+    real = bcosification._timm_state
+
+    def one_weight_off(model, twin):
+        state = real(model, twin)
+        state["blocks.0.mlp.fc1.weight"] = state["blocks.0.mlp.fc1.weight"] * 1.01
+        return state
+
+    monkeypatch.setattr(bcosification, "_timm_state", one_weight_off)
+    with pytest.raises(ConfigError, match=r"relative difference is .*, above the tolerance 1e-06"):
+        from_timm(timm_vit())
+
+
+def test_a_faithful_conversion_passes_the_probe_at_float64_rounding():
+    from bcosvit.bcosification import check_same_function
+
+    original = timm_vit()
+    cfg = original.pretrained_cfg
+    assert check_same_function(from_timm(original), original, cfg["mean"], cfg["std"]) < 1e-12

@@ -22,7 +22,9 @@ Fine-tuning then raises B to 2 (``set_b``) and takes the biases to 0 (``scale_bi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -189,7 +191,43 @@ def from_timm(model: nn.Module) -> VisionTransformer:
     )
     twin = _built_like(config, model)
     twin.load_state_dict(_timm_state(model, twin))
+    check_same_function(twin, model, mean, std)
     return twin
+
+
+# The largest relative difference of the logits that from_timm accepts between the converted model
+# and timm's on its probe batch, in float64 (a faithful conversion differs by rounding: ~1e-15).
+PROBE_TOLERANCE = 1e-6
+
+
+@torch.no_grad()
+def check_same_function(
+    twin: VisionTransformer, model: nn.Module, mean: Sequence[float], std: Sequence[float], images: int = 2
+) -> float:
+    """Raise ``ConfigError`` unless ``twin`` computes the timm ``model``'s logits: both in float64
+    (copies) on a seeded probe batch of ``images`` random images in [0, 1], timm's normalised with
+    ``mean``/``std`` as its ``pretrained_cfg`` says; their largest difference relative to the
+    logits' largest magnitude must stay below ``PROBE_TOLERANCE``. Returns that difference.
+
+    This catches what the feature checks cannot: a timm feature bcosvit does not know of, left
+    out silently (timm's RoPE models were once converted with a relative logit error of 1.8)."""
+    size = twin.image_size
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.rand(images, twin.in_chans, size, size, generator=generator, dtype=torch.float64)
+    shape = (1, -1, 1, 1)
+    normalised = (probe - torch.tensor(mean, dtype=torch.float64).view(shape)) / torch.tensor(
+        std, dtype=torch.float64
+    ).view(shape)
+    ours = copy.deepcopy(twin).double().eval()(probe)
+    theirs = copy.deepcopy(model).double().eval()(normalised)
+    difference = float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-30))
+    if not difference < PROBE_TOLERANCE:
+        raise ConfigError(
+            f"the converted {type(model).__name__} does not compute the timm model's logits: on a probe batch "
+            f"their relative difference is {difference:.2e}, above the tolerance {PROBE_TOLERANCE:g}; the model "
+            "has a feature bcosvit does not convert (please report it with the timm model's name)"
+        )
+    return difference
 
 
 def _check_timm_supported(model: nn.Module) -> None:
@@ -199,7 +237,17 @@ def _check_timm_supported(model: nn.Module) -> None:
         raise ConfigError(
             f"expected a bcosvit standard twin or a timm VisionTransformer, got {type(model).__name__} (no {missing})"
         )
+    timm_class = _timm_vision_transformer()
+    if timm_class is not None and type(model) is not timm_class:
+        # subclasses (the distilled DeiT, EVA's relatives) and other classes with the same attribute
+        # names compute something else: only timm's VisionTransformer itself is read
+        raise ConfigError(
+            f"bcosvit converts timm's VisionTransformer; this is {type(model).__module__}.{type(model).__name__}"
+            + (" (a distillation token)" if getattr(model, "dist_token", None) is not None else "")
+        )
     problems = []
+    if isinstance(model.head, nn.Identity):
+        problems.append("no classifier head (num_classes=0: a headless backbone)")
     if getattr(model, "num_reg_tokens", 0):
         problems.append("register tokens")
     if not isinstance(getattr(model, "norm_pre", nn.Identity()), nn.Identity):
@@ -232,6 +280,15 @@ def _check_timm_supported(model: nn.Module) -> None:
             problems.append(f"norms other than LayerNorm (block {k})")
     if problems:
         raise ConfigError(f"this timm ViT has {', '.join(sorted(set(problems)))}, which bcosvit models do not")
+
+
+def _timm_vision_transformer() -> type | None:
+    """timm's ``VisionTransformer`` class, or None when timm is not installed."""
+    try:
+        from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+    except ImportError:
+        return None
+    return TimmVisionTransformer
 
 
 def _timm_normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
