@@ -15,31 +15,30 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ...metrics import TopkAccuracy, predict_logits, target_probabilities, topk_accuracy
 from ..data import TensorImageDataset, batch_to_device, dataset_labels
+from ..loading import collate_images, pins_memory
 from ..precision import autocast
 from .runtime import EvalRuntime
-
-
-def _as_held(image: Tensor) -> Tensor:
-    return image
 
 
 def tensor_test_set(images: Tensor, labels: Tensor | Sequence[int]) -> Dataset:
     """Images ``(N, C, H, W)`` (float in [0, 1], or uint8) and labels ``(N,)`` held in memory as a
     dataset of ``(image, label)`` items, yielded as they are held."""
     labels = torch.as_tensor(labels, dtype=torch.long).cpu()
-    return TensorImageDataset(images, labels, [], transform=_as_held)
+    return TensorImageDataset(images, labels, [])
 
 
 def loader(data: Dataset, indices: Sequence[int], runtime: EvalRuntime, batch_size: int) -> DataLoader:
     """Batches of ``data``'s items ``indices``, in order, read by ``runtime.workers`` processes
-    (pinned for a CUDA device, so ``batch_to_device`` copies while the next batch is read)."""
+    (pinned for a CUDA device, so ``batch_to_device`` copies while the next batch is read), stacked
+    in the images' memory layout (``collate_images``: no transpose in the workers)."""
     workers = min(runtime.workers, -(-len(indices) // batch_size))
     return DataLoader(
         Subset(data, indices),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
-        pin_memory=runtime.device.type == "cuda",
+        pin_memory=pins_memory(runtime.device),
+        collate_fn=collate_images,
     )
 
 

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ...errors import ConfigError
-from ...fileio import ensure_writable_dir, remove_stale_temporaries, write_json
+from ...fileio import remove_stale_temporaries, write_json
 from ...metrics import TopkAccuracy, topk_accuracy
 from ...weights.checkpoint import load_state_dict
 from ..data import batch_to_device, load_dataset
@@ -93,14 +93,10 @@ def resolve_config(config: TrainConfig, device: torch.device) -> tuple[TrainConf
     return dataclasses.replace(config.resolved(), precision=choice.precision), choice
 
 
-def _start(
-    config: TrainConfig, out: Path, resume: bool, stop_after: int | None
-) -> tuple[TrainConfig, PrecisionChoice, Runtime]:
-    """Check the settings and the run folder before any work; the resolved config, the precision
-    choice and the processes."""
-    config.validate()
-    if stop_after is not None and stop_after < 1:
-        raise ConfigError(f"--stop-after must be >= 1 epoch, got {stop_after}")
+def _start(config: TrainConfig, out: Path, resume: bool) -> tuple[TrainConfig, PrecisionChoice, Runtime]:
+    """Check the run folder and the settings that depend on the processes before any work (``train``
+    has validated ``config`` and holds the folder: ``writing_run_folder``); the resolved config, the
+    precision choice and the processes."""
     rt = setup_distributed()
     resolved, choice = resolve_config(config, rt.device)
     if rt.is_main and not resume and (out / "state.pt").exists():
@@ -116,8 +112,6 @@ def _start(
             f"process, but the batch gives {config.batch_size // rt.world_size}; "
             "raise batch_size or lower mosaic_grid"
         )
-    if rt.is_main:
-        ensure_writable_dir(out, "run folder (--out)")  # fail now, not when the first epoch is saved
     return resolved, choice, rt
 
 
@@ -416,7 +410,7 @@ def train(
         raise ConfigError(f"--stop-after must be >= 1 epoch, got {stop_after}")
     # one writer per run folder: the main process holds it from the first check to the last save
     with writing_run_folder(out) if is_main_process() else contextlib.nullcontext():
-        config, precision, rt = _start(config, out, resume, stop_after)
+        config, precision, rt = _start(config, out, resume)
         state = load_resume_state(out, config) if resume else None
         if rt.is_main:
             write_json(out / "config.json", config.to_dict())
