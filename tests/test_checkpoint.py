@@ -122,7 +122,7 @@ def _with_architecture(**change):
         (lambda m: {**m, "metrics": {"test_top1": "90%"}}, "'metrics' must map names to numbers"),
         (lambda m: {**m, "classes": ["a", "b"]}, "'classes' must be 10 strings"),
         (lambda m: {**m, "classes": list(range(10))}, "'classes' must be 10 strings"),
-        (_with_architecture(num_classes="10"), "num_classes must be a positive integer, got '10'"),
+        (_with_architecture(num_classes="10"), "num_classes must be a non-negative integer, got '10'"),
         (_with_architecture(embed_dim=64.0), "embed_dim must be a positive integer"),
         (_with_architecture(mlp_ratio="4"), "mlp_ratio must be a finite number"),
         (_with_architecture(bcos="yes"), "bcos must be true or false"),

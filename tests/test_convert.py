@@ -66,11 +66,12 @@ def reference_model(entry: str, standard: bool, seed: int = 0) -> torch.nn.Modul
 
 def reference_input(images: torch.Tensor, standard: bool) -> torch.Tensor:
     """The reference's model input: ``[x, 1 - x]`` (B-cos) or ImageNet-normalised images (standard),
-    with the float32 constants its torchvision transform uses."""
+    with the constants in the images' dtype, as its torchvision ``Normalize`` does (``as_tensor(mean,
+    dtype=images.dtype)``: exact in float64)."""
     if not standard:
         return torch.cat([images, 1 - images], dim=1)
-    mean = torch.tensor(IMAGENET_MEAN).double().view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).double().view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=images.dtype).view(1, 3, 1, 1)
     return (images - mean) / std
 
 

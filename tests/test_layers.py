@@ -570,3 +570,181 @@ def test_bcos_layer_reset_draws_new_weight_directions_not_a_rescale(make_layer, 
         layer.reset_parameters()
         after = layer(x)
     assert (after - before).abs().max() > 0.1 * before.abs().max()
+
+
+# --- timm's Eva rotary embeddings (TimmRotary2d) -------------------------------------------------------------
+# Each case: a timm Eva model at a small, non-square size whose coordinates float32 holds exactly (timm builds its
+# grids in float32), so timm's own table builders, given float64 frequencies, give float64-exact tables.
+
+from bcosvit.layers import TimmRotary2d  # noqa: E402
+from bcosvit.timm_conversion import rotary_from_timm  # noqa: E402
+
+from .eva_tables import exact_rope_table as _eva_exact_table  # noqa: E402
+
+_EVA_CASES = {
+    "vit_small_patch16_rope_224": (64, 96),  # cat, 'xy', temperature 100, interleaved, class token
+    "vit_base_patch16_rope_reg1_gap_256": (64, 128),  # cat, ref_feat_shape (16, 16), 1 register, no class token
+    "vit_small_patch16_dinov3": (64, 128),  # dinov3, half layout, class + 4 registers, dynamic size
+    "eva02_tiny_patch14_224": (56, 112),  # cat, ref_feat_shape (16, 16), interleaved, class token
+    "vit_small_patch16_rope_mixed_224": (64, 96),  # mixed: learned per-block, per-head frequencies
+}
+
+
+def _eva(name: str, img_size: tuple[int, int]) -> nn.Module:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, img_size=img_size).double().eval()
+    if model.rope_mixed:  # timm draws its (learned) frequencies in float32; give them float64 digits
+        with torch.no_grad():
+            model.rope.freqs.add_(1e-3 * torch.rand_like(model.rope.freqs))
+    return model
+
+
+def _eva_grid(model: nn.Module, img_size: tuple[int, int]) -> tuple[int, int]:
+    patch = model.patch_embed.patch_size
+    return img_size[0] // patch[0], img_size[1] // patch[1]
+
+
+def _timm_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys, values ``(N, heads, L, head_dim)`` from a timm Eva block's attention, before rope."""
+    if getattr(attn, "q_bias", None) is not None:  # EvaAttention: learned q and v biases, a zero k bias
+        bias = torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
+    else:  # AttentionRope: one qkv bias, or EvaAttention without biases
+        bias = getattr(attn.qkv, "bias", None)
+    qkv = F.linear(x, attn.qkv.weight, bias)
+    q, k, v = qkv.reshape(x.shape[0], x.shape[1], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def _timm_rotated_qk(monkeypatch, attn: nn.Module, x: torch.Tensor, rope: torch.Tensor):
+    """The queries, keys and values timm's attention hands to scaled_dot_product_attention."""
+    seen = {}
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        seen.update(q=q, k=k, v=v)
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attn, "fused_attn", True)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    with torch.no_grad():
+        attn(x, rope=rope)
+    monkeypatch.undo()
+    return seen["q"], seen["k"], seen["v"]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", list(_EVA_CASES))
+def test_timm_rotary_turns_queries_and_keys_exactly_as_timm_eva_attention(name, monkeypatch):
+    img_size = _EVA_CASES[name]
+    model = _eva(name, img_size)
+    grid, npt, block = _eva_grid(model, img_size), model.num_prefix_tokens, 1
+    attn = model.blocks[block].attn
+    torch.manual_seed(1)
+    x = torch.randn(2, npt + grid[0] * grid[1], model.embed_dim, dtype=D64)
+
+    q_timm, k_timm, v_timm = _timm_rotated_qk(monkeypatch, attn, x, _eva_exact_table(model, grid, block))
+    q, k, v = _timm_qkv(attn, x)
+    assert torch.equal(v, v_timm)  # same projections as timm's
+    rotary = rotary_from_timm(model.rope, npt, block=block)
+    assert _rel(rotary(q, grid), q_timm) <= 1e-12
+    assert _rel(rotary(k, grid), k_timm) <= 1e-12
+    assert torch.equal(rotary(q, grid)[:, :, :npt], q[:, :, :npt])  # class and register tokens stay put
+    assert _rel(q_timm, q) > 1e-2  # and the patches did turn
+
+    # negative controls: the other pair layout, the other axis order, or another block's frequencies differ
+    if model.rope_mixed:
+        assert _rel(rotary_from_timm(model.rope, npt, block=0)(q, grid), q_timm) > 1e-3
+    else:
+        other_layout = rotary_from_timm(model.rope, npt)
+        other_layout.rotate_half = not other_layout.rotate_half
+        assert _rel(other_layout(q, grid), q_timm) > 1e-3
+    other_axes = rotary_from_timm(model.rope, npt, block=block)
+    other_axes.grid_indexing = {"ij": "xy", "xy": "ij"}[other_axes.grid_indexing]
+    assert _rel(other_axes(q, grid), q_timm) > 1e-3
+    # a wrong prefix count cannot go unnoticed: the remaining tokens no longer fill the grid
+    for wrong in (npt - 1, npt + 1):
+        if wrong >= 0:
+            with pytest.raises(ValueError, match="do not fill"):
+                rotary_from_timm(model.rope, wrong, block=block)(q, grid)
+
+
+@pytest.mark.parametrize("name", list(_EVA_CASES))
+def test_timm_rotary_matches_a_whole_timm_forward_up_to_timms_float32_tables(name, monkeypatch):
+    # In a real forward timm hands each block the tables it built (in float32, then cast): the rotation of every
+    # block agrees up to that rounding, so the right table reaches the right block at the model's grid.
+    img_size = _EVA_CASES[name]
+    model = _eva(name, img_size)
+    grid, npt = _eva_grid(model, img_size), model.num_prefix_tokens
+    inputs, seen = {}, []
+    for i, blk in enumerate(model.blocks[:3]):
+        blk.attn.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0]))
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append((q, k)) or sdpa(q, k, v)
+    )
+    for blk in model.blocks:
+        monkeypatch.setattr(blk.attn, "fused_attn", True)
+    with torch.no_grad():
+        model.forward_features(torch.randn(1, 3, *img_size, dtype=D64))
+    monkeypatch.undo()
+    for i in inputs:
+        q, k, _ = _timm_qkv(model.blocks[i].attn, inputs[i])
+        rotary = rotary_from_timm(model.rope, npt, block=i)
+        assert _rel(rotary(q, grid), seen[i][0]) <= 1e-5
+        assert _rel(rotary(k, grid), seen[i][1]) <= 1e-5
+
+
+def test_timm_rotary_angles_follow_the_grid_where_timm_rescales_or_normalises_coordinates():
+    # EVA's ref_feat_shape and DINOv3's normalised coordinates make the angles depend on the grid; the plain
+    # index grid of RoPE-Axial does not. Checked against timm's tables at a non-power-of-two grid (float32 digits).
+    for name, dependent in [
+        ("eva02_tiny_patch14_224", True),
+        ("vit_small_patch16_dinov3", True),
+        ("vit_small_patch16_rope_224", False),
+    ]:
+        model = _eva(name, _EVA_CASES[name])
+        rotary = rotary_from_timm(model.rope, model.num_prefix_tokens)
+        cos_small, _ = rotary._cos_sin((3, 5), torch.device("cpu"), D64)
+        cos_large, _ = rotary._cos_sin((6, 7), torch.device("cpu"), D64)
+        first_row = [0, 1, 2, 3, 4]  # tokens (0, 0..4) in both grids
+        moved = (cos_small[first_row] - cos_large[[0, 1, 2, 3, 4]]).abs().max()
+        assert (moved > 1e-3) == dependent, name
+        table = model.rope.get_embed(shape=[3, 5]) if model.dynamic_img_size else None
+        if table is None:
+            model.set_input_size(img_size=(3 * model.patch_embed.patch_size[0], 5 * model.patch_embed.patch_size[1]))
+            table = model.rope.get_embed()
+        sin_timm, cos_timm = table.double().chunk(2, dim=-1)
+        _, sin_small = rotary._cos_sin((3, 5), torch.device("cpu"), D64)
+        torch.testing.assert_close(cos_small, cos_timm, rtol=0, atol=5e-6)
+        torch.testing.assert_close(sin_small, sin_timm, rtol=0, atol=5e-6)
+
+
+def test_timm_rotary_is_a_rotation_with_float64_tables_and_learned_mixed_frequencies():
+    rotary = TimmRotary2d(16, num_prefix_tokens=1, rope_type="dinov3", rotate_half=True, temperature=100.0)
+    x = torch.randn(2, 3, 1 + 12, 16, dtype=D64)
+    y = rotary(x, (3, 4))
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-14, atol=0)
+    cos, sin = rotary._cos_sin((3, 4), torch.device("cpu"), D64)
+    torch.testing.assert_close(cos**2 + sin**2, torch.ones_like(cos), rtol=0, atol=1e-15)
+    mixed = TimmRotary2d(16, rope_type="mixed", num_heads=3, temperature=10.0)
+    assert [name for name, _ in mixed.named_parameters()] == ["freqs"] and mixed.freqs.shape == (2, 3, 8)
+    mixed(x[:, :, 1:], (3, 4)).sum().backward()
+    assert mixed.freqs.grad is not None and mixed.freqs.grad.abs().sum() > 0
+    with pytest.raises(ValueError):
+        TimmRotary2d(16, rope_type="mixed")  # needs num_heads
+    with pytest.raises(ValueError):
+        TimmRotary2d(16, rope_type="dinov3", ref_grid=(4, 4))
+
+
+_REBUILD[TimmRotary2d] = lambda m: TimmRotary2d(
+    m.head_dim,
+    num_prefix_tokens=m.num_prefix_tokens,
+    rope_type=m.rope_type,
+    temperature=m.temperature,
+    grid_indexing=m.grid_indexing,
+    num_heads=m.num_heads,
+)

@@ -17,7 +17,11 @@ class AddInverse(nn.Module):
 
 
 class Normalize(nn.Module):
-    """Per-channel ``(x - mean) / std`` for standard models: ``(N, C, H, W) -> (N, C, H, W)``."""
+    """Per-channel ``(x - mean) / std`` for standard models: ``(N, C, H, W) -> (N, C, H, W)``.
+
+    The buffers hold the constants in float32 (and follow the model's dtype); a float64 input is
+    normalised with the exact constants (a float32 ``0.485`` is off by 1e-8, which a float64
+    comparison with another implementation sees)."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -27,8 +31,17 @@ class Normalize(nn.Module):
             raise ValueError(f"std values must be positive, got {list(std)}")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.values = (tuple(float(m) for m in mean), tuple(float(s) for s in std))
+
+    def constants(self, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+        """The mean and std ``(1, C, 1, 1)`` each, exact in ``dtype`` (on the buffers' device)."""
+        mean, std = (torch.tensor(v, dtype=dtype, device=self.mean.device).view(1, -1, 1, 1) for v in self.values)
+        return mean, std
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float64:
+            mean, std = self.constants(torch.float64)
+            return (x - mean) / std
         return (x - self.mean) / self.std
 
 

@@ -2,6 +2,11 @@
 
     images [0, 1] -> encode -> tokenise -> (+ position) -> blocks -> mean over tokens -> norm -> head
 
+Options cover the timm ViTs that people start from (``bcosvit.bcosify``): a class token and register
+tokens before the patch tokens, LayerScale, a pre-norm, query/key norms, GELU / QuickGELU / SiLU, the
+final norm on the tokens or the pooled features, token / mean / attention (MAP) pooling, and a
+headless backbone (``num_classes = 0``: the pooled features are the output).
+
 The layer set (``bcosvit.layers.sets``) decides which family is built: B-cos layers give a model
 that is dynamic linear end to end (``logit = w(x)·x + positional + logit_bias``); the standard set
 gives the ordinary ViT with the same shapes.
@@ -19,16 +24,21 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, InputError
 from ..layers import (
+    GATED_ACTIVATIONS,
     AddInverse,
     AdditivePositionalEmbedding,
     Attention,
+    AttentionPool,
     DistancePenalty,
+    GatedLinearUnit,
+    LayerScale,
     LayerSet,
     LearnedPositionalEmbedding,
     LogitBias,
     Normalize,
     Rotary2d,
     SinCosPositionalEmbedding,
+    TimmRotary2d,
     bcos_layer_set,
     standard_layer_set,
 )
@@ -36,8 +46,10 @@ from ..layers.position import Grid
 from ..validation import is_int, is_number
 
 POS_EMBED_SCHEMES = ("sincos", "learned", "rope", "none")
-GLOBAL_POOLS = ("avg", "token")
-ACTIVATIONS = {True: ("identity", "gelu"), False: ("gelu",)}  # by family (bcos)
+GLOBAL_POOLS = ("avg", "token", "map")
+FINAL_NORMS = ("pooled", "tokens")
+ACTIVATIONS = {True: ("identity", *GATED_ACTIVATIONS), False: GATED_ACTIVATIONS}  # by family (bcos)
+MAX_REG_TOKENS = 256
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The largest architecture any config may ask for, checked before anything is built: values
@@ -54,7 +66,7 @@ class ViTConfig:
     image_size: int = 224
     patch_size: int = 16
     in_chans: int = 3
-    num_classes: int = 1000
+    num_classes: int = 1000  # 0: a headless backbone, whose output is the pooled features
     embed_dim: int = 192
     depth: int = 12
     num_heads: int = 3
@@ -68,10 +80,19 @@ class ViTConfig:
     input_mean: list[float] | None = None  # standard twin only; None: ImageNet for RGB, else 0.5
     input_std: list[float] | None = None
     attn_bias: bool | None = None  # standard twin only; None: True (timm's layout); B-cos layers have no bias
+    qkv_bias: bool | None = None  # standard twin only: the query/key/value bias; None: as attn_bias
     stem_bias: bool | None = None  # standard twin only; None: False
     norm_eps: float = 1e-5  # every LayerNorm's epsilon (timm's ViTs: 1e-6)
     class_token: bool = False  # prepend a learned class token (timm's ViTs); positions then exclude it
-    global_pool: str = "avg"  # "avg": mean over the patch tokens; "token": the class token
+    global_pool: str = "avg"  # "avg": mean over the patch tokens; "token": the class token; "map": attention pool
+    reg_tokens: int = 0  # learned register tokens after the class token (Darcet et al., ICLR 2024)
+    layer_scale: bool = False  # a learned per-channel scale on each residual branch (DINOv2, DeiT-III)
+    pre_norm: bool = False  # a norm on the embedded tokens before the first block (CLIP)
+    qk_norm: bool = False  # LayerNorms over each head's queries and keys
+    final_norm: str = "pooled"  # the last norm on the "pooled" features, or on every token before pooling
+    mlp_gate: str | None = None  # a gated MLP (SwiGLU: "silu"): the gate's activation; None: a plain MLP
+    mlp_norm: bool = False  # a norm over the MLP's hidden units (EVA's scale_mlp)
+    rotary: dict | None = None  # timm's Eva rotary embedding (layers.TimmRotary2d settings), on patch tokens
     # B-cosified models (bcosvit.bcosify, Arya et al. 2024), B-cos family only:
     bias: bool = False  # every layer keeps a bias (the conversion step; decayed to 0 by fine-tuning)
     weight_norm: bool = True  # False: B-cos layers keep their weights' norms
@@ -104,8 +125,8 @@ class ViTConfig:
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the first invalid value (types first, then ranges)."""
         self._validate_types()
-        if self.num_classes < 2:
-            raise ConfigError(f"num_classes must be at least 2, got {self.num_classes}")
+        if self.num_classes == 1:
+            raise ConfigError("num_classes must be at least 2, or 0 for a headless backbone, got 1")
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
         if self.mlp_ratio <= 0:
@@ -144,11 +165,18 @@ class ViTConfig:
             raise ConfigError(f"global_pool must be one of {GLOBAL_POOLS}, got {self.global_pool!r:.60}")
         if self.global_pool == "token" and not self.class_token:
             raise ConfigError("global_pool='token' needs class_token=true")
-        if self.class_token and (self.pos_embed == "rope" or self.attn_distance_penalty > 0):
+        if not is_int(self.reg_tokens) or not 0 <= self.reg_tokens <= MAX_REG_TOKENS:
+            raise ConfigError(f"reg_tokens must be an integer in [0, {MAX_REG_TOKENS}], got {self.reg_tokens!r:.60}")
+        if (self.class_token or self.reg_tokens) and (self.pos_embed == "rope" or self.attn_distance_penalty > 0):
             raise ConfigError(
-                "a class token has no grid position: use pos_embed 'sincos', 'learned' or 'none' "
+                "class and register tokens have no grid position: use pos_embed 'sincos', 'learned' or 'none' "
                 "and no attn_distance_penalty"
             )
+        if self.mlp_gate is not None and self.mlp_gate not in GATED_ACTIVATIONS:
+            raise ConfigError(f"mlp_gate must be null or one of {GATED_ACTIVATIONS}, got {self.mlp_gate!r:.60}")
+        self._validate_rotary()
+        if self.final_norm not in FINAL_NORMS:
+            raise ConfigError(f"final_norm must be one of {FINAL_NORMS}, got {self.final_norm!r:.60}")
         if self.act not in (None, *ACTIVATIONS[self.bcos]):
             family = ACTIVATIONS[self.bcos]
             raise ConfigError(f"act must be null or one of {family} for this family, got {self.act!r:.60}")
@@ -166,12 +194,27 @@ class ViTConfig:
             raise ConfigError(f"class_names needs one name per class ({self.num_classes}), got {len(self.class_names)}")
         self._validate_size()
 
+    def _validate_rotary(self) -> None:
+        if self.rotary is None:
+            return
+        if not isinstance(self.rotary, dict):
+            raise ConfigError(f"rotary must be null or a mapping of TimmRotary2d settings, got {self.rotary!r:.60}")
+        if self.pos_embed == "rope":
+            raise ConfigError("rotary (timm's rotary embedding) and pos_embed='rope' (bcosvit's) exclude each other")
+        if {"head_dim", "num_prefix_tokens"} & set(self.rotary):
+            raise ConfigError("rotary must not set head_dim or num_prefix_tokens: they follow the architecture")
+        try:
+            TimmRotary2d(self.embed_dim // self.num_heads, num_prefix_tokens=0, **self.rotary)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"rotary: {exc}") from None
+
     def value_count(self) -> int:
         """An upper estimate of the values (parameters and buffers) the model holds, from the
         config alone: the blocks' projections, the patch embedding or stem, positions and head."""
         width, hidden, units = self.embed_dim, int(self.embed_dim * self.mlp_ratio), self.max_out
-        tokens = (self.image_size // self.patch_size) ** 2 + 1
-        blocks = self.depth * (units * (4 * width * width + 2 * width * hidden) + 8 * width)
+        tokens = (self.image_size // self.patch_size) ** 2 + 1 + self.reg_tokens
+        mlp = (3 if self.mlp_gate else 2) * width * hidden
+        blocks = (self.depth + 1) * (units * (4 * width * width + mlp) + 8 * width)  # + a MAP head
         channels = [2 * self.in_chans, *(self.stem_channels or [])]
         stem = sum(a * b * 9 * units for a, b in zip(channels, channels[1:]))
         embed = units * width * (channels[-1] * (1 if self.stem_channels else self.patch_size**2))
@@ -192,19 +235,19 @@ class ViTConfig:
 
     def _validate_types(self) -> None:
         """Raise ``ConfigError`` naming the first field whose value has the wrong type."""
-        for name in ("image_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads"):
+        for name in ("image_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r:.60}")
         if not is_int(self.max_out) or self.max_out < 1:
             raise ConfigError(f"max_out must be a positive integer, got {self.max_out!r:.60}")
         if not isinstance(self.bcos, bool):
             raise ConfigError(f"bcos must be true or false, got {self.bcos!r:.60}")
-        for name in ("class_token", "bias", "weight_norm"):
+        for name in ("class_token", "bias", "weight_norm", "layer_scale", "pre_norm", "qk_norm", "mlp_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r:.60}")
         if not self.bcos and (self.bias or not self.weight_norm):
             raise ConfigError("bias and weight_norm configure B-cos layers; a standard twin has its own biases")
-        for name in ("attn_bias", "stem_bias"):
+        for name in ("attn_bias", "qkv_bias", "stem_bias"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise ConfigError(f"{name} must be null, true or false, got {value!r:.60}")
@@ -213,6 +256,8 @@ class ViTConfig:
         for name in ("mlp_ratio", "b"):  # attn_distance_penalty: checked with its range below
             if not is_number(getattr(self, name)):
                 raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)!r:.60}")
+        if not is_int(self.num_classes) or self.num_classes < 0:
+            raise ConfigError(f"num_classes must be a non-negative integer, got {self.num_classes!r:.60}")
         if not isinstance(self.pos_embed, str):
             raise ConfigError(f"pos_embed must be one of {POS_EMBED_SCHEMES}, got {self.pos_embed!r:.60}")
         for name, is_item, what in (
@@ -329,21 +374,36 @@ class ConvStem(nn.Module):
         return rearrange(features, "n d h w -> n (h w) d"), (features.shape[-2], features.shape[-1])
 
 
-class Mlp(nn.Module):
-    """``(N, L, D) -> (N, L, D)``: linear, activation (identity for B-cos), linear."""
+def hidden_width(dim: int, mlp_ratio: float) -> int:
+    """The MLP's hidden width ``dim · mlp_ratio``, rounded down (a ratio read back as ``512 / 192``
+    must give 512, not 511)."""
+    return int(dim * mlp_ratio + 1e-6)
 
-    def __init__(self, dim: int, hidden: int, layers: LayerSet) -> None:
+
+class Mlp(nn.Module):
+    """``(N, L, D) -> (N, L, D)``: linear, activation (identity for B-cos), linear.
+
+    ``gated``: a gated linear unit instead of the activation (SwiGLU for SiLU: EVA-02): ``fc1``
+    gives ``2·hidden`` values, the gate ``act`` of the first half times the second half
+    (``GatedLinearUnit``). ``norm``: a norm over the hidden units before ``fc2`` (EVA's ``scale_mlp``).
+    """
+
+    def __init__(
+        self, dim: int, hidden: int, layers: LayerSet, gated: str | None = None, norm: bool = False
+    ) -> None:
         super().__init__()
-        self.fc1 = layers.linear(dim, hidden)
-        self.act = layers.act()
+        self.fc1 = layers.linear(dim, 2 * hidden if gated else hidden)
+        self.act = GatedLinearUnit(gated) if gated else layers.act()
+        self.norm = layers.norm(hidden) if norm else nn.Identity()
         self.fc2 = layers.linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.norm(self.act(self.fc1(x))))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+    """Pre-norm transformer block: ``x + ls1(attn(norm(x)))``, then ``x + ls2(mlp(norm(x)))``
+    (``ls``: LayerScale, or the identity)."""
 
     def __init__(
         self,
@@ -351,8 +411,12 @@ class Block(nn.Module):
         num_heads: int,
         mlp_ratio: float,
         layers: LayerSet,
-        rotary: Rotary2d | None,
+        rotary: nn.Module | None,
         distance_penalty: DistancePenalty | None = None,
+        layer_scale: bool = False,
+        qk_norm: bool = False,
+        mlp_gate: str | None = None,
+        mlp_norm: bool = False,
     ) -> None:
         super().__init__()
         self.norm1 = layers.norm(dim)
@@ -363,16 +427,20 @@ class Block(nn.Module):
             qkv_bias=layers.qkv_bias,
             rotary=rotary,
             distance_penalty=distance_penalty,
+            qk_norm=qk_norm,
+            norm_eps=layers.norm_eps,
         )
+        self.ls1 = LayerScale(dim) if layer_scale else nn.Identity()
         self.norm2 = layers.norm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), layers)
+        self.mlp = Mlp(dim, hidden_width(dim, mlp_ratio), layers, mlp_gate, mlp_norm)
+        self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
 
     def forward(self, x: Tensor, grid: Grid, return_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Tokens ``(N, L, D)`` -> ``(N, L, D)``; with ``return_attn``, also the attention maps ``(N, heads, L, L)``."""
         out = self.attn(self.norm1(x), grid, return_attn=return_attn)
         out, attn = out if return_attn else (out, None)
-        x = x + out
-        x = x + self.mlp(self.norm2(x))
+        x = x + self.ls1(out)
+        x = x + self.ls2(self.mlp(self.norm2(x)))
         return (x, attn) if return_attn else x
 
 
@@ -381,9 +449,9 @@ class Capture:
     """Which intermediate tensors a forward pass keeps: ``model(x, capture=Capture(...))``.
 
     Attributes:
-        layers: token layers to keep: 0 for the embedded tokens (after the additive positional
-            embedding), ``k`` for the output of block ``k`` (1-based), negative counts from the end
-            (-1: the last block).
+        layers: token layers to keep: 0 for the tokens entering the first block (after the additive
+            positional embedding and the pre-norm, if any), ``k`` for the output of block ``k``
+            (1-based), negative counts from the end (-1: the last block).
         attention: keep every block's attention maps. The blocks then compute the softmax explicitly
             instead of with the fused kernel: the same values up to float rounding.
     """
@@ -405,11 +473,11 @@ class CaptureRecord:
         embedded: ``(N, L, D)`` the tokens after the additive positional embedding (the tokenizer's
             output where the scheme adds none).
         positional: ``(L, D)`` the input-independent part of ``embedded``: the additive positional
-            embedding, and the class token (its row first) when the model has one; None where
-            there is neither.
+            embedding, and the class and register tokens (their rows first) when the model has
+            them; None where there is neither.
         grid: the token grid ``(rows, cols)`` of the patch tokens, row-major.
-        num_prefix_tokens: tokens before the patch tokens (1 for a class token, else 0);
-            ``L = num_prefix_tokens + rows * cols``.
+        num_prefix_tokens: tokens before the patch tokens (the class token, then the register
+            tokens); ``L = num_prefix_tokens + rows * cols``.
         tokens: ``{layer: (N, L, D)}`` the tokens at each layer of ``Capture.layers``, keyed as requested.
         attentions: per block, first block first, the attention maps ``(N, heads, L, L)`` (rows sum
             to 1 over the keys); empty unless ``Capture.attention``.
@@ -435,11 +503,13 @@ def _additive_positional_embedding(scheme: str, dim: int, grid: Grid) -> Additiv
 
 class VisionTransformer(nn.Module):
     """A ViT built as a B-cos model or a standard twin: mean-pooled over its patch tokens (the published
-    models), or, with ``class_token`` and ``global_pool="token"``, classified from a class token (timm's ViTs).
+    models), or, with ``class_token`` and ``global_pool="token"``, classified from a class token (timm's ViTs),
+    or pooled by attention (``global_pool="map"``).
 
     Input: images ``(N, in_chans, H, W)`` with values in [0, 1]; ``H`` and ``W`` divisible by
-    ``patch_size``. Output: logits ``(N, num_classes)``. A B-cos model encodes ``[x, 1 - x]``
-    itself; a standard twin normalises with its per-channel mean and std.
+    ``patch_size``. Output: logits ``(N, num_classes)``; a headless backbone (``num_classes = 0``)
+    returns its pooled features ``(N, embed_dim)``. A B-cos model encodes ``[x, 1 - x]`` itself; a
+    standard twin normalises with its per-channel mean and std.
     """
 
     def __init__(self, config: ViTConfig) -> None:
@@ -467,6 +537,8 @@ class VisionTransformer(nn.Module):
                 attn_bias=True if config.attn_bias is None else config.attn_bias,
                 stem_bias=bool(config.stem_bias),
                 norm_eps=config.norm_eps,
+                act=config.act or "gelu",
+                qkv_bias=config.qkv_bias,
             )
         )
         self._layers = layers
@@ -490,20 +562,63 @@ class VisionTransformer(nn.Module):
 
         grid = (config.image_size // config.patch_size,) * 2
         self.pos_embed = _additive_positional_embedding(config.pos_embed, dim, grid)
-        self.num_prefix_tokens = int(config.class_token)
+        self.num_prefix_tokens = int(config.class_token) + config.reg_tokens
         self.global_pool = config.global_pool
         self.cls_token = nn.Parameter(torch.empty(1, 1, dim)) if config.class_token else None
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)  # timm's init
-        rotary = Rotary2d(dim // config.num_heads) if config.pos_embed == "rope" else None
+        self.reg_token = nn.Parameter(torch.empty(1, config.reg_tokens, dim)) if config.reg_tokens else None
+        for token in (self.cls_token, self.reg_token):
+            if token is not None:
+                nn.init.normal_(token, std=1e-6)  # timm's init
+        self.norm_pre = layers.norm(dim) if config.pre_norm else nn.Identity()
         penalty = DistancePenalty(config.attn_distance_penalty) if config.attn_distance_penalty > 0 else None
+        rotary = self._rotary()
+        learned_rotary = rotary is not None and any(True for _ in rotary.parameters())
         self.blocks = nn.ModuleList(
-            Block(dim, config.num_heads, config.mlp_ratio, layers, rotary, penalty) for _ in range(config.depth)
+            Block(
+                dim,
+                config.num_heads,
+                config.mlp_ratio,
+                layers,
+                self._rotary() if learned_rotary else rotary,  # learned frequencies: one set per block
+                penalty,
+                config.layer_scale,
+                config.qk_norm,
+                config.mlp_gate,
+                config.mlp_norm,
+            )
+            for _ in range(config.depth)
         )
         self.norm = layers.norm(dim)
-        self.head = layers.linear(dim, config.num_classes)
-        self.logit_bias = LogitBias(config.num_classes) if config.bcos else nn.Identity()
+        self.attn_pool = (
+            AttentionPool(
+                dim,
+                config.num_heads,
+                proj=layers.attn_proj(dim, dim),
+                norm=layers.norm(dim),
+                mlp=Mlp(dim, hidden_width(dim, config.mlp_ratio), layers),
+                qkv_bias=layers.qkv_bias,
+                qk_norm=config.qk_norm,
+                norm_eps=config.norm_eps,
+            )
+            if config.global_pool == "map"
+            else None
+        )
+        self._set_head(config.num_classes)
         self._init_weights()
+
+    def _rotary(self) -> nn.Module | None:
+        """The rotary embedding of ``pos_embed="rope"`` (bcosvit's) or of ``rotary`` (timm's Eva family)."""
+        head_dim = self.embed_dim // self.config.num_heads
+        if self.config.pos_embed == "rope":
+            return Rotary2d(head_dim)
+        if self.config.rotary is not None:
+            return TimmRotary2d(head_dim, num_prefix_tokens=self.num_prefix_tokens, **self.config.rotary)
+        return None
+
+    def _set_head(self, num_classes: int) -> None:
+        """A new head for ``num_classes`` classes (0: none, the pooled features are the output)."""
+        self.head = self._layers.linear(self.embed_dim, num_classes) if num_classes else nn.Identity()
+        self.logit_bias = LogitBias(num_classes) if self.is_bcos and num_classes else nn.Identity()
 
     def _init_weights(self) -> None:
         if self.is_bcos:
@@ -542,20 +657,29 @@ class VisionTransformer(nn.Module):
         return class_probabilities(logits, self.is_bcos)
 
     def forward_tokens(self, x: Tensor) -> tuple[Tensor, Grid]:
-        """Encode, tokenise and add position: images ``(N, C, H, W)`` -> tokens ``(N, L, D)``, grid."""
+        """Encode, tokenise and add position (and the pre-norm): images ``(N, C, H, W)`` -> the tokens
+        entering the first block ``(N, L, D)``, grid."""
         tokens, grid, _ = self._embed(x, None)
-        return tokens, grid
+        return self.norm_pre(tokens), grid
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``(N, C, H, W)`` in [0, 1] -> tokens after the last block ``(N, L, D)``."""
         return self._forward_features(x, None)[0]
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
-        """Tokens ``(N, L, D)`` -> logits ``(N, num_classes)`` (or pooled features ``(N, D)``)."""
+        """Tokens ``(N, L, D)`` -> logits ``(N, num_classes)`` (or pooled features ``(N, D)``: with
+        ``pre_logits``, or from a headless backbone)."""
+        norm_tokens = self.config.final_norm == "tokens"
+        if norm_tokens:
+            tokens = self.norm(tokens)
         if self.global_pool == "token":
-            pooled = self.norm(tokens[:, 0])
+            pooled = tokens[:, 0]
+        elif self.global_pool == "map":
+            pooled = self.attn_pool(tokens[:, self.num_prefix_tokens :])
         else:
-            pooled = self.norm(tokens[:, self.num_prefix_tokens :].mean(dim=1))
+            pooled = tokens[:, self.num_prefix_tokens :].mean(dim=1)
+        if not norm_tokens:
+            pooled = self.norm(pooled)
         if pre_logits:
             return pooled
         return self.logit_bias(self.head(pooled))
@@ -588,11 +712,12 @@ class VisionTransformer(nn.Module):
         positional = None if self.pos_embed is None else self.pos_embed.embedding(grid)
         if positional is not None:
             tokens = tokens + positional
-        if self.cls_token is not None:
-            cls = self.cls_token.to(tokens.dtype)
-            tokens = torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-            patch_part = positional if positional is not None else tokens.new_zeros(tokens.shape[1] - 1, cls.shape[-1])
-            positional = torch.cat([cls[0], patch_part], dim=0)
+        prefix = [token for token in (self.cls_token, self.reg_token) if token is not None]
+        if prefix:
+            start = torch.cat(prefix, dim=1).to(tokens.dtype)  # (1, P, D)
+            patch_part = positional if positional is not None else tokens.new_zeros(tokens.shape[1], tokens.shape[2])
+            tokens = torch.cat([start.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+            positional = torch.cat([start[0], patch_part], dim=0)
         if capture is None:
             return tokens, grid, None
         return tokens, grid, CaptureRecord(encoded, tokens, positional, grid, num_prefix_tokens=self.num_prefix_tokens)
@@ -604,6 +729,7 @@ class VisionTransformer(nn.Module):
         wanted = {} if capture is None else {layer: self._check_layer(layer) for layer in capture.layers}
         keep = set(wanted.values())
         tokens, grid, record = self._embed(x, capture, check)
+        tokens = self.norm_pre(tokens)  # after the record's embedded tokens: the positional term stays additive
         kept = {0: tokens} if 0 in keep else {}
         for k, block in enumerate(self.blocks, start=1):
             if record is not None and capture.attention:
@@ -630,16 +756,15 @@ class VisionTransformer(nn.Module):
         return layer % (depth + 1)
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a freshly initialised one for ``num_classes`` classes."""
-        if num_classes < 2:
-            raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
-        device = self.norm.weight.device
-        dtype = self.norm.weight.dtype
-        self.head = self._layers.linear(self.embed_dim, num_classes).to(device, dtype)
+        """Replace the head with a freshly initialised one for ``num_classes`` classes (0: no head,
+        the model returns its pooled features)."""
+        if not is_int(num_classes) or num_classes == 1 or num_classes < 0:
+            raise ConfigError(f"num_classes must be at least 2, or 0 for no head, got {num_classes!r:.60}")
+        self._set_head(num_classes)
+        self.head.to(self.norm.weight.device, self.norm.weight.dtype)
         if isinstance(self.head, nn.Linear):
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
-        self.logit_bias = LogitBias(num_classes) if self.is_bcos else nn.Identity()
         self.num_classes = self.config.num_classes = num_classes
         self.config.class_names = None
 
@@ -651,3 +776,9 @@ class VisionTransformer(nn.Module):
     def logit_bias_value(self) -> float:
         """The constant added to every logit (0 for standard models)."""
         return self.logit_bias.value if isinstance(self.logit_bias, LogitBias) else 0.0
+
+
+def built_like(config: ViTConfig, like: nn.Module) -> VisionTransformer:
+    """A new model of ``config`` on ``like``'s device and dtype, in ``like``'s training mode."""
+    param = next(like.parameters())
+    return VisionTransformer(config).to(device=param.device, dtype=param.dtype).train(like.training)
