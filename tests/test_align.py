@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from bcosvit import ConfigError, create_model, explain, load_model
 from bcosvit.app.cli import main
-from bcosvit.app.data import dataset_labels, load_dataset
+from bcosvit.app.data import batch_to_device, dataset_labels, load_dataset
 from bcosvit.app.training import train
 from bcosvit.app.training.align import AlignmentNet, aligned_depths
 from bcosvit.app.training.teacher import bcos_student, load_teacher
@@ -166,3 +166,45 @@ def test_align_under_torchrun_runs_both_stages_in_one_process_group(tmp_path):
     ddp = torchrun_two(*args)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "on 2 process(es)" in ddp.stdout and load_model(out / "head").embed_dim == 16
+
+
+def test_a_headless_dinov2_shaped_timm_teacher_aligns_on_fashion_mnist_without_labels():
+    """ALOE on a foundation backbone: a tiny DINOv2-shaped timm teacher (patch 14, LayerScale, four
+    registers, no head) converted by from_timm, its B-cosified student aligned on real images read as
+    RGB at the teacher's size; the loss reads images only."""
+    timm = pytest.importorskip("timm")
+    from torch.utils.data import DataLoader, Subset
+
+    from bcosvit.bcosification import bcosify, from_timm, remove_biases, set_b
+
+    torch.manual_seed(0)
+    backbone = timm.create_model(
+        "vit_small_patch14_reg4_dinov2", pretrained=False, img_size=56, depth=3, embed_dim=48, num_heads=2
+    )
+    with torch.no_grad():  # trained LayerScales, not timm's 1e-5 init (which Adam's first step would multiply)
+        for name, param in backbone.named_parameters():
+            if name.endswith(".gamma"):
+                param.uniform_(0.1, 0.5)
+    teacher = from_timm(backbone.eval())
+    assert teacher.num_classes == 0 and teacher.config.reg_tokens == 4 and teacher.config.layer_scale
+    student = bcosify(teacher)
+    set_b(student, 2.0)
+    student = remove_biases(student)
+    student.reset_classifier(10)  # for the probe stage after alignment; not part of the loss
+    net = AlignmentNet(student.train(), teacher)
+    dataset, spec = load_dataset("fashion-mnist", "train", SUBSET, train_transforms=False, image_size=56, in_chans=3)
+    assert spec.in_chans == 3 and len(dataset) >= 256
+    loader = DataLoader(Subset(dataset, range(256)), batch_size=64, shuffle=False)
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=3e-4)
+    held = batch_to_device(next(iter(loader))[0], "cpu")
+    with torch.no_grad():
+        before = net(held).item()
+    for _ in range(3):
+        for images, _labels in loader:  # the labels are drawn by the loader and never passed on
+            loss = net(batch_to_device(images, "cpu"))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        after = net(held).item()
+    assert 0 < after < 0.8 * before

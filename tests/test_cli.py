@@ -287,3 +287,23 @@ def test_training_options_beyond_the_bounds_are_refused_before_anything_starts(t
     err = capsys.readouterr().err
     assert re.search(message, err) and "Traceback" not in err and not out.exists()
     assert time.perf_counter() - started < 5
+
+
+def test_a_headless_backbone_is_refused_by_explain_and_evaluate_naming_what_gives_it_a_head(tmp_path, capsys):
+    import bcosvit
+    from bcosvit.weights.checkpoint import load_model, save_weights
+
+    model = bcosvit.create_model("bcos_vit_nano_patch4_28", num_classes=0)
+    path = save_weights(model, tmp_path / "backbone", {"model_name": "bcos_vit_nano_patch4_28"})
+    assert load_model(path).num_classes == 0  # the library loads it: a feature extractor
+    from PIL import Image
+
+    Image.new("L", (28, 28), 128).save(tmp_path / "image.png")
+    for command in (
+        ["explain", str(tmp_path / "image.png"), "--checkpoint", str(path), "--out", str(tmp_path / "x")],
+        ["evaluate", "--checkpoint", str(path), "--out", str(tmp_path / "e")],
+    ):
+        assert main(command) != 0
+        err = capsys.readouterr().err
+        assert "headless backbone" in err and "--teacher-features" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "e").exists()

@@ -82,18 +82,33 @@ def command_line_settings(args: argparse.Namespace) -> tuple[dict, dict]:
 
 def train_run_from_args(args: argparse.Namespace) -> tuple[Recipe, Path]:
     """The recipe, with the command line's options applied, and the run folder of ``bcosvit train``.
-    With ``--bcosify-from`` and no ``--model`` the model is the teacher's B-cos twin."""
+    With ``--bcosify-from`` and no ``--model`` the model is the teacher's B-cos twin; ``--weights``
+    is the weights file of a timm teacher (``--bcosify-from timm:NAME``)."""
+    from ..errors import ConfigError
     from .training.recipes import build_recipe, load_recipe
-    from .training.teacher import bcos_twin_name
+    from .training.teacher import bcos_twin_name, teacher_source
 
+    if args.teacher_features:
+        raise ConfigError(
+            "--teacher-features is bcosvit align's: B-cosification (--bcosify-from) fine-tunes the teacher's logits, "
+            "which need its head; align a B-cos student to a headless teacher's features with bcosvit align "
+            "--teacher timm:NAME --teacher-features"
+        )
+    if args.weights and not args.bcosify_from:
+        raise ConfigError("--weights is the weights file of the timm teacher of --bcosify-from timm:NAME; add it")
     settings, stage_settings = command_line_settings(args)
-    if args.bcosify_from and "model" not in settings:
-        settings["model"] = bcos_twin_name(args.bcosify_from)
+    if args.bcosify_from:
+        source = teacher_source(args.bcosify_from, args.weights)
+        if settings["bcosify_from"] == args.bcosify_from:  # not replaced by --set bcosify_from=...
+            settings["bcosify_from"] = source
+        if "model" not in settings:
+            settings["model"] = bcos_twin_name(source)
     if args.recipe:
         recipe = load_recipe(args.recipe, settings, stage_settings)
     else:
         recipe = build_recipe("", {}, "TrainConfig's defaults (no --recipe)", settings, stage_settings)
-    out = Path(args.out) if args.out else Path("runs") / (recipe.name or recipe.stages[0].config.model)
+    name = recipe.name or recipe.stages[0].config.model.replace(":", "-")  # bcos_timm:NAME -> bcos_timm-NAME
+    out = Path(args.out) if args.out else Path("runs") / name
     return recipe, out
 
 
@@ -114,16 +129,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def align_run_from_args(args: argparse.Namespace) -> tuple[Recipe, Path]:
     """The recipe of ``bcosvit align`` with its alignment stages aligning to ``--teacher``: the
-    student is the teacher B-cosified (B = 2, no biases) or, with ``--student``, a fresh model."""
+    student is the teacher B-cosified (B = 2, no biases) or, with ``--student``, a fresh model.
+    ``--weights``: the weights file of a timm teacher (``timm:NAME``); ``--teacher-features``: only
+    the teacher's features are aligned, and the B-cosified student gets a head for the dataset's
+    classes (a headless teacher, ``num_classes=0``, or one trained on other classes)."""
     from ..errors import ConfigError
     from .training.recipes import load_recipe
-    from .training.teacher import bcos_twin_name
+    from .training.teacher import bcos_twin_name, teacher_source
 
     settings, stage_settings = command_line_settings(args)
+    teacher = teacher_source(args.teacher, args.weights, args.teacher_features)
     if args.student:
         student = {"model": args.student, "bcosify_from": None}
     else:
-        student = {"model": bcos_twin_name(args.teacher), "bcosify_from": args.teacher, "bcosify_warmup_epochs": 0.0}
+        student = {"model": bcos_twin_name(teacher), "bcosify_from": teacher, "bcosify_warmup_epochs": 0.0}
     settings = {**student, **settings}
     stages = load_recipe(args.recipe, settings, stage_settings).stages
     aligning = [stage.name for stage in stages if stage.config.align_to]
@@ -132,9 +151,9 @@ def align_run_from_args(args: argparse.Namespace) -> tuple[Recipe, Path]:
             f"recipe {args.recipe} has no alignment stage (align_to); use an alignment recipe, e.g. fmnist-align"
         )
     if aligning == [""]:  # a recipe without stages
-        settings["align_to"] = args.teacher
+        settings["align_to"] = teacher
     for name in filter(None, aligning):
-        stage_settings[name] = {**stage_settings.get(name, {}), "align_to": args.teacher}
+        stage_settings[name] = {**stage_settings.get(name, {}), "align_to": teacher}
     return load_recipe(args.recipe, settings, stage_settings), Path(args.out)
 
 
@@ -143,6 +162,8 @@ def cmd_align(args: argparse.Namespace) -> int:
 
     recipe, out = align_run_from_args(args)
     student = f" --student {args.student}" if args.student else ""
+    student += f" --weights {args.weights}" if args.weights else ""
+    student += " --teacher-features" if args.teacher_features else ""
     command = f"bcosvit align --teacher {args.teacher}{student} --recipe {args.recipe} --out {out} --resume"
     run_recipe(recipe, out, args.resume, not args.no_progress, args.stop_after, command + " (plus the same options)")
     return 0
@@ -200,6 +221,13 @@ def load_cli_models(
         if not shipped:
             raise ConfigError("no shipped weights in this install; pass --checkpoint RUN_FOLDER from `bcosvit train`")
         models = {name: create_model(name, pretrained=True) for name in shipped}
+    headless = [label for label, model in models.items() if model.num_classes == 0]
+    if headless:
+        raise ConfigError(
+            f"{headless[0]} is a headless backbone (num_classes 0: its outputs are features, not classes); "
+            "explain, evaluate and serve need a classifier: give it one with `bcosvit align --teacher-features` "
+            "or `bcosvit train`"
+        )
     return models
 
 
@@ -405,9 +433,16 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--bcosify-from",
         metavar="RUN_OR_NAME",
-        help="B-cosify this trained standard ViT (a run folder, or a name with shipped weights such as "
-        "vitc_micro_28) and fine-tune it: B 1 -> 2 and biases -> 0 over bcosify_warmup_epochs (--set); "
-        "--model defaults to its B-cos twin",
+        help="B-cosify this trained standard ViT (a run folder, a name with shipped weights such as "
+        "vitc_micro_28, or a timm ViT timm:NAME[?KEY=VALUE&...] with timm.create_model arguments) and fine-tune "
+        "it: B 1 -> 2 and biases -> 0 over bcosify_warmup_epochs (--set); --model defaults to its B-cos twin "
+        "(bcos_timm:NAME for a timm teacher, whose input size the images are resized to)",
+    )
+    _add_teacher_weights_option(group)
+    group.add_argument(
+        "--teacher-features",
+        action="store_true",
+        help="bcosvit align's (refused here: B-cosification fine-tunes the teacher's logits, which need its head)",
     )
     _add_training_options(group)
     p.set_defaults(func=cmd_train)
@@ -423,7 +458,20 @@ def build_parser() -> argparse.ArgumentParser:
         "torchrun --nproc_per_node=N -m bcosvit align ...",
     )
     p.add_argument(
-        "--teacher", required=True, metavar="RUN_OR_NAME", help="a run folder or a name with shipped weights"
+        "--teacher",
+        required=True,
+        metavar="RUN_OR_NAME",
+        help="a run folder, a name with shipped weights, or a timm ViT timm:NAME[?KEY=VALUE&...] (KEY=VALUE: "
+        "timm.create_model arguments, e.g. 'timm:vit_small_patch16_224?img_size=224'); the images are resized to "
+        "a timm teacher's input size, Fashion-MNIST's read as RGB",
+    )
+    _add_teacher_weights_option(p)
+    p.add_argument(
+        "--teacher-features",
+        action="store_true",
+        help="the teacher has no head (a timm backbone with num_classes=0: DINO, MAE, SigLIP...) or one for other "
+        "classes: align its features only; the B-cosified student gets a fresh head for the dataset's classes, "
+        "which the recipe's linear-probe stage trains",
     )
     p.add_argument("--student", help="a registered B-cos model to align from scratch (default: the teacher B-cosified)")
     p.add_argument("--recipe", default="fmnist-align", help="an alignment recipe (default fmnist-align) or .toml file")
@@ -433,6 +481,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_align)
     _add_other_commands(sub)
     return parser
+
+
+def _add_teacher_weights_option(p) -> None:
+    """``--weights FILE``: the weights of a timm teacher (``train --bcosify-from``, ``align --teacher``)."""
+    p.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="the weights of the timm teacher (timm:NAME): a .safetensors file or a PyTorch state dict (a "
+        "'state_dict' or 'model' entry of a checkpoint is taken), every key matching timm.create_model(NAME, "
+        "**KEY=VALUE); the run records its path and SHA-256. Without it, timm's pretrained weights from your "
+        "timm / Hugging Face cache (never downloaded)",
+    )
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:

@@ -500,6 +500,14 @@ class ChannelsLastRandomResizedCrop(v2.RandomResizedCrop):
         return v2.functional.resize(interleaved, self.size, self.interpolation, antialias=self.antialias)
 
 
+class GreyToRGB:
+    """A grey image ``(1, H, W)`` as an RGB one ``(3, H, W)``, the grey level in every channel: how a
+    model that reads colour images (a timm teacher, ``load_dataset(in_chans=3)``) sees Fashion-MNIST."""
+
+    def __call__(self, image: Tensor) -> Tensor:
+        return image.expand(3, -1, -1).contiguous()
+
+
 def evaluation_split(name: str) -> str:
     """The split a model trained on dataset ``name`` is tested on: "test", or "val" for a folder tree
     (``<root>/{train,val}``, or a folder of class folders, see ``load_image_folder``)."""
@@ -523,21 +531,29 @@ def load_dataset(
     flip: bool = True,
     crop_padding: int | None = None,
     resize_size: int | None = None,
+    in_chans: int | None = None,
 ) -> tuple[Dataset, DataSpec]:
     """Load ``name`` ("fashion-mnist", "cifar10" or "folder") with the train or eval transforms.
 
     For folder datasets only: ``resize_size`` is the evaluation resize before the centre crop
     (``build_transforms``; None: ``folder_resize_size``), recorded in the spec; WordNet-id class
-    folders are ImageNet's classes (``FolderDataset``).
+    folders are ImageNet's classes (``FolderDataset``). ``in_chans``: the channels the images
+    must have (None: the dataset's own); 3 reads Fashion-MNIST's grey images as RGB (``GreyToRGB``).
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    own = 1 if name == "fashion-mnist" else 3
+    if in_chans not in (None, own) and (own, in_chans) != (1, 3):
+        raise DataError(f"{name} has {own}-channel images; they cannot be read as {in_chans}-channel ones")
     if name == "fashion-mnist":
         size = image_size or 28
-        ds = load_fashion_mnist(
-            split, root, build_transforms(train_transforms, size, 28, randaugment, flip, crop_padding)
-        )
-        return ds, DataSpec(1, size, 10, ds.classes, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+        transform = build_transforms(train_transforms, size, 28, randaugment, flip, crop_padding)
+        channels = in_chans or 1
+        if channels == 3:
+            transform = v2.Compose([transform, GreyToRGB()])
+        ds = load_fashion_mnist(split, root, transform)
+        mean, std = FASHION_MNIST_MEAN * channels, FASHION_MNIST_STD * channels
+        return ds, DataSpec(channels, size, 10, ds.classes, mean, std)
     if root is None:
         raise DataError(f"dataset {name!r} needs --data-dir (nothing is downloaded)")
     if name == "cifar10":

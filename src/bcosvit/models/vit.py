@@ -388,9 +388,7 @@ class Mlp(nn.Module):
     (``GatedLinearUnit``). ``norm``: a norm over the hidden units before ``fc2`` (EVA's ``scale_mlp``).
     """
 
-    def __init__(
-        self, dim: int, hidden: int, layers: LayerSet, gated: str | None = None, norm: bool = False
-    ) -> None:
+    def __init__(self, dim: int, hidden: int, layers: LayerSet, gated: str | None = None, norm: bool = False) -> None:
         super().__init__()
         self.fc1 = layers.linear(dim, 2 * hidden if gated else hidden)
         self.act = GatedLinearUnit(gated) if gated else layers.act()

@@ -16,6 +16,7 @@ from ...models.vit import ViTConfig
 from ...validation import check_fields, schema_of
 from ..data import DATASETS
 from ..precision import PRECISIONS
+from .teacher import TEACHER_FAMILY_PREFIX, TIMM_PREFIX, TimmSource, is_timm_source, teacher_classes, teacher_features
 
 # DataLoader worker processes per training process: each is a process with its own copy of the
 # transforms; 1000 of them (a typo) would fork 1000 processes before the first step.
@@ -36,6 +37,10 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128  # global batch, split over processes
     lr: float = 1e-3
+    # learning-rate factors by parameter-name prefix, the longest matching prefix winning, 1 for the rest,
+    # e.g. { tokenizer = 0.3, blocks = 0.3 }: a lower rate for pre-trained layers than for the head, or with
+    # align_to { student = 0.3 } against the new projections; each prefix must name a trainable parameter
+    lr_scales: dict = field(default_factory=dict)
     weight_decay: float = 0.0
     optimizer: str = "auto"  # auto: Adam for B-cos, AdamW for standard (published recipe)
     loss: str = "auto"  # auto: BCE with off-labels 1/C for B-cos, cross-entropy for standard
@@ -55,13 +60,20 @@ class TrainConfig:
     # this many canvases tiled from its images carry the energy loss alone
     energy_canvases: int = 0
     init_from: str | None = None  # start from these weights (run folder or .safetensors), e.g. a stage-1 run
-    # B-cosification (Arya et al., NeurIPS 2024): the model is bcosify(this standard ViT: a run folder or a
-    # name with shipped weights); over the first bcosify_warmup_epochs B rises from 1 to 2 and the biases
-    # shrink linearly to 0, then the saved model is bias-free (0: B = 2 and no biases from the start)
+    # B-cosification (Arya et al., NeurIPS 2024): the model is bcosify(this standard ViT: a run folder, a
+    # name with shipped weights or a timm model "timm:NAME", teacher.TimmSource); over the first
+    # bcosify_warmup_epochs B rises from 1 to 2 and the biases shrink linearly to 0, then the saved model
+    # is bias-free (0: B = 2 and no biases from the start)
     bcosify_from: str | None = None
     bcosify_warmup_epochs: float = 1.0
+    # the epochs over which the biases of every layer but the norms shrink linearly to 0 (None: those of B,
+    # bcosify_warmup_epochs; longer: the biases decay more slowly than B rises)
+    bcosify_bias_epochs: float | None = None
+    # the same for the norms' (LayerNorm) biases (None: bcosify_bias_epochs; longer: the norms keep their
+    # biases after the other biases are gone); the EMA averages from the end of the longest of the three
+    bcosify_norm_bias_epochs: float | None = None
     # alignment (ALOE, Maser et al., CVPR 2026): train the model to match this frozen teacher's tokens
-    # (run folder or shipped name) by cosine distance, without labels
+    # (run folder, shipped name or "timm:NAME") by cosine distance, without labels
     align_to: str | None = None
     train_head_only: bool = False  # a linear probe: only the classifier head trains (e.g. after alignment)
     label_smoothing: float = 0.0  # standard models only
@@ -80,7 +92,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the first invalid value."""
         _check_model_option_names(self.model_options)
-        model_config(self.model, **self.model_options)  # unknown names/options fail clearly
+        is_bcos_model(self.model, self.model_options)  # unknown names/options fail clearly
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -90,6 +102,14 @@ class TrainConfig:
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (
+                all(isinstance(k, str) and k for k in self.lr_scales),
+                f"lr_scales keys must be parameter-name prefixes (non-empty strings), got {list(self.lr_scales)}",
+            ),
+            (
+                all(type(v) in (int, float) and math.isfinite(v) and v > 0 for v in self.lr_scales.values()),
+                f"lr_scales factors must be positive numbers, got {self.lr_scales}",
+            ),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (
                 self.optimizer in ("auto", "adam", "adamw", "sgd"),
@@ -163,6 +183,17 @@ class TrainConfig:
         """``ConfigError`` for B-cosification or alignment settings that do not go together."""
         if self.bcosify_warmup_epochs < 0:
             raise ConfigError(f"bcosify_warmup_epochs must be >= 0, got {self.bcosify_warmup_epochs}")
+        for name in ("bcosify_bias_epochs", "bcosify_norm_bias_epochs"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if value <= 0:
+                raise ConfigError(f"{name} must be > 0 (or unset: the schedule before it), got {value}")
+            if self.bcosify_from is None or self.bcosify_warmup_epochs == 0:
+                raise ConfigError(
+                    f"{name} schedules the biases of a B-cosification warmup: it needs bcosify_from and "
+                    f"bcosify_warmup_epochs > 0 (without a warmup the model starts bias-free)"
+                )
         if self.bcosify_from is not None:
             if not self.is_bcos:
                 raise ConfigError(
@@ -184,10 +215,32 @@ class TrainConfig:
                 )
             if not self.is_bcos:
                 raise ConfigError(f"alignment trains a B-cos student; model must be a bcos_* model, got {self.model}")
+        self._validate_timm_teacher()
+
+    def _validate_timm_teacher(self) -> None:
+        """``ConfigError`` where a timm teacher and the model it gives do not go together: a timm
+        ``bcosify_from`` makes the model ``bcos_timm:NAME`` (no registered name: the architecture is the
+        converted teacher's), and only it does; a headless one (``num_classes=0``) has no logits to
+        B-cosify: it is used for its features alone (``features=true``, ``bcosvit align --teacher-features``)."""
+        timm_teacher = is_timm_source(self.bcosify_from)
+        if self.model.startswith(TEACHER_FAMILY_PREFIX) or timm_teacher:
+            twin = TEACHER_FAMILY_PREFIX + TimmSource.parse(self.bcosify_from).name if timm_teacher else None
+            if self.model != twin:
+                raise ConfigError(
+                    f"model {self.model} and bcosify_from {self.bcosify_from} do not go together: the B-cos model "
+                    f"of a timm teacher {TIMM_PREFIX}NAME is {TEACHER_FAMILY_PREFIX}NAME (the teacher's architecture), "
+                    f"and only bcosify_from = '{TIMM_PREFIX}NAME' builds it"
+                )
+        if timm_teacher and not teacher_features(self.bcosify_from) and teacher_classes(self.bcosify_from) == 0:
+            raise ConfigError(
+                f"bcosify_from {TimmSource.parse(self.bcosify_from).label} is a headless backbone (no classifier "
+                "head): B-cosifying it needs its logits. Align a B-cos student to its features instead: bcosvit "
+                "align --teacher ... --teacher-features"
+            )
 
     @property
     def is_bcos(self) -> bool:
-        return model_config(self.model, **self.model_options).bcos
+        return is_bcos_model(self.model, self.model_options)
 
     def resolved(self) -> TrainConfig:
         """A copy with the "auto" optimizer, loss and clipping replaced by the published recipe's choice
@@ -238,6 +291,15 @@ class TrainConfig:
 
 # set from the dataset when the model is built, so a run may not choose them
 DATASET_MODEL_OPTIONS = ("num_classes", "class_names")
+
+
+def is_bcos_model(model: str, options: dict | None = None) -> bool:
+    """Whether the model ``model`` with ``model_options`` ``options`` is a B-cos model: a registered name
+    (``ConfigError`` for an unknown one or an invalid option), or ``bcos_timm:NAME``, the B-cos twin of a
+    timm teacher (``bcosify_from = "timm:NAME"``), whose architecture is the converted teacher's."""
+    if model.startswith(TEACHER_FAMILY_PREFIX):
+        return True
+    return model_config(model, **(options or {})).bcos
 
 
 def _check_model_option_names(options: dict) -> None:

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError
-from ...models.registry import model_config
-from .config import TrainConfig
+from .config import TrainConfig, is_bcos_model
+from .teacher import resolve_teacher_settings
 
 RECIPES = resources.files(__package__).joinpath("recipes")  # the packaged recipe files
 _FAMILY_TABLES = ("bcos", "standard")
@@ -241,7 +241,7 @@ def _merge(tables: dict[str, Any], last: list[dict[str, Any]], where: str) -> Tr
     chosen = [tables.get("train", {}), *last]
     model = next((layer["model"] for layer in reversed(chosen) if "model" in layer), TrainConfig.model)
     try:
-        family = "bcos" if model_config(model).bcos else "standard"
+        family = "bcos" if is_bcos_model(model) else "standard"
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     patterns = [table for pattern, table in tables.get("models", {}).items() if fnmatchcase(model, pattern)]
@@ -249,7 +249,8 @@ def _merge(tables: dict[str, Any], last: list[dict[str, Any]], where: str) -> Tr
     for layer in (chosen[0], tables.get(family, {}), *patterns, *last):
         merged.update(layer)
     try:
-        config = TrainConfig.from_dict(merged)
+        # a timm teacher as the run records it (its weights file's path and SHA-256), and its input size
+        config = TrainConfig.from_dict(resolve_teacher_settings(merged))
         config.validate()
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None

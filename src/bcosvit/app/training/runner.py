@@ -4,6 +4,7 @@ run followed by what a user wants to see: test accuracy and explanations of test
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -11,11 +12,13 @@ import torch.distributed as dist
 
 from ...weights.checkpoint import load_model
 from ..data import batch_to_device, evaluation_split, first_images_per_class, load_dataset
+from .builders import DatasetLoader
 from .config import TrainConfig
 from .distributed import is_main_process
 from .loop import train
 from .recipes import Recipe
 from .run_folder import finished_epochs
+from .teacher import is_timm_source, teacher_input
 
 # classes the end-of-training figure shows at most (one image each, explained in one batch)
 FIGURE_CLASSES = 16
@@ -30,6 +33,16 @@ def figure_images(dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor([label for _, label in items])
 
 
+def dataset_loader(config: TrainConfig) -> DatasetLoader:
+    """What reads the datasets of a run of ``config``: ``load_dataset``, with the channels of its timm
+    teacher (``bcosify_from``, else ``align_to``) where it has one, so that Fashion-MNIST's grey images
+    reach a teacher that reads RGB as RGB (their size is the teacher's: ``config.image_size``)."""
+    teachers = [source for source in (config.bcosify_from, config.align_to) if is_timm_source(source)]
+    if not teachers:
+        return load_dataset
+    return partial(load_dataset, in_chans=teacher_input(teachers[0])[0])
+
+
 def write_explanation_figure(run: Path, config: TrainConfig) -> Path | None:
     """Explain one test image of each of up to ``FIGURE_CLASSES`` classes with the trained B-cos
     model (top-2 classes each) and save ``explanations.png`` in the run folder. Returns None for
@@ -41,7 +54,8 @@ def write_explanation_figure(run: Path, config: TrainConfig) -> Path | None:
     model = load_model(run)
     if not model.is_bcos:
         return None
-    test_ds, spec = load_dataset(config.dataset, evaluation_split(config.dataset), config.data_dir, config.image_size)
+    split = evaluation_split(config.dataset)
+    test_ds, spec = dataset_loader(config)(config.dataset, split, config.data_dir, config.image_size)
     images, labels = figure_images(test_ds)
     expl = explain(model, images, target=TopK(2))
     true = [f"true: {spec.classes[int(y)]}" for y in labels]
@@ -65,7 +79,8 @@ def run_training(
 ) -> dict:
     """Train, then (on the main process) print the test accuracy and write the explanation figure."""
     started = time.perf_counter()
-    metrics = train(config, out, resume, progress, stop_after, keep_process_group)
+    loader = dataset_loader(config)
+    metrics = train(config, out, resume, progress, stop_after, keep_process_group, dataset_loader=loader)
     if not is_main_process() or not metrics:
         return metrics
     finished = metrics.get("epoch") == config.epochs
