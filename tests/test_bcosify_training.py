@@ -12,7 +12,8 @@ from bcosvit import ConfigError, bcosify, create_model, explain, load_model
 from bcosvit.app.cli import main
 from bcosvit.app.training import train
 from bcosvit.app.training.builders import build_model
-from bcosvit.app.training.schedules import bcosify_progress, bias_step_ratio
+from bcosvit.app.training.schedules import BcosifySchedule, bcosify_progress, bias_step_ratio
+from bcosvit.bcosification import is_norm
 from tests.test_align import standard_teacher
 from tests.test_train import SUBSET, straight_and_resumed, tiny_config
 
@@ -40,6 +41,60 @@ def test_schedule_raises_b_linearly_and_takes_the_biases_to_exactly_zero():
     assert scale == 0.0 and bias_step_ratio(6, 6) == 0.0 and bias_step_ratio(20, 6) == 0.0
 
 
+def test_the_bias_schedules_default_to_bs_and_may_run_longer_for_the_norms():
+    config = lambda **kw: type("C", (), {"bcosify_from": "t", "bcosify_warmup_epochs": 0.5, **kw})  # noqa: E731
+    unset = dict(bcosify_bias_epochs=None, bcosify_norm_bias_epochs=None)
+    assert BcosifySchedule.from_config(config(**unset), 4) == BcosifySchedule(2, 2, 2)  # one schedule, as before
+    assert BcosifySchedule.from_config(config(**{**unset, "bcosify_bias_epochs": 1.0}), 4) == BcosifySchedule(2, 4, 4)
+    longer = BcosifySchedule.from_config(config(bcosify_bias_epochs=1.0, bcosify_norm_bias_epochs=1.5), 4)
+    assert longer == BcosifySchedule(2, 4, 6) and longer.steps == 6
+    assert BcosifySchedule.from_config(config(bcosify_warmup_epochs=0.0, **unset), 4) is None
+    assert [longer.b(t) for t in (0, 1, 2, 5)] == [1.0, 1.5, 2.0, 2.0]
+    assert [longer.bias_scales(t) for t in (0, 2, 4, 6)] == [(1.0, 1.0), (0.5, 1 - 2 / 6), (0.0, 1 - 4 / 6), (0.0, 0.0)]
+    assert [longer.biases_gone(t) for t in (4, 5, 6)] == [False, False, True]
+    other = norm = 1.0
+    for t in range(8):  # the per-step ratios multiply up to each schedule, then hold 0
+        ratios = longer.bias_ratios(t)
+        other, norm = other * ratios[0], norm * ratios[1]
+        assert all(math.isclose(a, b, abs_tol=1e-12) for a, b in zip((other, norm), longer.bias_scales(t + 1)))
+
+
+def test_the_norms_keep_their_biases_after_the_others_are_gone(tmp_path):
+    teacher = standard_teacher(tmp_path / "teacher")
+    config = bcosify_config(
+        teacher, bcosify_warmup_epochs=0.5, bcosify_bias_epochs=1.0, bcosify_norm_bias_epochs=1.5, epochs=2, ema=0.9
+    )
+    train(config, tmp_path / "run", progress=False, stop_after=1)  # 4 steps: B = 2, other biases 0, norms' 1/3
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert state["bcosify"]["b"] == 2.0 and state["bcosify"]["bias_scale"] == 0.0
+    assert math.isclose(state["bcosify"]["norm_bias_scale"], 1 - 4 / 6)
+    model = build_model(config, type("Spec", (), {"num_classes": 10}))
+    norms = {f"{name}.bias" for name, module in model.named_modules() if is_norm(module) and module.bias is not None}
+    assert norms and set(_biases(state["model"])) - norms  # both kinds are there
+    for name, value in _biases(state["model"]).items():
+        assert (value.abs().sum() > 0) == (name in norms), name
+    ema = {k[len("module.") :]: v for k, v in state["ema"].items() if k.startswith("module.")}
+    assert all(torch.equal(ema[k], v) for k, v in state["model"].items())  # still following: a norm bias changes
+    assert load_model(tmp_path / "run").config.bias
+
+    train(config, tmp_path / "run", progress=False, resume=True)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert state["bcosify"]["norm_bias_scale"] == 0.0
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in _biases(state["model"]).values())
+    final = load_model(tmp_path / "run")
+    assert not final.config.bias and final.config.b == 2.0
+
+
+def test_bias_schedules_without_a_warmup_or_of_zero_epochs_are_refused(tmp_path):
+    teacher = standard_teacher(tmp_path / "teacher")
+    with pytest.raises(ConfigError, match="bcosify_norm_bias_epochs must be > 0"):
+        bcosify_config(teacher, bcosify_norm_bias_epochs=0.0).validate()
+    with pytest.raises(ConfigError, match="bcosify_bias_epochs schedules the biases"):
+        bcosify_config(teacher, bcosify_warmup_epochs=0.0, bcosify_bias_epochs=2.0).validate()
+    with pytest.raises(ConfigError, match="needs bcosify_from"):
+        tiny_config(model="bcos_vit_nano_patch4_28", bcosify_bias_epochs=2.0).validate()
+
+
 def _biases(state: dict) -> dict:
     return {k: v for k, v in state.items() if k.endswith(".bias")}
 
@@ -54,7 +109,11 @@ def test_a_run_starts_as_the_teacher_and_ends_the_warmup_bias_free_with_b_2_and_
 
     train(config, tmp_path / "run", progress=False, stop_after=1)  # 4 of 6 warmup steps
     state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
-    assert state["bcosify"] == {"warmup_steps": 6, "b": 1 + 4 / 6, "bias_scale": 1 - 4 / 6}
+    third = 1 - 4 / 6
+    assert state["bcosify"] == {
+        "warmup_steps": 6, "bias_steps": 6, "norm_bias_steps": 6, "b": 1 + 4 / 6, "bias_scale": third,
+        "norm_bias_scale": third,
+    }  # fmt: skip
     mid = load_model(tmp_path / "run")
     assert mid.config.bias and math.isclose(mid.config.b, 1 + 4 / 6)
     assert any(v.abs().sum() > 0 for v in _biases(load_file(str(tmp_path / "run" / "model.safetensors"))).values())

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from bcosvit import ConfigError, create_model
 from bcosvit.app.cli import build_parser, train_run_from_args
 from bcosvit.app.training import TrainConfig, list_recipes, load_recipe, train
+from bcosvit.app.training.builders import build_optimizer, lr_scale_of
 from bcosvit.app.training.clipping import adaptive_clip_grad_
 from bcosvit.app.training.losses import bce_uniform_off_labels, energy_loss
 from bcosvit.app.training.mosaics import mosaic, mosaic_targets
@@ -384,6 +385,27 @@ def test_schedule_warms_up_linearly_then_decays_to_the_minimum():
     assert warmup_cosine(100, 10, 100, min_ratio=0.1) == pytest.approx(0.1)
 
 
+def test_lr_scales_set_the_rate_of_each_parameter_by_its_longest_prefix(tmp_path):
+    model = create_model("bcos_vit_nano_patch4_28", num_classes=10)
+    scales = {"blocks": 0.5, "blocks.1": 0.25}
+    optimizer = build_optimizer(model, tiny_config(lr_scales=scales).resolved())
+    scale_of = {id(p): group["lr_scale"] for group in optimizer.param_groups for p in group["params"]}
+    for name, param in model.named_parameters():
+        expected = 0.25 if name.startswith("blocks.1.") else 0.5 if name.startswith("blocks.") else 1.0
+        assert scale_of[id(param)] == lr_scale_of(name, scales) == expected, name
+    assert lr_scale_of("blocks.10.mlp.fc1.weight", scales) == 0.5  # "blocks.1" ends at a dot
+    assert len(build_optimizer(model, tiny_config().resolved()).param_groups) == 2  # as before the option
+    with pytest.raises(ConfigError, match="'block' names no trainable parameter"):
+        build_optimizer(model, tiny_config(lr_scales={"block": 0.5}).resolved())
+
+    config = tiny_config(train_subset=64, batch_size=32, epochs=1, warmup_steps=0, lr_scales={"head": 0.1})
+    train(config, tmp_path / "run", progress=False)  # the step scales each group's scheduled rate
+    groups = torch.load(tmp_path / "run" / "state.pt", weights_only=True)["optimizer"]["param_groups"]
+    last = config.lr * warmup_cosine(1, 0, 2)  # the rate of the second (last) step
+    assert sorted(g["lr_scale"] for g in groups) == [0.1, 0.1, 1.0, 1.0]
+    assert all(g["lr"] == pytest.approx(g["lr_scale"] * last) for g in groups)
+
+
 def test_imagenet_recipe_resolves_the_published_choices_per_family_and_warms_big_models_up_longer():
     bcos = load_recipe("imagenet", {"model": "bcos_vit_tiny_patch16_224"}).stages[0].config.resolved()
     assert (bcos.optimizer, bcos.loss, bcos.clip, bcos.clip_value) == ("adam", "bce", "agc", 0.01)
@@ -401,10 +423,11 @@ def test_imagenet_recipe_resolves_the_published_choices_per_family_and_warms_big
 DEMO_PRESET = {
     "model": "bcos_vitc_micro_28", "model_options": {"pos_embed": "rope"}, "dataset": "fashion-mnist",
     "data_dir": None, "image_size": None, "train_subset": None, "test_subset": None, "epochs": 2,
-    "batch_size": 64, "lr": 1e-3, "weight_decay": 0.0, "optimizer": "auto", "loss": "auto", "clip": "auto",
-    "clip_value": None, "agc_eps": 1e-3, "warmup_steps": 300, "min_lr": 0.0, "randaugment": 0, "flip": True,
-    "crop_padding": None, "mixup": 0.0, "mosaic": 0.0, "mosaic_grid": 2, "energy_loss": 0.0, "energy_canvases": 0,
-    "init_from": None, "bcosify_from": None, "bcosify_warmup_epochs": 1.0, "align_to": None,
+    "batch_size": 64, "lr": 1e-3, "lr_scales": {}, "weight_decay": 0.0, "optimizer": "auto", "loss": "auto",
+    "clip": "auto", "clip_value": None, "agc_eps": 1e-3, "warmup_steps": 300, "min_lr": 0.0, "randaugment": 0,
+    "flip": True, "crop_padding": None, "mixup": 0.0, "mosaic": 0.0, "mosaic_grid": 2, "energy_loss": 0.0,
+    "energy_canvases": 0, "init_from": None, "bcosify_from": None, "bcosify_warmup_epochs": 1.0,
+    "bcosify_bias_epochs": None, "bcosify_norm_bias_epochs": None, "align_to": None,
     "train_head_only": False, "label_smoothing": 0.0, "ema": 0.0, "precision": "auto", "compile": True,
     "grad_checkpointing": False, "log_every": 50, "eval_every": 1, "seed": 0,  # the three: options added since
     "num_workers": 0, "explain_examples": True,
@@ -606,6 +629,9 @@ def test_a_run_that_stored_auto_settings_resumes_with_the_resolved_ones(tmp_path
         ({"seed": 2**64}, r"seed must lie in \[0, 2\*\*32\)"),
         ({"log_every": 0}, "log_every must be >= 1 step"),
         ({"eval_every": 0}, "eval_every must be >= 1 epoch"),
+        ({"lr_scales": {"blocks": 0.0}}, "lr_scales factors must be positive numbers"),
+        ({"lr_scales": {"blocks": True}}, "lr_scales factors must be positive numbers"),
+        ({"lr_scales": {"": 0.5}}, r"lr_scales keys must be parameter-name prefixes"),
         ({"grad_checkpointing": True, "energy_canvases": 2, "energy_loss": 1.0}, "set energy_loss = 0 or grad_"),
     ],
 )

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .layers import BcosConv2d, BcosLinear
+from .layers import BcosConv2d, BcosLayerNorm, BcosLayerNorm2d, BcosLinear
 from .models.vit import VisionTransformer, built_like
 from .timm_conversion import PROBE_TOLERANCE, check_same_function, check_same_outputs, from_timm
 
@@ -134,13 +134,23 @@ def set_b(model: VisionTransformer, b: float) -> None:
     model.config.b = float(b)
 
 
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, BcosLayerNorm, BcosLayerNorm2d)  # LayerNorm2d is a GroupNorm
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is one of the norms (``NORM_TYPES``) whose bias ``scale_biases`` may scale apart."""
+    return isinstance(module, NORM_TYPES)
+
+
 @torch.no_grad()
-def scale_biases(model: VisionTransformer, factor: float) -> None:
+def scale_biases(model: VisionTransformer, factor: float, norm_factor: float | None = None) -> None:
     """Multiply every bias of a B-cosified model by ``factor`` in place (B-cos layers, LayerNorms,
-    the attention's query/key/value)."""
-    for name, param in model.named_parameters():
-        if name.endswith(".bias"):
-            param.mul_(factor)
+    the attention's query/key/value, the head); with ``norm_factor``, the norms' biases (``is_norm``:
+    the LayerNorms, query/key norms included) by that instead."""
+    for module in model.modules():
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, nn.Parameter):
+            bias.mul_(norm_factor if norm_factor is not None and is_norm(module) else factor)
 
 
 def remove_biases(model: VisionTransformer) -> VisionTransformer:

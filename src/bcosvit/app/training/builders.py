@@ -112,15 +112,37 @@ def build_data(config: TrainConfig, rt: Runtime, dataset_loader: DatasetLoader =
     return TrainData(train_loader, test_loader, sampler, spec, len(train_ds), len(test_ds))
 
 
+def _under(name: str, prefix: str) -> bool:
+    """Whether the parameter ``name`` lies under ``prefix``: all of it, or its part up to a ``.``."""
+    return name == prefix or name.startswith(prefix.rstrip(".") + ".")
+
+
+def lr_scale_of(name: str, scales: dict[str, float]) -> float:
+    """The learning-rate factor of the parameter ``name`` (``config.lr_scales``): that of the longest
+    prefix in ``scales`` that ``name`` lies under (``blocks.1`` covers ``blocks.1.mlp.fc1.weight``,
+    not ``blocks.10...``), else 1."""
+    matching = [prefix for prefix in scales if _under(name, prefix)]
+    return float(scales[max(matching, key=len)]) if matching else 1.0
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """The resolved ``config``'s optimizer over ``model``'s trainable parameters; no weight decay on
-    norms, biases and positional embeddings."""
+    norms, biases and positional embeddings. Each parameter group carries its ``lr_scale``
+    (``config.lr_scales``), the factor the step's schedule multiplies its learning rate by;
+    ``ConfigError`` for a prefix in ``lr_scales`` that names no trainable parameter."""
     decayed = lambda name, p: p.ndim > 1 and "pos_embed" not in name  # noqa: E731
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for n, p in named if decayed(n, p)], "weight_decay": config.weight_decay},
-        {"params": [p for n, p in named if not decayed(n, p)], "weight_decay": 0.0},
-    ]
+    for prefix in config.lr_scales:
+        if not any(_under(n, prefix) for n, _ in named):
+            tops = sorted({n.split(".")[0] for n, _ in named})
+            raise ConfigError(f"lr_scales prefix {prefix!r} names no trainable parameter (their names begin {tops})")
+    groups = []
+    for scale in sorted({lr_scale_of(n, config.lr_scales) for n, _ in named}, reverse=True):
+        scaled = [(n, p) for n, p in named if lr_scale_of(n, config.lr_scales) == scale]
+        groups += [
+            {"params": [p for n, p in scaled if decayed(n, p)], "weight_decay": config.weight_decay, "lr_scale": scale},
+            {"params": [p for n, p in scaled if not decayed(n, p)], "weight_decay": 0.0, "lr_scale": scale},
+        ]
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.lr)
     if config.optimizer == "adamw":

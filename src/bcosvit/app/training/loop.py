@@ -55,6 +55,7 @@ from .run_folder import (
     save_run,
     writing_run_folder,
 )
+from .schedules import BcosifySchedule
 from .step import StepSums, Trainer
 from .teacher import load_teacher
 
@@ -223,7 +224,8 @@ class TrainingRun:
         warmup = bcosify_warmup_steps(config, len(data.train_loader))
         steps = len(data.train_loader) * config.epochs
         net = wrap_model(trained, rt)
-        trainer = Trainer(net, model, optimizer, ema, config, rt, data.spec.num_classes, steps, align, warmup)
+        schedule = BcosifySchedule.from_config(config, len(data.train_loader))
+        trainer = Trainer(net, model, optimizer, ema, config, rt, data.spec.num_classes, steps, align, schedule)
         epoch = 0 if state is None else int(state["epoch"])
         trainer.start_bcosify(epoch * len(data.train_loader))
         history = [] if state is None else list(state["history"])
@@ -274,11 +276,17 @@ class TrainingRun:
             f"precision {precision}; {compiling}" + ("; gradient checkpointing" if config.grad_checkpointing else "")
         )
         if config.bcosify_from is not None:
-            warmup = self.trainer.bcosify_warmup
-            print(
-                f"B-cosified from {config.bcosify_from}: "
-                + (f"B 1 -> 2 and biases -> 0 over the first {warmup} steps" if warmup else "B = 2, no biases")
-            )
+            schedule = self.trainer.bcosify
+            if schedule is None:
+                said = "B = 2, no biases"
+            elif schedule.b_steps == schedule.bias_steps == schedule.norm_bias_steps:
+                said = f"B 1 -> 2 and biases -> 0 over the first {schedule.b_steps} steps"
+            else:
+                said = (
+                    f"B 1 -> 2 over the first {schedule.b_steps} steps, biases -> 0 over {schedule.bias_steps}, "
+                    f"the norms' biases over {schedule.norm_bias_steps}"
+                )
+            print(f"B-cosified from {config.bcosify_from}: {said}")
         if self.trainer.align is not None:
             align = self.trainer.align
             print(

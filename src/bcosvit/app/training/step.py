@@ -32,7 +32,7 @@ from .config import TrainConfig
 from .distributed import Runtime, unwrap
 from .losses import energy_loss
 from .mosaics import draw_mosaic_grid, mosaic, mosaic_cells, mosaic_targets
-from .schedules import bcosify_progress, bias_step_ratio, warmup_cosine
+from .schedules import BcosifySchedule, warmup_cosine
 
 
 @torch.no_grad()
@@ -79,7 +79,7 @@ class Trainer:
     num_classes: int
     total_steps: int
     align: AlignmentNet | None = None  # an alignment stage: the loss is the distance to this teacher's tokens
-    bcosify_warmup: int | None = None  # steps of the B-cosification schedule (None: no schedule)
+    bcosify: BcosifySchedule | None = None  # the B-cosification schedule (None: none)
 
     def __post_init__(self) -> None:
         self.loss_fn = loss_function(self.config)
@@ -95,23 +95,22 @@ class Trainer:
 
     def start_bcosify(self, step: int) -> None:
         """Set B as the schedule has it after ``step`` steps (the biases are in the model's state)."""
-        if self.bcosify_warmup is not None:
-            b, _ = bcosify_progress(step, self.bcosify_warmup)
+        if self.bcosify is not None:
             for model in self.bcosified_models():
-                set_b(model, b)
+                set_b(model, self.bcosify.b(step))
 
     def _advance_bcosify(self, step: int) -> None:
         """After the update of ``step``: B and the biases as the schedule has them after ``step + 1``."""
-        b, _ = bcosify_progress(step + 1, self.bcosify_warmup)
-        ratio = bias_step_ratio(step, self.bcosify_warmup)
+        b = self.bcosify.b(step + 1)
+        ratios = self.bcosify.bias_ratios(step)
         for model in self.bcosified_models():
             set_b(model, b)
-            scale_biases(model, ratio)
+            scale_biases(model, *ratios)
 
     def biases_gone(self, step: int) -> bool:
         """Whether the schedule has taken the biases to 0 after ``step`` steps (they are then dropped
         from the saved model)."""
-        return self.bcosify_warmup is not None and bcosify_progress(step, self.bcosify_warmup)[1] == 0
+        return self.bcosify is not None and self.bcosify.biases_gone(step)
 
     def exported(self, model: nn.Module, step: int) -> VisionTransformer:
         """The plain model to save after ``step`` steps: bias-free (``remove_biases``) once the
@@ -126,9 +125,8 @@ class Trainer:
         state: dict[str, Any] = {}
         if self.align is not None:
             state["align_projections"] = self.align.projections.state_dict()
-        if self.bcosify_warmup is not None:
-            b, scale = bcosify_progress(step, self.bcosify_warmup)
-            state["bcosify"] = {"warmup_steps": self.bcosify_warmup, "b": b, "bias_scale": scale}
+        if self.bcosify is not None:
+            state["bcosify"] = self.bcosify.record(step)
         return state
 
     def pop_energy(self) -> float | None:
@@ -167,10 +165,10 @@ class Trainer:
         elif config.clip == "norm":
             nn.utils.clip_grad_norm_(self.params, config.clip_value)
         self.optimizer.step()
-        if self.bcosify_warmup is not None:
+        if self.bcosify is not None:
             self._advance_bcosify(step)
         if self.ema is not None:
-            if self.bcosify_warmup is not None and step < self.bcosify_warmup:
+            if self.bcosify is not None and step < self.bcosify.steps:
                 # While B and the biases change, each step's weights belong to another function: the
                 # EMA follows the model and starts averaging once the schedule is over.
                 self.ema.n_averaged.zero_()
@@ -191,9 +189,11 @@ class Trainer:
         of correct predictions (the predicted class is a top-scored target class: for mosaics, one of
         the classes shown; 0 for an alignment step, which never reads ``labels``) and of samples."""
         config = self.config
-        for group in self.optimizer.param_groups:
-            group["lr"] = config.lr * warmup_cosine(
-                step, config.warmup_steps, self.total_steps, config.min_lr / config.lr
+        for group in self.optimizer.param_groups:  # lr_scale: config.lr_scales (build_optimizer)
+            group["lr"] = (
+                config.lr
+                * group.get("lr_scale", 1.0)
+                * warmup_cosine(step, config.warmup_steps, self.total_steps, config.min_lr / config.lr)
             )
         images = batch_to_device(images, self.rt.device)
         if self.align is not None:
