@@ -53,11 +53,10 @@ def from_timm(model: nn.Module) -> VisionTransformer:
     return twin
 
 
-def _timm_config(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> ViTConfig:
-    block = model.blocks[0]
-    patch = model.patch_embed
-    token_norm = not isinstance(model.norm, nn.Identity)
-    return ViTConfig(
+def _shared_fields(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> dict:
+    """The ``ViTConfig`` fields that timm's VisionTransformer and Eva classes spell alike."""
+    patch, attn, norm = model.patch_embed, model.blocks[0].attn, model.blocks[0].norm1
+    return dict(
         bcos=False,
         image_size=int(patch.img_size[0]),
         patch_size=int(patch.patch_size[0]),
@@ -65,22 +64,29 @@ def _timm_config(model: nn.Module, mean: Sequence[float], std: Sequence[float]) 
         num_classes=0 if isinstance(model.head, nn.Identity) else int(model.head.out_features),
         embed_dim=int(model.embed_dim),
         depth=len(model.blocks),
-        num_heads=int(block.attn.num_heads),
-        mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
+        num_heads=int(attn.num_heads),
         pos_embed="learned" if model.pos_embed is not None else "none",
         input_mean=list(mean),
         input_std=list(std),
-        attn_bias=block.attn.proj.bias is not None,
-        qkv_bias=block.attn.qkv.bias is not None,
-        norm_eps=float(block.norm1.eps),
+        attn_bias=attn.proj.bias is not None,
+        norm_eps=float(norm.eps),
         class_token=model.cls_token is not None,
-        global_pool={"token": "token", "avg": "avg", "map": "map"}[model.global_pool],
+        global_pool=model.global_pool,
+        pre_norm=not isinstance(model.norm_pre, nn.Identity),
+        qk_norm=not isinstance(attn.q_norm, nn.Identity),
+        final_norm="tokens" if not isinstance(model.norm, nn.Identity) else "pooled",
+    )
+
+
+def _timm_config(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> ViTConfig:
+    block = model.blocks[0]
+    return ViTConfig(
+        **_shared_fields(model, mean, std),
+        mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
+        qkv_bias=block.attn.qkv.bias is not None,
         reg_tokens=int(getattr(model, "num_reg_tokens", 0)),
         layer_scale=not isinstance(block.ls1, nn.Identity),
-        pre_norm=not isinstance(model.norm_pre, nn.Identity),
-        qk_norm=not isinstance(block.attn.q_norm, nn.Identity),
         act=_activation_kind(block.mlp.act),
-        final_norm="tokens" if token_norm else "pooled",
     )
 
 
@@ -503,37 +509,18 @@ def _eva_block_layout(block: nn.Module) -> tuple:
 def _eva_config(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> ViTConfig:
     block = model.blocks[0]
     attn, mlp = block.attn, block.mlp
-    patch = model.patch_embed
-    qkv_bias = _eva_qkv(attn)[1] is not None
-    rotary = None if model.rope is None else rotary_settings(model.rope)[1]
     reg_token = getattr(model, "reg_token", None)
+    gated = not _is(mlp, "Mlp")
     return ViTConfig(
-        bcos=False,
-        image_size=int(patch.img_size[0]),
-        patch_size=int(patch.patch_size[0]),
-        in_chans=int(patch.proj.in_channels),
-        num_classes=0 if isinstance(model.head, nn.Identity) else int(model.head.out_features),
-        embed_dim=int(model.embed_dim),
-        depth=len(model.blocks),
-        num_heads=int(attn.num_heads),
+        **_shared_fields(model, mean, std),
         mlp_ratio=mlp.fc2.in_features / model.embed_dim,
-        pos_embed="learned" if model.pos_embed is not None else "none",
-        input_mean=list(mean),
-        input_std=list(std),
-        attn_bias=attn.proj.bias is not None,
-        qkv_bias=qkv_bias,
-        norm_eps=float(block.norm1.eps),
-        class_token=model.cls_token is not None,
-        global_pool=model.global_pool,
+        qkv_bias=_eva_qkv(attn)[1] is not None,
         reg_tokens=0 if reg_token is None else int(reg_token.shape[1]),
         layer_scale=block.gamma_1 is not None,
-        pre_norm=not isinstance(model.norm_pre, nn.Identity),
-        qk_norm=not isinstance(attn.q_norm, nn.Identity),
-        act=None if not _is(mlp, "Mlp") else _activation_kind(mlp.act),
-        final_norm="tokens" if not isinstance(model.norm, nn.Identity) else "pooled",
-        mlp_gate=None if _is(mlp, "Mlp") else _activation_kind(mlp.act),
+        act=None if gated else _activation_kind(mlp.act),
+        mlp_gate=_activation_kind(mlp.act) if gated else None,
         mlp_norm=not isinstance(mlp.norm, nn.Identity),
-        rotary=rotary,
+        rotary=None if model.rope is None else rotary_settings(model.rope)[1],
     )
 
 
