@@ -507,3 +507,195 @@ def test_architectures_beyond_the_bound_are_refused_before_anything_is_allocated
     with pytest.raises(bcosvit.ConfigError, match=message):
         bcosvit.create_model("bcos_vit_nano_patch4_28", **options)
     assert time.perf_counter() - started < 2
+
+
+# --- timm's model contract (issue 28 item 4) ---------------------------------------------------
+
+
+def _prefixed(build, **overrides) -> bcosvit.VisionTransformer:
+    """A 3-block float64 B-cos model with a class token and two register tokens, 3×4 token grids."""
+    options = {"depth": 3, "image_size": 12, "class_token": True, "reg_tokens": 2, **overrides}
+    return build("bcos_vit_nano_patch4_28", **options)
+
+
+@pytest.mark.parametrize("indices", [None, 1, 3, [0, 2], [-1, 0], [2, 0, 2], (1,)])
+def test_forward_intermediates_take_the_blocks_timm_takes(build, images, indices):
+    timm_features = pytest.importorskip("timm.models._features")
+    model = _prefixed(build)
+    x = images(2, 1, 12, 16)
+    blocks, _ = timm_features.feature_take_indices(3, indices)
+    layers = tuple(sorted(set(blocks)))  # timm's order: block order, each block once
+    _, record = model(x, capture=Capture(layers=tuple(k + 1 for k in layers)))
+    final, taken = model.forward_intermediates(x, indices, output_fmt="NLC")
+    assert torch.equal(final, model.forward_features(x)) and torch.equal(model.forward_head(final), model(x))
+    assert len(taken) == len(layers)
+    for y, k in zip(taken, layers, strict=True):
+        assert torch.equal(y, record.tokens[k + 1][:, 3:])  # the patch tokens: (N, 12, D)
+    maps = model.forward_intermediates(x, indices, intermediates_only=True)
+    assert all(m.shape == (2, model.embed_dim, 3, 4) for m in maps)  # NCHW: (N, D, rows, cols)
+    assert all(torch.equal(m.flatten(2).transpose(1, 2), y) for m, y in zip(maps, taken, strict=True))
+    pairs = model.forward_intermediates(x, indices, return_prefix_tokens=True, intermediates_only=True)
+    for (patches, prefix), k in zip(pairs, layers, strict=True):
+        assert patches.shape == (2, model.embed_dim, 3, 4) and torch.equal(prefix, record.tokens[k + 1][:, :3])
+
+
+def test_forward_intermediates_options_as_timm(build, images):
+    model = _prefixed(build)
+    x = images(2, 1, 12, 16)
+    _, record = model(x, capture=Capture(layers=(2,)))
+    final, taken = model.forward_intermediates(x, [1], stop_early=True)
+    assert torch.equal(final, record.tokens[2])  # no block after the last one asked for
+    out = model.forward_intermediates(x, 2, return_prefix_tokens=True, output_dict=True)
+    assert set(out) == {"image_intermediates", "image_intermediates_prefix", "image_features"}
+    assert [p.shape for p in out["image_intermediates_prefix"]] == [(2, 3, model.embed_dim)] * 2
+    assert set(model.forward_intermediates(x, output_dict=True, intermediates_only=True)) == {"image_intermediates"}
+    plain = build("bcos_vit_nano_patch4_28", depth=2, image_size=8)
+    (only,) = plain.forward_intermediates(images(1, 1, 8), [0], return_prefix_tokens=True, intermediates_only=True)
+    assert isinstance(only, torch.Tensor)  # no prefix tokens: no pairs, as in timm
+
+
+@pytest.mark.parametrize("final_norm", ["tokens", "pooled"])
+def test_forward_intermediates_norm_is_the_token_norm_only(build, images, final_norm):
+    """timm's ``norm=True`` applies its token norm; a model normed after pooling (timm's fc_norm) has none."""
+    model = _prefixed(build, final_norm=final_norm)
+    x = images(2, 1, 12, 16)
+    raw = model.forward_intermediates(x, [2], output_fmt="NLC", intermediates_only=True)[0]
+    normed = model.forward_intermediates(x, [2], norm=True, output_fmt="NLC", intermediates_only=True)[0]
+    if final_norm == "tokens":
+        assert torch.equal(normed, model.norm(model.forward_features(x))[:, 3:])
+    else:
+        assert torch.equal(normed, raw)
+
+
+@pytest.mark.parametrize(
+    "name", ["vit_tiny_patch16_224", "vit_base_patch16_reg4_gap_256", "vit_base_patch16_siglip_gap_224"]
+)
+def test_forward_intermediates_equal_timms_on_a_converted_model(name):
+    """Class token and token norm; registers and fc_norm; no prefix and a token norm: float64, 1e-9."""
+    timm = pytest.importorskip("timm")
+    from bcosvit.timm_conversion import from_timm
+
+    original = timm.create_model(name, pretrained=False, img_size=32, depth=3, embed_dim=64, num_heads=2)
+    original = original.double().eval()
+    twin = from_timm(original).eval()
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    cfg = original.pretrained_cfg
+    mean, std = (torch.tensor(cfg[k], dtype=torch.float64).view(1, 3, 1, 1) for k in ("mean", "std"))
+    close = {"rtol": 1e-9, "atol": 1e-9}
+    with torch.no_grad():
+        for indices in (None, 2, [0, -1]):
+            for norm in (False, True):
+                options = {"indices": indices, "norm": norm, "return_prefix_tokens": True}
+                theirs_final, theirs = original.forward_intermediates((x - mean) / std, **options)
+                ours_final, ours = twin.forward_intermediates(x, **options)
+                assert len(ours) == len(theirs)
+                for a, b in zip(ours, theirs, strict=True):
+                    for a_part, b_part in zip(*((a, b) if isinstance(a, tuple) else ((a,), (b,))), strict=True):
+                        assert a_part.shape == b_part.shape
+                        torch.testing.assert_close(a_part, b_part, **close)
+                # timm's final tokens carry its token norm; ours are forward_features' (forward_head applies it)
+                token_norm = twin.norm if twin.config.final_norm == "tokens" else nn.Identity()
+                torch.testing.assert_close(token_norm(ours_final), theirs_final, **close)
+                torch.testing.assert_close(
+                    twin.forward_head(ours_final, pre_logits=True),
+                    original.forward_head(theirs_final, pre_logits=True),
+                    **close,
+                )
+
+
+@pytest.mark.parametrize(
+    ("indices", "message"),
+    [
+        (0, "last 0 blocks"),
+        (4, "last 4 blocks"),
+        ([3], r"\[3\] lie outside \[-3, 2\]"),
+        ([-4], "outside"),
+        ("1", "must be None, an int"),
+        ([], "non-empty"),
+        (True, "must be None"),
+    ],
+)
+def test_forward_intermediates_refuse_indices_outside_the_blocks(build, images, indices, message):
+    model = build("bcos_vit_nano_patch4_28", depth=3, image_size=8)
+    with pytest.raises(bcosvit.ConfigError, match=message):
+        model.forward_intermediates(images(1, 1, 8), indices)
+    with pytest.raises(bcosvit.ConfigError, match="output_fmt must be 'NCHW' or 'NLC'"):
+        model.forward_intermediates(images(1, 1, 8), output_fmt="NHWC")
+
+
+def test_prune_intermediate_layers_keeps_the_blocks_asked_for(build, images):
+    model = build("bcos_vit_nano_patch4_28", depth=4, image_size=8)
+    x = images(2, 1, 8)
+    before = model.forward_intermediates(x, [1], intermediates_only=True)[0]
+    with pytest.raises(bcosvit.ConfigError, match="prune_norm is not supported"):
+        model.prune_intermediate_layers([1], prune_norm=True)
+    assert model.prune_intermediate_layers([-3, 1]) == [1, 1] and len(model.blocks) == model.config.depth == 2
+    assert torch.equal(model.forward_intermediates(x, [1], intermediates_only=True)[0], before)
+    assert model.num_classes == 0 and model(x).shape == (2, model.embed_dim)  # headless: the pooled features
+    assert torch.equal(model(x), model.forward_head(model.forward_features(x), pre_logits=True))
+
+
+def test_get_and_reset_classifier_with_timms_signature(build, images):
+    model = _prefixed(build, global_pool="token")
+    x = images(2, 1, 12, 16)
+    assert model.get_classifier() is model.head and model.get_classifier().out_features == 10
+    pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert torch.equal(pooled, model.norm(model.forward_features(x)[:, 0]))  # the class token, normed
+    model.reset_classifier(5, "avg")
+    assert model.global_pool == model.config.global_pool == "avg" and model.get_classifier().out_features == 5
+    tokens = model.forward_features(x)
+    assert torch.equal(model.forward_head(tokens, pre_logits=True), model.norm(tokens[:, 3:].mean(1)))
+    assert model(x).shape == (2, 5)
+    model.reset_classifier(0, global_pool=None)  # timm's headless backbone
+    assert isinstance(model.get_classifier(), nn.Identity) and model(x).shape == (2, model.embed_dim)
+    plain = build("bcos_vit_nano_patch4_28", depth=1, image_size=8)
+    for pool, message in [("token", "needs class_token"), ("map", "needs the attention pool"), ("", "no pooling")]:
+        with pytest.raises(bcosvit.ConfigError, match=message):
+            plain.reset_classifier(4, pool)
+    assert plain.global_pool == "avg" and plain.num_classes == 10  # a refused call changes nothing
+    mapped = build("vit_nano_patch4_28", depth=1, image_size=8, global_pool="map")
+    mapped.reset_classifier(3, "avg")
+    assert mapped.attn_pool is None and "attn_pool" not in "".join(mapped.state_dict())
+    assert mapped(images(1, 1, 8)).shape == (1, 3)
+
+
+@pytest.mark.parametrize(("family", "resize_size"), [("bcos", 50), ("bcos", None), ("standard", 32)])
+def test_timm_data_config_and_transform_give_the_images_the_model_reads(family, resize_size):
+    timm_data = pytest.importorskip("timm.data")
+    from PIL import Image
+
+    name = "bcos_vit_nano_patch4_28" if family == "bcos" else "vit_nano_patch4_28"
+    model = bcosvit.create_model(name, in_chans=3, resize_size=resize_size).eval()
+    cfg = timm_data.resolve_model_data_config(model)
+    crop = 1.0 if resize_size is None else 28 / resize_size
+    assert cfg["input_size"] == (3, 28, 28) and cfg["interpolation"] == "bilinear"
+    assert cfg["crop_pct"] == pytest.approx(crop, rel=1e-12) and cfg["crop_mode"] == "center"
+    assert cfg["mean"] == (0.0,) * 3 and cfg["std"] == (1.0,) * 3  # the model encodes its input itself
+    transform = timm_data.create_transform(**cfg)
+    resize = next(t for t in transform.transforms if type(t).__name__ == "Resize")
+    assert resize.size == (resize_size or 28)  # 28 / 50: timm's floor(28 / crop_pct) must give 50 back
+    generator = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(70, 90, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    image = Image.fromarray(pixels)
+    theirs = transform(image)
+    assert theirs.shape == (3, 28, 28) and 0 <= theirs.min() and theirs.max() <= 1
+    # bcosvit's own pipeline resizes in float, timm's PIL in uint8: within a grey level or two
+    torch.testing.assert_close(theirs, bcosvit.transforms(model)(image), rtol=0, atol=2 / 255)
+    assert model(theirs[None]).shape == (1, 10)
+    pcfg = model.pretrained_cfg
+    assert pcfg == model.default_cfg and pcfg["classifier"] == "head" and pcfg["num_classes"] == 10
+    assert pcfg["first_conv"] == "tokenizer.proj" and model.get_submodule(pcfg["first_conv"]) is model.tokenizer.proj
+    if family == "bcos":
+        assert pcfg["input_encoding"] == "[x, 1 - x]" and "input_mean" not in pcfg
+    else:
+        assert pcfg["input_encoding"] == "(x - mean) / std"
+        assert pcfg["input_mean"] == (0.485, 0.456, 0.406) and pcfg["input_std"] == (0.229, 0.224, 0.225)
+
+
+def test_pretrained_cfg_follows_the_model(build):
+    stem = build("bcos_vitc_micro_28", depth=1)
+    assert stem.pretrained_cfg["first_conv"] == "tokenizer.stages.0" and stem.pretrained_cfg["input_size"][0] == 1
+    model = build("bcos_vit_nano_patch4_28", depth=1, class_names=[f"class {i}" for i in range(10)])
+    assert model.pretrained_cfg["label_names"] == tuple(f"class {i}" for i in range(10))
+    model.reset_classifier(3)
+    assert model.pretrained_cfg["num_classes"] == 3 and "label_names" not in model.pretrained_cfg

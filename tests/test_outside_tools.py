@@ -13,7 +13,6 @@ from quantus.helpers.model.pytorch_model import PyTorchModel
 from torch import nn
 
 import bcosvit
-from bcosvit import attribution
 
 TINY = dict(image_size=8, embed_dim=8, depth=1, num_heads=2)
 MODELS = {
@@ -60,17 +59,20 @@ def test_quantus_cascading_randomisation_visits_every_layer_and_changes_every_pa
         assert not torch.isclose(p, trained[n]).any(), f"{n} kept some of its trained values"
 
 
-def _explain(model: bcosvit.VisionTransformer, inputs: np.ndarray, targets: np.ndarray, **kwargs) -> np.ndarray:
-    """Quantus' explanation function: the exact B-cos explanation, or input × gradient for the twin."""
-    method = "bcos" if model.is_bcos else "input_x_gradient"
-    return attribution.attribute(method, model, torch.as_tensor(inputs), torch.as_tensor(targets)).numpy()
-
-
 @pytest.mark.parametrize("name", ["bcos_vit_nano_patch4_28", "vit_nano_patch4_28"])
 def test_quantus_mprt_scores_every_layer(name):
     model = _as_if_trained(name)
     images = np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32)
     metric = quantus.MPRT(disable_warnings=True)
-    scores = metric(model=model, x_batch=images, y_batch=np.array([1, 3]), explain_func=_explain, device="cpu")
+    # the exact B-cos explanation, or input × gradient for the twin
+    kwargs = {} if model.is_bcos else {"method": "input_x_gradient"}
+    scores = metric(
+        model=model,
+        x_batch=images,
+        y_batch=np.array([1, 3]),
+        explain_func=bcosvit.quantus_explain,
+        explain_func_kwargs=kwargs,
+        device="cpu",
+    )
     assert list(scores) == ["original", *_parameter_owners(model)[::-1]]
     assert all(len(s) == 2 and np.isfinite(s).all() for s in scores.values())

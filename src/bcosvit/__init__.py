@@ -14,9 +14,14 @@ A model's preprocessing is library API too: ``bcosvit.transforms(model)`` (a tor
 transform) and ``bcosvit.load_image(path, model)`` (any image file, as the model takes it), both
 from ``bcosvit.images``.
 
-The sub-modules that pull in heavier libraries (``attribution``: Captum; ``visualize``: matplotlib;
-``images``: torchvision and Pillow; ``metrics``, ``app``) are imported on first use, so ``import
-bcosvit`` stays light while ``bcosvit.attribution.attribute(...)`` works without importing the
+The outside tools' entry points come from ``bcosvit.ecosystem``: ``quantus_explain`` (Quantus'
+``explain_func``), ``CastInputs`` (a model taking any float dtype), ``focus_mosaics`` (Quantus' Focus),
+``BcosAttribution`` and ``PosthocAttribution`` (Captum attributions), ``gradcam_reshape_transform``
+and ``gradcam_target_layers`` (pytorch-grad-cam).
+
+The sub-modules that pull in heavier libraries (``attribution`` and ``ecosystem``: Captum;
+``visualize``: matplotlib; ``images``: torchvision and Pillow; ``metrics``, ``app``) are imported on
+first use, so ``import bcosvit`` stays light while ``bcosvit.attribution.attribute(...)`` works without importing the
 module first.
 """
 
@@ -33,12 +38,16 @@ from .weights import convert_official, create_model, list_pretrained, list_pretr
 __version__ = "0.1.0"
 
 __all__ = [
+    "BcosAttribution",
     "BcosVitError",
+    "CastInputs",
     "CheckpointError",
     "ConfigError",
     "DataError",
     "Explanation",
+    "HubVisionTransformer",
     "InputError",
+    "PosthocAttribution",
     "TopK",
     "ViTConfig",
     "VisionTransformer",
@@ -48,17 +57,41 @@ __all__ = [
     "explain",
     "explain_unit",
     "explanation_mode",
+    "focus_mosaics",
+    "from_pretrained",
+    "gradcam_reshape_transform",
+    "gradcam_target_layers",
     "list_models",
     "list_pretrained",
     "list_pretrained_weights",
     "load_image",
     "load_model",
+    "push_to_hub",
+    "quantus_explain",
+    "save_pretrained",
     "token_contributions",
     "transforms",
 ]
 
-_LAZY_SUBMODULES = frozenset({"app", "attribution", "images", "metrics", "visualize"})
-_LAZY_FUNCTIONS = {"load_image": "images", "transforms": "images"}  # name -> the sub-module defining it
+_LAZY_SUBMODULES = frozenset({"app", "attribution", "ecosystem", "images", "metrics", "visualize"})
+_LAZY_FUNCTIONS = {  # name -> the sub-module defining it
+    "load_image": "images",
+    "transforms": "images",
+    **dict.fromkeys(
+        [
+            "BcosAttribution",
+            "CastInputs",
+            "PosthocAttribution",
+            "focus_mosaics",
+            "gradcam_reshape_transform",
+            "gradcam_target_layers",
+            "quantus_explain",
+        ],
+        "ecosystem",
+    ),
+    # the Hugging Face hub (bcosvit.weights.hf_hub imports huggingface_hub, an optional dependency)
+    **dict.fromkeys(["HubVisionTransformer", "from_pretrained", "push_to_hub", "save_pretrained"], "weights.hf_hub"),
+}
 
 
 def __getattr__(name: str) -> object:

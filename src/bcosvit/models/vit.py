@@ -15,7 +15,9 @@ gives the ordinary ViT with the same shapes.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -337,6 +339,41 @@ def class_probabilities(logits: Tensor, is_bcos: bool, classes: Tensor | None = 
     if is_bcos:
         return torch.sigmoid(logits.gather(1, classes))
     return torch.softmax(logits, dim=-1).gather(1, classes)
+
+
+def feature_take_indices(count: int, indices: int | Sequence[int] | None = None) -> tuple[list[int], int]:
+    """timm's ``feature_take_indices``: the absolute indices among ``count`` blocks that ``indices``
+    names, and the largest. None: all; an int ``n``: the last ``n``; a sequence: those indices,
+    negative ones counted from the end. ``ConfigError`` for an index outside ``[-count, count)``, or
+    ``n`` outside ``[1, count]``."""
+    if indices is None:
+        indices = count
+    if is_int(indices):
+        if not 0 < indices <= count:
+            raise ConfigError(f"indices={indices} asks for the last {indices} blocks; this model has 1 to {count}")
+        take = list(range(count - indices, count))
+    elif isinstance(indices, Sequence) and not isinstance(indices, str) and len(indices) and all(map(is_int, indices)):
+        take = [count + i if i < 0 else i for i in indices]
+        bad = [i for i, k in zip(indices, take) if not 0 <= k < count]
+        if bad:
+            raise ConfigError(
+                f"block indices {bad} lie outside [{-count}, {count - 1}] (this model has {count} blocks)"
+            )
+    else:
+        raise ConfigError(f"indices must be None, an int or a non-empty list of ints, got {indices!r:.60}")
+    return take, max(take)
+
+
+def crop_fraction(image_size: int, resize_size: int | None) -> float:
+    """timm's ``crop_pct`` for resizing the shorter side to ``resize_size`` (None: ``image_size``) and
+    centre-cropping ``image_size``: ``image_size / resize_size``, lowered by float ulps where needed so
+    that timm's ``floor(image_size / crop_pct)`` gives back ``resize_size`` exactly."""
+    if resize_size is None or resize_size == image_size:
+        return 1.0
+    fraction = image_size / resize_size
+    while math.floor(image_size / fraction) < resize_size:
+        fraction = math.nextafter(fraction, 0.0)
+    return fraction
 
 
 class PatchEmbed(nn.Module):
@@ -661,7 +698,13 @@ class VisionTransformer(nn.Module):
         return self.norm_pre(tokens), grid
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """Images ``(N, C, H, W)`` in [0, 1] -> tokens after the last block ``(N, L, D)``."""
+        """Images ``(N, C, H, W)`` in [0, 1] -> tokens after the last block ``(N, L, D)``, *before* the
+        final norm (``L = num_prefix_tokens + (H/p)·(W/p)``, prefix tokens first).
+
+        timm's ``forward_features`` applies its token norm; here ``forward_head`` applies the final norm
+        (to every token or to the pooled features, as ``config.final_norm`` says), so that the captured
+        tokens (``Capture(layers=(-1,))``) and these are the same tensor. What both contracts share, and
+        what callers rely on: ``forward_head(forward_features(x)) == forward(x)``."""
         return self._forward_features(x, None)[0]
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
@@ -681,6 +724,138 @@ class VisionTransformer(nn.Module):
         if pre_logits:
             return pooled
         return self.logit_bias(self.head(pooled))
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+    ) -> list[Tensor] | list[tuple[Tensor, Tensor]] | tuple[Tensor, list] | dict[str, Any]:
+        """The tokens after chosen blocks, as timm's ``VisionTransformer.forward_intermediates``.
+
+        Args:
+            x: images ``(N, C, H, W)`` in [0, 1] (``check_input``).
+            indices: which blocks, 0-based (``i``: the output of block ``i + 1``, which is
+                ``Capture`` layer ``i + 1``): an int ``n`` for the last ``n`` blocks, a sequence of
+                block indices (negative from the end; returned in block order, each once), None for
+                every block (``feature_take_indices``).
+            return_prefix_tokens: each intermediate as ``(patches, prefix)``, ``prefix``
+                ``(N, num_prefix_tokens, D)`` (the class token, then the register tokens); ignored by a
+                model without prefix tokens, as in timm.
+            norm: apply the final norm to the intermediates where it is a token norm
+                (``final_norm="tokens"``, timm's ``norm``); a norm on the pooled features
+                (``final_norm="pooled"``, timm's ``fc_norm``, whose ``norm`` is then the identity) is
+                not applied: the intermediates equal timm's for a converted model either way.
+            stop_early: run no block after the last one asked for (the final tokens are then its output).
+            output_fmt: ``"NCHW"``: patch tokens as maps ``(N, D, H/p, W/p)``; ``"NLC"``: ``(N, (H/p)·(W/p), D)``.
+            intermediates_only: return the list of intermediates alone.
+            output_dict: return ``{"image_intermediates": [...], "image_features": final}`` (plus
+                ``"image_intermediates_prefix"`` with ``return_prefix_tokens``; no features with
+                ``intermediates_only``).
+
+        Returns:
+            ``(final, intermediates)``: ``final`` ``(N, L, D)`` the tokens after the last block run,
+            before the final norm as ``forward_features`` (so ``forward_head(final)`` gives the logits;
+            timm's ``final`` carries its token norm), and the list of intermediates; or, with
+            ``intermediates_only``, the list alone.
+
+        ``ConfigError`` names an index outside the blocks or an unknown ``output_fmt``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ConfigError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r:.60}")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        tokens, grid, _ = self._embed(x, None)
+        tokens = self.norm_pre(tokens)
+        token_norm = norm and self.config.final_norm == "tokens"
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        intermediates = []
+        for i, block in enumerate(blocks):
+            tokens = self._run_block(block, tokens, grid)
+            if i in take:
+                intermediates.append(self.norm(tokens) if token_norm else tokens)
+        prefix = self.num_prefix_tokens
+        prefixes = [y[:, :prefix] for y in intermediates] if prefix else None
+        patches = [y[:, prefix:] for y in intermediates]
+        if output_fmt == "NCHW":
+            patches = [rearrange(y, "n (h w) d -> n d h w", h=grid[0], w=grid[1]).contiguous() for y in patches]
+        if output_dict:
+            result: dict[str, Any] = {"image_intermediates": patches}
+            if return_prefix_tokens and prefixes is not None:
+                result["image_intermediates_prefix"] = prefixes
+            if not intermediates_only:
+                result["image_features"] = tokens
+            return result
+        taken: list = list(zip(patches, prefixes)) if return_prefix_tokens and prefixes is not None else patches
+        return taken if intermediates_only else (tokens, taken)
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (as ``forward_intermediates``; ``config.depth``
+        follows, so the model saves and loads as what it now is) and, with ``prune_head``, the head
+        (``reset_classifier(0)``: the output is the pooled features). Returns the absolute indices kept.
+
+        ``prune_norm`` is refused (``ConfigError``): the final norm is part of every architecture here
+        (on the pooled features it is timm's ``fc_norm``), and ``forward_intermediates(norm=False)``
+        already leaves it out."""
+        if prune_norm:
+            raise ConfigError(
+                "prune_norm is not supported: the final norm is part of the architecture; "
+                "forward_intermediates(norm=False) returns the tokens without it"
+            )
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        self.config.depth = len(self.blocks)
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier layer, ``head`` (``(N, D) -> (N, num_classes)``; the identity for a headless
+        backbone). A B-cos model adds its fixed ``logit_bias`` after it."""
+        return self.head
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's ``pretrained_cfg``: the preprocessing this model expects, for
+        ``timm.data.resolve_model_data_config(model)`` and ``timm.data.create_transform(**cfg)``.
+
+        The model reads images in [0, 1] and encodes them itself, so ``mean`` is 0 and ``std`` 1 for
+        every family (a transform built from them yields [0, 1] images): ``input_encoding`` says what
+        the model does with them, ``"[x, 1 - x]"`` for a B-cos model, ``"(x - mean) / std"`` for a
+        standard twin with its constants in ``input_mean`` / ``input_std``. The resize is that of
+        ``bcosvit.transforms(model)``: the shorter side to ``config.resize_size`` (``crop_pct =
+        image_size / resize_size``; 1.0 without one), bilinear, then the centre crop.
+        A fresh dict on every access, following ``reset_classifier``."""
+        config = self.config
+        chans = config.in_chans
+        cfg: dict[str, Any] = {
+            "input_size": (chans, config.image_size, config.image_size),
+            "interpolation": "bilinear",
+            "crop_pct": crop_fraction(config.image_size, config.resize_size),
+            "crop_mode": "center",
+            "mean": (0.0,) * chans,
+            "std": (1.0,) * chans,
+            "num_classes": self.num_classes,
+            "classifier": "head",
+            "first_conv": "tokenizer.proj" if config.stem_channels is None else "tokenizer.stages.0",
+            "input_encoding": "[x, 1 - x]" if self.is_bcos else "(x - mean) / std",
+        }
+        if not self.is_bcos:
+            cfg["input_mean"], cfg["input_std"] = self.encode.values
+        if config.class_names is not None:
+            cfg["label_names"] = tuple(config.class_names)
+        return cfg
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name of ``pretrained_cfg``."""
+        return self.pretrained_cfg
 
     def forward(
         self, x: Tensor, capture: Capture | None = None, *, check: bool = True
@@ -753,11 +928,17 @@ class VisionTransformer(nn.Module):
             raise ConfigError(f"layer must lie in [0, {depth}] (0: embedded tokens, {depth}: last block), got {layer}")
         return layer % (depth + 1)
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a freshly initialised one for ``num_classes`` classes (0: no head,
-        the model returns its pooled features)."""
+        the model returns its pooled features); timm's signature.
+
+        ``global_pool`` (None: unchanged) switches the pooling among ``"avg"`` and ``"token"`` (with a
+        class token), or from ``"map"`` to either (the attention pool is dropped); ``"map"`` needs a
+        model built with it. timm's ``""`` (no pooling) is refused: ``forward_features`` gives the tokens."""
         if not is_int(num_classes) or num_classes == 1 or num_classes < 0:
             raise ConfigError(f"num_classes must be at least 2, or 0 for no head, got {num_classes!r:.60}")
+        if global_pool is not None and global_pool != self.global_pool:
+            self._set_global_pool(global_pool)
         self._set_head(num_classes)
         self.head.to(self.norm.weight.device, self.norm.weight.dtype)
         if isinstance(self.head, nn.Linear):
@@ -765,6 +946,18 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(self.head.bias)
         self.num_classes = self.config.num_classes = num_classes
         self.config.class_names = None
+
+    def _set_global_pool(self, global_pool: str) -> None:
+        """Pool by ``global_pool`` from now on (``reset_classifier``); ``ConfigError`` when this model cannot."""
+        if global_pool == "":
+            raise ConfigError(
+                "global_pool='' (no pooling) is not supported: forward_features(x) gives the tokens (N, L, D)"
+            )
+        replace(self.config, global_pool=global_pool, class_names=None).validate()  # names a bad value
+        if global_pool == "map":
+            raise ConfigError("global_pool='map' needs the attention pool of a model built with global_pool='map'")
+        self.attn_pool = None
+        self.global_pool = self.config.global_pool = global_pool
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""

@@ -7,7 +7,9 @@
 - ``shipped``: the weights inside the package;
 - ``imagenet``: ImageNet-1k's classes;
 - ``factory``: ``create_model`` (a registered name, with shipped or published weights) and
-  ``load_weights`` (a run folder, a weights file or a registered name).
+  ``load_weights`` (a run folder, a weights file or a registered name);
+- ``hf_hub``: ``from_pretrained`` / ``save_pretrained`` / ``push_to_hub`` on the Hugging Face hub
+  (imported on first use of its names: it imports ``huggingface_hub``, an optional dependency).
 
 The library below (``layers``, ``models``, ``explanation``, ...) never imports this package.
 """
@@ -27,20 +29,36 @@ from .published import IMAGENET, PUBLISHED
 from .shipped import SHIPPED, list_pretrained, ship_weights
 
 __all__ = [
+    "HubVisionTransformer",
     "IMAGENET",
     "PRETRAINED_CHOICES",
     "PUBLISHED",
     "SHIPPED",
     "PretrainedWeights",
+    "as_hub_model",
     "convert_official",
     "create_model",
+    "from_pretrained",
     "list_pretrained",
     "list_pretrained_weights",
     "load_model",
     "load_weights",
+    "push_to_hub",
     "read_metadata",
     "resolve_source",
+    "save_pretrained",
     "save_weights",
     "ship_weights",
     "weights_metadata",
 ]
+
+_HUB_NAMES = frozenset({"HubVisionTransformer", "as_hub_model", "from_pretrained", "push_to_hub", "save_pretrained"})
+
+
+def __getattr__(name: str) -> object:
+    """``hf_hub``'s names, imported on first use (PEP 562): it imports ``huggingface_hub``."""
+    if name in _HUB_NAMES:
+        from . import hf_hub
+
+        return getattr(hf_hub, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
