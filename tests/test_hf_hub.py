@@ -223,7 +223,7 @@ def test_a_corrupt_or_mismatched_folder_is_a_clear_checkpoint_error(build, tmp_p
 
 def test_an_oversized_config_is_refused_before_it_is_read(build, tmp_path, monkeypatch):
     hf_hub.save_pretrained(_model(build), tmp_path)
-    monkeypatch.setattr(hf_hub, "MAX_METADATA_BYTES", 64)
+    monkeypatch.setattr(bcosvit.weights.checkpoint, "MAX_METADATA_BYTES", 64)  # the bound read_json_file applies
     with pytest.raises(CheckpointError, match=r"config.json is \d+ bytes, more than the 64"):
         bcosvit.from_pretrained(tmp_path)
 

@@ -73,25 +73,37 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     path = resolve_weights(path).with_suffix(".json")
     if not path.exists():
         raise CheckpointError(f"metadata file {path} is missing; it is written beside the weights by training")
+    meta = read_json_file(path, "metadata file", "model.json", "re-train or restore it")
     try:
-        with open_regular_file(path, "metadata file") as file:
-            size = os.fstat(file.fileno()).st_size
-            if size > MAX_METADATA_BYTES:
-                raise CheckpointError(
-                    f"metadata file {path} is {size} bytes, more than the {MAX_METADATA_BYTES} a bcosvit model.json "
-                    "can need; it was not written by bcosvit"
-                )
-            meta = json.loads(file.read().decode("utf-8"), object_pairs_hook=_refuse_repeated_keys)
         check_metadata(meta, path)
     except InputError as exc:
         raise CheckpointError(f"cannot read metadata: {exc}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"metadata file {path} is corrupt ({exc}); re-train or restore it") from exc
-    except RecursionError:  # JSON nested thousands deep: no bcosvit file is
-        raise CheckpointError(
-            f"metadata file {path} is corrupt (nested too deeply for a bcosvit model.json); re-train or restore it"
-        ) from None
     return meta
+
+
+def read_json_file(path: Path, what: str, name: str, remedy: str) -> Any:
+    """The JSON value in ``path``, a bcosvit file of kind ``name`` (``model.json``, a hub
+    ``config.json``): a regular file of at most ``MAX_METADATA_BYTES``, no key repeated in an object;
+    ``CheckpointError`` naming ``what`` and ``path`` otherwise, corrupt files with ``remedy``."""
+    try:
+        with open_regular_file(path, what) as file:
+            size = os.fstat(file.fileno()).st_size
+            if size > MAX_METADATA_BYTES:
+                raise CheckpointError(
+                    f"{what} {path} is {size} bytes, more than the {MAX_METADATA_BYTES} a bcosvit {name} "
+                    "can need; it was not written by bcosvit"
+                )
+            text = file.read()
+    except InputError as exc:
+        raise CheckpointError(f"cannot read the {what}: {exc}") from exc
+    try:
+        return json.loads(text.decode("utf-8"), object_pairs_hook=_refuse_repeated_keys)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{what} {path} is corrupt ({exc}); {remedy}") from exc
+    except RecursionError:  # JSON nested thousands deep: no bcosvit file is
+        raise CheckpointError(f"{what} {path} is corrupt (nested too deeply for a bcosvit {name}); {remedy}") from None
+    except CheckpointError as exc:  # a repeated key
+        raise CheckpointError(f"{what} {path}: {exc}") from exc
 
 
 def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -30,23 +30,21 @@ validation, and falls back to a pickled ``pytorch_model.bin``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from ..errors import CheckpointError, ConfigError, InputError
-from ..fileio import atomic_write, open_regular_file, write_json
+from ..errors import CheckpointError, ConfigError
+from ..fileio import atomic_write, write_json
 from ..models.vit import VisionTransformer, ViTConfig
 from .checkpoint import (
-    MAX_METADATA_BYTES,
     _check_model_size,
     _meta_model,
-    _refuse_repeated_keys,
     check_shapes,
     load_state_dict,
+    read_json_file,
     read_weights_header,
     trained_config,
 )
@@ -286,25 +284,7 @@ def write_hub_files(model: VisionTransformer, folder: str | Path) -> tuple[Path,
 def read_hub_config(path: Path) -> dict[str, Any]:
     """The JSON object in ``config.json`` (bounded in size, repeated keys refused); ``CheckpointError``
     for a file that is missing, not a regular file, too large or not such an object."""
-    try:
-        with open_regular_file(path, "config file") as file:
-            size = os.fstat(file.fileno()).st_size
-            if size > MAX_METADATA_BYTES:
-                raise CheckpointError(
-                    f"config file {path} is {size} bytes, more than the {MAX_METADATA_BYTES} a bcosvit "
-                    "config.json can need; it was not written by bcosvit"
-                )
-            text = file.read()
-    except InputError as exc:
-        raise CheckpointError(f"cannot read the config file: {exc}") from exc
-    try:
-        data = json.loads(text.decode("utf-8"), object_pairs_hook=_refuse_repeated_keys)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"config file {path} is corrupt ({exc}); save the model again") from exc
-    except RecursionError:
-        raise CheckpointError(f"config file {path} is corrupt (nested too deeply for a bcosvit config)") from None
-    except CheckpointError as exc:  # a repeated key
-        raise CheckpointError(f"config file {path}: {exc}") from exc
+    data = read_json_file(path, "config file", "config.json", "save the model again")
     if not isinstance(data, dict):
         raise CheckpointError(f"config file {path} must hold a JSON object, got {type(data).__name__}")
     return data
