@@ -116,14 +116,6 @@ def _start(config: TrainConfig, out: Path, resume: bool) -> tuple[TrainConfig, P
     return resolved, choice, rt
 
 
-def bcosify_warmup_steps(config: TrainConfig, steps_per_epoch: int) -> int | None:
-    """Steps of the B-cosification schedule (at least 1 for a warmup > 0); None without one (no
-    ``bcosify_from``, or ``bcosify_warmup_epochs = 0``: the model starts bias-free with B = 2)."""
-    if config.bcosify_from is None or config.bcosify_warmup_epochs == 0:
-        return None
-    return max(1, round(config.bcosify_warmup_epochs * steps_per_epoch))
-
-
 def compile_from_step(config: TrainConfig, warmup: int | None, rt: Runtime) -> int | None:
     """The step from which a run's forward passes are compiled: 0, or the end of a B-cosification
     warmup (B changes at every step of it, and a compiled graph would be recompiled for each
@@ -221,10 +213,10 @@ class TrainingRun:
             ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
         if state is not None:
             restore_resume_state(state, model, optimizer, ema, out, align)
-        warmup = bcosify_warmup_steps(config, len(data.train_loader))
         steps = len(data.train_loader) * config.epochs
         net = wrap_model(trained, rt)
         schedule = BcosifySchedule.from_config(config, len(data.train_loader))
+        warmup = None if schedule is None else schedule.b_steps  # B is fixed from here: compiling pays
         trainer = Trainer(net, model, optimizer, ema, config, rt, data.spec.num_classes, steps, align, schedule)
         epoch = 0 if state is None else int(state["epoch"])
         trainer.start_bcosify(epoch * len(data.train_loader))
