@@ -69,7 +69,7 @@ def test_missing_dataset_gives_install_instructions(tmp_path):
 def test_unknown_recipe_lists_the_available_ones(capsys):
     assert main(["train", "--recipe", "nope"]) == 2
     err = capsys.readouterr().err
-    assert "unknown recipe 'nope'; available: cifar10, fmnist, " in err and "fmnist-demo" in err
+    assert "unknown recipe 'nope'; available: cifar10, finetune, fmnist, " in err and "fmnist-demo" in err
 
 
 def test_list_recipes_gives_each_recipe_a_line_with_its_description(capsys):

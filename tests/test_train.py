@@ -426,8 +426,9 @@ DEMO_PRESET = {
     "batch_size": 64, "lr": 1e-3, "lr_scales": {}, "weight_decay": 0.0, "optimizer": "auto", "loss": "auto",
     "clip": "auto", "clip_value": None, "agc_eps": 1e-3, "warmup_steps": 300, "min_lr": 0.0, "randaugment": 0,
     "flip": True, "crop_padding": None, "mixup": 0.0, "mosaic": 0.0, "mosaic_grid": 2, "energy_loss": 0.0,
-    "energy_canvases": 0, "init_from": None, "bcosify_from": None, "bcosify_warmup_epochs": 1.0,
-    "bcosify_bias_epochs": None, "bcosify_norm_bias_epochs": None, "align_to": None,
+    "energy_canvases": 0, "init_from": None, "finetune_from": None, "finetune_pretrained": "auto",
+    "finetune_weights": None, "finetune_new_head": None, "layer_decay": None, "bcosify_from": None,
+    "bcosify_warmup_epochs": 1.0, "bcosify_bias_epochs": None, "bcosify_norm_bias_epochs": None, "align_to": None,
     "train_head_only": False, "label_smoothing": 0.0, "ema": 0.0, "precision": "auto", "compile": True,
     "grad_checkpointing": False, "log_every": 50, "eval_every": 1, "seed": 0,  # the three: options added since
     "num_workers": 0, "explain_examples": True,

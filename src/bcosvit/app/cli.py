@@ -68,7 +68,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 # the training options with a flag of their own (every option: --set KEY=VALUE)
-TRAIN_FLAGS = ("model", "dataset", "data_dir", "epochs", "batch_size", "lr", "seed", "bcosify_from")
+TRAIN_FLAGS = ("model", "dataset", "data_dir", "epochs", "batch_size", "lr", "seed", "bcosify_from", "finetune_from")
+# the recipe of `bcosvit train --finetune-from` without --recipe
+FINETUNE_RECIPE = "finetune"
 
 
 def command_line_settings(args: argparse.Namespace) -> tuple[dict, dict]:
@@ -83,9 +85,12 @@ def command_line_settings(args: argparse.Namespace) -> tuple[dict, dict]:
 def train_run_from_args(args: argparse.Namespace) -> tuple[Recipe, Path]:
     """The recipe, with the command line's options applied, and the run folder of ``bcosvit train``.
     With ``--bcosify-from`` and no ``--model`` the model is the teacher's B-cos twin; ``--weights``
-    is the weights file of a timm teacher (``--bcosify-from timm:NAME``)."""
+    is the weights file of a timm teacher (``--bcosify-from timm:NAME``). With ``--finetune-from``
+    the recipe defaults to ``finetune``, the model is the source's, ``--pretrained`` chooses a
+    registered name's weights and ``--weights`` is its published file (``finetune_pretrained``,
+    ``finetune_weights``: the command line's replace the recipe's)."""
     from ..errors import ConfigError
-    from .training.recipes import build_recipe, load_recipe
+    from .training.recipes import build_recipe, finetune_model_name, load_recipe
     from .training.teacher import bcos_twin_name, teacher_source
 
     if args.teacher_features:
@@ -94,8 +99,16 @@ def train_run_from_args(args: argparse.Namespace) -> tuple[Recipe, Path]:
             "which need its head; align a B-cos student to a headless teacher's features with bcosvit align "
             "--teacher timm:NAME --teacher-features"
         )
-    if args.weights and not args.bcosify_from:
-        raise ConfigError("--weights is the weights file of the timm teacher of --bcosify-from timm:NAME; add it")
+    finetune = getattr(args, "finetune_from", None)
+    if args.bcosify_from and finetune:
+        raise ConfigError("--bcosify-from and --finetune-from both start the model from trained weights: give one")
+    if args.weights and not (args.bcosify_from or finetune):
+        raise ConfigError(
+            "--weights is the weights file of the timm teacher of --bcosify-from timm:NAME, or the published .pth "
+            "file of --finetune-from NAME; add one of them"
+        )
+    if getattr(args, "pretrained", None) and not finetune:
+        raise ConfigError("--pretrained chooses the weights of --finetune-from NAME; add it")
     settings, stage_settings = command_line_settings(args)
     if args.bcosify_from:
         source = teacher_source(args.bcosify_from, args.weights)
@@ -103,8 +116,14 @@ def train_run_from_args(args: argparse.Namespace) -> tuple[Recipe, Path]:
             settings["bcosify_from"] = source
         if "model" not in settings:
             settings["model"] = bcos_twin_name(source)
-    if args.recipe:
-        recipe = load_recipe(args.recipe, settings, stage_settings)
+    if finetune:
+        settings.setdefault("finetune_pretrained", args.pretrained or "auto")
+        settings.setdefault("finetune_weights", os.path.abspath(args.weights) if args.weights else None)
+        if "model" not in settings:
+            settings["model"] = finetune_model_name(settings["finetune_from"])
+    recipe_name = args.recipe or (FINETUNE_RECIPE if finetune else None)
+    if recipe_name:
+        recipe = load_recipe(recipe_name, settings, stage_settings)
     else:
         recipe = build_recipe("", {}, "TrainConfig's defaults (no --recipe)", settings, stage_settings)
     name = recipe.name or recipe.stages[0].config.model.replace(":", "-")  # bcos_timm:NAME -> bcos_timm-NAME
@@ -405,6 +424,7 @@ def port_number(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..weights import PRETRAINED_CHOICES
     from .training.config import TrainConfig
 
     parser = argparse.ArgumentParser(prog="bcosvit", description="Holistically explainable B-cos Vision Transformers.")
@@ -437,6 +457,20 @@ def build_parser() -> argparse.ArgumentParser:
         "vitc_micro_28, or a timm ViT timm:NAME[?KEY=VALUE&...] with timm.create_model arguments) and fine-tune "
         "it: B 1 -> 2 and biases -> 0 over bcosify_warmup_epochs (--set); --model defaults to its B-cos twin "
         "(bcos_timm:NAME for a timm teacher, whose input size the images are resized to)",
+    )
+    group.add_argument(
+        "--finetune-from",
+        metavar="NAME_OR_RUN",
+        help="fine-tune this trained model (a run folder, a .safetensors file, or a registered name with shipped "
+        "or published weights: --pretrained) on --dataset: its architecture and input size (the images are resized "
+        "to it, Fashion-MNIST read as RGB for a 3-channel model), a new head for the dataset's classes; --recipe "
+        "defaults to finetune (layer decay, warmup: bcosvit train --list-recipes)",
+    )
+    group.add_argument(
+        "--pretrained",
+        choices=PRETRAINED_CHOICES,
+        help="the weights of --finetune-from NAME: 'shipped' inside the package, or the published 'imagenet' ones "
+        "(downloaded once into torch.hub's cache); default: shipped where they ship, else imagenet",
     )
     _add_teacher_weights_option(group)
     group.add_argument(
@@ -491,7 +525,8 @@ def _add_teacher_weights_option(p) -> None:
         help="the weights of the timm teacher (timm:NAME): a .safetensors file or a PyTorch state dict (a "
         "'state_dict' or 'model' entry of a checkpoint is taken), every key matching timm.create_model(NAME, "
         "**KEY=VALUE); the run records its path and SHA-256. Without it, timm's pretrained weights from your "
-        "timm / Hugging Face cache (never downloaded)",
+        "timm / Hugging Face cache (never downloaded). bcosvit train --finetune-from NAME: the published ImageNet "
+        ".pth file of NAME you already have (hash checked; implies --pretrained imagenet)",
     )
 
 

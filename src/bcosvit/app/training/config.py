@@ -9,11 +9,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from ...errors import ConfigError
 from ...models.registry import model_config
 from ...models.vit import ViTConfig
 from ...validation import check_fields, schema_of
+from ...weights.checkpoint import read_metadata, resolve_weights
+from ...weights.imagenet import imagenet_class_names
+from ...weights.published import IMAGENET, PUBLISHED
+from ...weights.shipped import SHIPPED, list_pretrained, shipped_path
 from ..data import DATASETS
 from ..precision import PRECISIONS
 from .teacher import TEACHER_FAMILY_PREFIX, TIMM_PREFIX, TimmSource, is_timm_source, teacher_classes, teacher_features
@@ -60,6 +65,24 @@ class TrainConfig:
     # this many canvases tiled from its images carry the energy loss alone
     energy_canvases: int = 0
     init_from: str | None = None  # start from these weights (run folder or .safetensors), e.g. a stage-1 run
+    # fine-tuning (``FinetuneSource``): start from the trained model finetune_from names (a run folder, a
+    # .safetensors file, or a registered name with shipped or published weights), its architecture and
+    # input size included (the images are resized to it, Fashion-MNIST's read as RGB for a 3-channel
+    # model; model is the source's, image_size its input size unless set), with a new head for the
+    # dataset's classes (the B-cos logit bias log(1/(C-1)) for the new count)
+    finetune_from: str | None = None
+    # which weights of a registered name: "shipped" (inside the package), "imagenet" (the published ones,
+    # downloaded once into torch.hub's cache) or "auto" (shipped where they ship, else the published ones);
+    # a run folder or weights file brings its own ("auto")
+    finetune_pretrained: str = "auto"
+    finetune_weights: str | None = None  # with "imagenet": the published .pth file you already have (hash checked)
+    # None: a new head where the dataset's classes differ from the source's (their number, or their names
+    # where both record them), else the source's head trains on; true: always a new head; false: never
+    finetune_new_head: bool | None = None
+    # layer-wise learning-rate decay (BEiT): block k (0-based) of L at lr x layer_decay^(L-k), the tokenizer,
+    # positions and prefix tokens at lr x layer_decay^(L+1), the final norm and head at lr; multiplies
+    # lr_scales; None: off
+    layer_decay: float | None = None
     # B-cosification (Arya et al., NeurIPS 2024): the model is bcosify(this standard ViT: a run folder, a
     # name with shipped weights or a timm model "timm:NAME", teacher.TimmSource); over the first
     # bcosify_warmup_epochs B rises from 1 to 2 and the biases shrink linearly to 0, then the saved model
@@ -109,6 +132,10 @@ class TrainConfig:
             (
                 all(type(v) in (int, float) and math.isfinite(v) and v > 0 for v in self.lr_scales.values()),
                 f"lr_scales factors must be positive numbers, got {self.lr_scales}",
+            ),
+            (
+                self.layer_decay is None or 0 < self.layer_decay <= 1,
+                f"layer_decay must lie in (0, 1] (or be unset: no decay), got {self.layer_decay}",
             ),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (
@@ -167,6 +194,7 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
         self._validate_teachers()
+        self._validate_finetune()
         if self.grad_checkpointing and self.energy_loss:
             raise ConfigError(
                 "grad_checkpointing recomputes each block in the backward pass, where the energy loss's "
@@ -223,7 +251,9 @@ class TrainConfig:
         converted teacher's), and only it does; a headless one (``num_classes=0``) has no logits to
         B-cosify: it is used for its features alone (``features=true``, ``bcosvit align --teacher-features``)."""
         timm_teacher = is_timm_source(self.bcosify_from)
-        if self.model.startswith(TEACHER_FAMILY_PREFIX) or timm_teacher:
+        # a fine-tuning run of a B-cosified timm teacher's run is checked by _validate_finetune
+        twin_named = self.model.startswith(TEACHER_FAMILY_PREFIX) and self.finetune_from is None
+        if twin_named or timm_teacher:
             twin = TEACHER_FAMILY_PREFIX + TimmSource.parse(self.bcosify_from).name if timm_teacher else None
             if self.model != twin:
                 raise ConfigError(
@@ -236,6 +266,45 @@ class TrainConfig:
                 f"bcosify_from {TimmSource.parse(self.bcosify_from).label} is a headless backbone (no classifier "
                 "head): B-cosifying it needs its logits. Align a B-cos student to its features instead: bcosvit "
                 "align --teacher ... --teacher-features"
+            )
+
+    def _validate_finetune(self) -> None:
+        """``ConfigError`` for fine-tuning settings that do not go together or a source that cannot be
+        fine-tuned (``finetune_source``: found from its metadata or name, no weights read)."""
+        if self.finetune_pretrained not in FINETUNE_PRETRAINED:
+            raise ConfigError(
+                f"finetune_pretrained must be one of {FINETUNE_PRETRAINED}, got {self.finetune_pretrained!r}"
+            )
+        if self.finetune_from is None:
+            unset = {"finetune_pretrained": "auto", "finetune_weights": None, "finetune_new_head": None}
+            given = [name for name, value in unset.items() if getattr(self, name) != value]
+            if given:
+                raise ConfigError(f"{given[0]} chooses how finetune_from is read; set finetune_from (or leave it out)")
+            return
+        others = [name for name in ("init_from", "bcosify_from", "align_to") if getattr(self, name) is not None]
+        if others:
+            raise ConfigError(
+                f"finetune_from {self.finetune_from!r} starts the model from its weights, and {others[0]} "
+                f"{getattr(self, others[0])!r} from others: give one of them (init_from continues a model of this "
+                "run's own architecture; a later stage starts from an earlier one with init_from_stage)"
+            )
+        if self.model_options:
+            raise ConfigError(
+                f"finetune_from takes the architecture from {self.finetune_from!r}; leave model_options empty "
+                f"(got {self.model_options})"
+            )
+        source = finetune_source(self.finetune_from, self.finetune_pretrained, self.finetune_weights)
+        if self.model != source.model_name:
+            raise ConfigError(
+                f"finetune_from {self.finetune_from!r} is a {source.model_name} model: model must be "
+                f"{source.model_name}, got {self.model} (leave model out of the recipe and the command line: "
+                "it is taken from the source)"
+            )
+        if source.architecture.num_classes == 0 and self.finetune_new_head is not True:
+            raise ConfigError(
+                f"finetune_from {self.finetune_from!r} is a headless backbone (num_classes 0: no head, its outputs "
+                "are features): nothing of a classifier is fine-tuned. Set finetune_new_head = true to train a new "
+                "head on its features (with train_head_only = true: a linear probe)"
             )
 
     @property
@@ -253,12 +322,21 @@ class TrainConfig:
 
         clip = pick(self.clip, "agc", "norm")
         default_clip_value = 0.01 if clip == "agc" else 1.0
-        return dataclasses.replace(
+        resolved = dataclasses.replace(
             self,
             optimizer=pick(self.optimizer, "adam", "adamw"),
             loss=pick(self.loss, "bce", "ce"),
             clip=clip,
             clip_value=self.clip_value if self.clip_value is not None else default_clip_value,
+        )
+        if self.finetune_from is None:
+            return resolved
+        # a fine-tuning source: which weights of a name, and its input size (read only where unset)
+        source = finetune_source(self.finetune_from, self.finetune_pretrained, self.finetune_weights)
+        return dataclasses.replace(
+            resolved,
+            finetune_pretrained=source.pretrained,
+            image_size=self.image_size if self.image_size is not None else source.architecture.image_size,
         )
 
     def to_dict(self) -> dict:
@@ -291,6 +369,88 @@ class TrainConfig:
 
 # set from the dataset when the model is built, so a run may not choose them
 DATASET_MODEL_OPTIONS = ("num_classes", "class_names")
+# finetune_pretrained: "auto" resolves to SHIPPED or IMAGENET for a registered name, stays for a file
+FINETUNE_PRETRAINED = ("auto", SHIPPED, IMAGENET)
+
+
+@dataclass(frozen=True)
+class FinetuneSource:
+    """The trained model a fine-tuning run starts from (``TrainConfig.finetune_from``), found without
+    reading its weights.
+
+    Attributes:
+        source: as given: a run folder or ``.safetensors`` file, or a registered name.
+        path: the weights file (``resolve_weights``), None for a registered name.
+        pretrained: which weights of a name: ``"shipped"`` or ``"imagenet"`` (``"auto"`` for a file).
+        weights: with ``"imagenet"``, the published ``.pth`` file given (else None: torch.hub's cache).
+        model_name: the registered name (a file's ``model_name``), the run's ``model``.
+        architecture: the weights' ``ViTConfig``: input size and channels, classes and their names.
+    """
+
+    source: str
+    path: Path | None
+    pretrained: str
+    weights: str | None
+    model_name: str
+    architecture: ViTConfig
+
+
+def finetune_source(source: str, pretrained: str = "auto", weights: str | None = None) -> FinetuneSource:
+    """The fine-tuning source ``source``: an existing run folder or ``.safetensors`` file (its
+    ``model.json``, checked), else a registered name with weights of the kind ``pretrained`` asks for
+    (``"auto"``: its shipped weights where they ship, else the published ImageNet ones; ``weights``: the
+    published file). ``ConfigError`` naming what is wrong: no such file or name, no weights of that kind,
+    ``pretrained``/``weights`` for a file, a file that names no model."""
+    if Path(source).exists():
+        if pretrained != "auto" or weights is not None:
+            given = f"finetune_pretrained {pretrained!r}" if pretrained != "auto" else f"finetune_weights {weights!r}"
+            raise ConfigError(
+                f"finetune_from {source!r} is a run folder or weights file, which brings its own weights; {given} "
+                "chooses the weights of a registered name: leave it out"
+            )
+        path = resolve_weights(source)
+        meta = read_metadata(path)
+        name = meta.get("model_name")
+        if not isinstance(name, str):
+            raise ConfigError(f"finetune_from {source!r}: {path.with_suffix('.json')} names no model (model_name)")
+        architecture = ViTConfig.from_dict(meta["architecture"])
+        if meta.get("classes") is not None:
+            architecture.class_names = list(meta["classes"])
+        return FinetuneSource(source, path, "auto", None, name, architecture)
+    if "/" in source or source.endswith((".safetensors", ".json")):
+        raise ConfigError(
+            f"finetune_from {source!r}: no run folder or weights file there; pass the folder of a `bcosvit train` "
+            "run, a .safetensors file, or a registered name with weights (bcosvit models)"
+        )
+    model_config(source)  # an unknown name fails with the closest names
+    shipped, published = source in list_pretrained(), source in PUBLISHED
+    if weights is not None and pretrained == "auto":
+        pretrained = IMAGENET  # the published file implies the published weights
+    if pretrained == "auto":
+        if not (shipped or published):
+            raise ConfigError(
+                f"finetune_from {source!r}: no weights ship for it and none are published (models with weights: "
+                "bcosvit models); fine-tune a run folder of yours instead"
+            )
+        pretrained = SHIPPED if shipped else IMAGENET
+    if pretrained == SHIPPED and weights is not None:
+        raise ConfigError("finetune_weights is the published .pth file of finetune_pretrained = 'imagenet'")
+    if pretrained == SHIPPED and not shipped:
+        raise ConfigError(
+            f"finetune_from {source!r}: no weights for it ship inside the package (shipped: {list_pretrained()})"
+            + ("; its published ImageNet weights: finetune_pretrained = 'imagenet'" if published else "")
+        )
+    if pretrained == IMAGENET and not published:
+        raise ConfigError(
+            f"finetune_from {source!r}: no published ImageNet weights for it (published: {list(PUBLISHED)})"
+        )
+    if pretrained == SHIPPED:
+        meta = read_metadata(shipped_path(source))
+        architecture = ViTConfig.from_dict(meta["architecture"])
+        architecture.class_names = list(meta["classes"]) if meta.get("classes") is not None else None
+    else:
+        architecture = model_config(source, class_names=imagenet_class_names())
+    return FinetuneSource(source, None, pretrained, weights, source, architecture)
 
 
 def is_bcos_model(model: str, options: dict | None = None) -> bool:

@@ -32,7 +32,7 @@ from ...errors import ConfigError
 from ...fileio import remove_stale_temporaries, write_json
 from ...metrics import TopkAccuracy, topk_accuracy
 from ...weights.checkpoint import load_state_dict
-from ..data import batch_to_device, load_dataset
+from ..data import batch_to_device
 from ..precision import PrecisionChoice, autocast, compile_available, resolve_precision
 from .align import AlignmentNet
 from .builders import (
@@ -42,10 +42,13 @@ from .builders import (
     build_model,
     build_optimizer,
     freeze_all_but_head,
+    layer_decay_scales,
     loss_function,
+    needs_new_head,
+    run_dataset_loader,
     wrap_model,
 )
-from .config import TrainConfig
+from .config import TrainConfig, finetune_source
 from .distributed import Runtime, is_main_process, setup_distributed, unwrap
 from .run_folder import (
     check_free_space,
@@ -191,13 +194,14 @@ class TrainingRun:
         out: Path,
         rt: Runtime,
         state: dict[str, Any] | None = None,
-        dataset_loader: DatasetLoader = load_dataset,
+        dataset_loader: DatasetLoader | None = None,
     ) -> TrainingRun:
-        """Data (each split read by ``dataset_loader``, as ``build_data`` says), model (from
-        ``config.init_from`` in a new run), optimizer and EMA; their state from a resumed run's
-        ``state`` (``load_resume_state``); then the DDP wrapper, and ``torch.compile`` if it is due
+        """Data (each split read by ``dataset_loader``, as ``build_data`` says; None: the run's own,
+        ``run_dataset_loader``), model (from ``config.init_from`` in a new run, or fine-tuned from
+        ``config.finetune_from``), optimizer and EMA; their state from a resumed run's ``state``
+        (``load_resume_state``); then the DDP wrapper, and ``torch.compile`` if it is due
         (``compile_from_step``)."""
-        data = build_data(config, rt, dataset_loader)
+        data = build_data(config, rt, dataset_loader or run_dataset_loader(config))
         torch.manual_seed(config.seed)
         model = build_model(config, data.spec).to(rt.device)
         if config.init_from and state is None:
@@ -285,8 +289,34 @@ class TrainingRun:
                 f"aligning to {config.align_to} without labels: student layers {align.student_layers}, "
                 f"teacher layers {align.teacher_layers} and pooled features, cosine distance"
             )
+        if config.finetune_from is not None:
+            print(self._finetune_line())
         if config.train_head_only:
             print("linear probe: only the classifier head trains")
+        elif config.layer_decay is not None:
+            depth = len(self.trainer.model.blocks)
+            scales = layer_decay_scales(self.trainer.model, config.layer_decay)
+            print(
+                f"layer decay {config.layer_decay:g}: lr x {scales['tokenizer']:.3g} for the tokenizer, "
+                f"x {scales['blocks.0']:.3g} for block 0 ... x {scales[f'blocks.{depth - 1}']:.3g} for block "
+                f"{depth - 1}, x 1 for the head"
+            )
+
+    def _finetune_line(self) -> str:
+        """What a fine-tuning run starts from, and whether its head is new."""
+        config, spec, model = self.config, self.data.spec, self.trainer.model
+        source = finetune_source(config.finetune_from, config.finetune_pretrained, config.finetune_weights)
+        arch = source.architecture
+        weights = f" ({source.pretrained} weights)" if source.path is None else ""
+        if needs_new_head(config, list(spec.classes), arch.class_names, arch.num_classes):
+            bias = f", logit bias {model.logit_bias_value:.3f} = log(1/(C-1))" if model.is_bcos else ""
+            head = f"a new head for its {spec.num_classes} classes{bias} (the source's had {arch.num_classes})"
+        else:
+            head = f"the source's head for its {spec.num_classes} classes"
+        return (
+            f"fine-tuning {config.finetune_from}{weights}, {arch.in_chans}x{model.image_size}x{model.image_size} "
+            f"inputs, on {config.dataset}: {head}"
+        )
 
     def train_epoch(self, epoch: int, progress: bool = True) -> dict[str, Any]:
         """The optimisation steps of epoch ``epoch``: its train loss and accuracy (over all
@@ -389,7 +419,7 @@ def train(
     stop_after: int | None = None,
     keep_process_group: bool = False,
     *,
-    dataset_loader: DatasetLoader = load_dataset,
+    dataset_loader: DatasetLoader | None = None,
 ) -> dict[str, Any]:
     """Train ``config`` into the run folder ``out``; returns the last epoch's metrics.
 
@@ -402,7 +432,9 @@ def train(
     schedule still follows ``config.epochs``. ``keep_process_group``: leave a ``torchrun`` job's
     process group open for a next stage (re-creating it between stages fails or hangs at random).
     ``dataset_loader``: what reads the train and test splits, called as
-    ``bcosvit.app.data.load_dataset`` is (that function by default; a wrapper can change a dataset).
+    ``bcosvit.app.data.load_dataset`` is (None: the run's own, ``builders.run_dataset_loader``:
+    ``load_dataset`` with the channels of a timm teacher or fine-tuning source; a wrapper can change
+    a dataset).
     """
     out = Path(out)
     config.validate()

@@ -9,12 +9,14 @@ ones winning:
 - ``[bcos]`` or ``[standard]``: only models of that family (B-cos models are named ``bcos_*``);
 - ``[models."PATTERN"]``: only models whose name matches the shell-style pattern;
 - ``[stages.NAME]``: one stage, in file order, each a run of its own in the sub-folder ``NAME`` of
-  the run folder; ``init_from_stage = "EARLIER"`` starts it from that earlier stage's weights. A
-  recipe without stages is one run straight into the run folder;
+  the run folder; ``init_from_stage = "EARLIER"`` starts it from that earlier stage's weights (as
+  ``init_from``, or, in a fine-tuning recipe, as its ``finetune_from``: e.g. a linear probe, then
+  the whole model). A recipe without stages is one run straight into the run folder;
 - the command line: ``--model``, ``--epochs``, ... and ``--set KEY=VALUE`` for every stage, then
   ``--set STAGE.KEY=VALUE`` for one.
 
-A table's option replaces the value of an earlier table (``model_options`` as a whole).
+A table's option replaces the value of an earlier table (``model_options`` as a whole). With
+``finetune_from`` and no ``model`` in any table, the model is the source's (``finetune_model_name``).
 A top-level ``description`` says in one line what the recipe is for. Options left "auto"
 (optimizer, loss, clip, clip_value, precision) are resolved when a run starts and stored, resolved,
 in its folder (``config.json``).
@@ -38,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError
-from .config import TrainConfig, is_bcos_model
+from .config import TrainConfig, finetune_source, is_bcos_model
 from .teacher import resolve_teacher_settings
 
 RECIPES = resources.files(__package__).joinpath("recipes")  # the packaged recipe files
@@ -70,13 +72,20 @@ class Recipe:
 
     def runs(self, out: str | Path) -> list[tuple[Path, TrainConfig]]:
         """Each stage's run folder under ``out`` and its config, whose ``init_from`` is the run folder
-        of the stage it starts from."""
+        of the stage it starts from (its ``finetune_from`` in a fine-tuning recipe: that stage's model,
+        head and classes included, with the weights it brings)."""
         out = Path(out)
         runs = []
         for stage in self.stages:
             config = stage.config
             if stage.init_from_stage is not None:
-                config = dataclasses.replace(config, init_from=str(out / stage.init_from_stage))
+                earlier = str(out / stage.init_from_stage)
+                if config.finetune_from is not None:
+                    config = dataclasses.replace(
+                        config, finetune_from=earlier, finetune_pretrained="auto", finetune_weights=None
+                    )
+                else:
+                    config = dataclasses.replace(config, init_from=earlier)
             runs.append((out / stage.name, config))
         return runs
 
@@ -143,6 +152,13 @@ def build_recipe(
                 )
         stages.append(Stage(stage, config, start))
     return Recipe(name, tables.get("description", ""), tuple(stages))
+
+
+def finetune_model_name(source: str) -> str:
+    """The model of a run fine-tuning ``source`` (``TrainConfig.finetune_from``): a registered name
+    itself, a run folder's or weights file's ``model_name``; ``ConfigError`` for no such file or name
+    (``finetune_source``)."""
+    return finetune_source(source).model_name
 
 
 def parse_settings(items: Sequence[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -239,13 +255,15 @@ def _merge(tables: dict[str, Any], last: list[dict[str, Any]], where: str) -> Tr
     """``[train]``, then the family and model-pattern tables that apply to the model, then ``last``
     (the stage's table, the command line), as one validated ``TrainConfig``."""
     chosen = [tables.get("train", {}), *last]
-    model = next((layer["model"] for layer in reversed(chosen) if "model" in layer), TrainConfig.model)
+    finetune = next((layer["finetune_from"] for layer in reversed(chosen) if "finetune_from" in layer), None)
     try:
+        named = next((layer["model"] for layer in reversed(chosen) if "model" in layer), None)
+        model = named or (finetune_model_name(finetune) if finetune is not None else TrainConfig.model)
         family = "bcos" if is_bcos_model(model) else "standard"
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     patterns = [table for pattern, table in tables.get("models", {}).items() if fnmatchcase(model, pattern)]
-    merged: dict[str, Any] = {}
+    merged: dict[str, Any] = {"model": model}
     for layer in (chosen[0], tables.get(family, {}), *patterns, *last):
         merged.update(layer)
     try:

@@ -4,21 +4,19 @@ run followed by what a user wants to see: test accuracy and explanations of test
 from __future__ import annotations
 
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from ...weights.checkpoint import load_model
-from ..data import batch_to_device, evaluation_split, first_images_per_class, load_dataset
-from .builders import DatasetLoader
+from ..data import batch_to_device, evaluation_split, first_images_per_class
+from .builders import DatasetLoader, run_dataset_loader
 from .config import TrainConfig
 from .distributed import is_main_process
 from .loop import train
 from .recipes import Recipe
 from .run_folder import finished_epochs
-from .teacher import is_timm_source, teacher_input
 
 # classes the end-of-training figure shows at most (one image each, explained in one batch)
 FIGURE_CLASSES = 16
@@ -34,13 +32,10 @@ def figure_images(dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dataset_loader(config: TrainConfig) -> DatasetLoader:
-    """What reads the datasets of a run of ``config``: ``load_dataset``, with the channels of its timm
-    teacher (``bcosify_from``, else ``align_to``) where it has one, so that Fashion-MNIST's grey images
-    reach a teacher that reads RGB as RGB (their size is the teacher's: ``config.image_size``)."""
-    teachers = [source for source in (config.bcosify_from, config.align_to) if is_timm_source(source)]
-    if not teachers:
-        return load_dataset
-    return partial(load_dataset, in_chans=teacher_input(teachers[0])[0])
+    """What reads the datasets of a run of ``config`` (``builders.run_dataset_loader``): ``load_dataset``
+    with the channels of its timm teacher or fine-tuning source where it has one, so that Fashion-MNIST's
+    grey images reach a model that reads RGB as RGB (their size: ``config.image_size``, resolved)."""
+    return run_dataset_loader(config)
 
 
 def write_explanation_figure(run: Path, config: TrainConfig) -> Path | None:
@@ -55,7 +50,8 @@ def write_explanation_figure(run: Path, config: TrainConfig) -> Path | None:
     if not model.is_bcos:
         return None
     split = evaluation_split(config.dataset)
-    test_ds, spec = dataset_loader(config)(config.dataset, split, config.data_dir, config.image_size)
+    # at the trained model's input size (a fine-tuned model's is its source's where image_size is unset)
+    test_ds, spec = dataset_loader(config)(config.dataset, split, config.data_dir, model.image_size)
     images, labels = figure_images(test_ds)
     expl = explain(model, images, target=TopK(2))
     true = [f"true: {spec.classes[int(y)]}" for y in labels]
