@@ -1,8 +1,8 @@
 """Fine-tuning a 224-px ViT-Ti/16, B-cos and its standard twin, on a 10-class folder dataset (issue 28).
 
-Reproduce (from the repository root; about 20 minutes on 2 busy CPU cores)::
+Reproduce (from the repository root; about 8 minutes on 2 quiet CPU cores)::
 
-    nice -n 10 .venv/bin/python benchmarks/finetune.py --json benchmarks/results/finetune.json
+    .venv/bin/python benchmarks/finetune.py --layer-decay none --epochs 6 --json benchmarks/results/finetune.json
 
 What it does, as a user would with the packaged ``finetune`` recipe:
 
