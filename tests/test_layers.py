@@ -30,6 +30,7 @@ from bcosvit.layers import (
     set_explanation_mode,
     sincos_2d,
 )
+from bcosvit.layers.attention import explicit_attention_pays
 from bcosvit.layers.bcos import LINEAR_NORM_EPS, NORM_EPS, _SquareCosScale
 
 D64 = torch.float64
@@ -299,6 +300,23 @@ def test_attention_sdpa_path_equals_explicit_softmax_path(rotary, penalty, detac
         scores = scores - penalty * distance
     manual = torch.softmax(scores, dim=-1)
     torch.testing.assert_close(maps.detach(), manual, rtol=1e-12, atol=1e-13)
+
+
+def test_bf16_attention_on_a_cpu_is_written_out_and_stays_near_float32(monkeypatch):
+    # torch's fused CPU kernel is several times slower in bf16 than the explicit products (docs/results.md)
+    attn = _attention(rotary=True).float()
+    x = torch.randn(3, 6, 8)
+    reference = attn(x, (2, 3))
+    assert not explicit_attention_pays(x) and explicit_attention_pays(x.bfloat16())
+
+    def fused(*args, **kwargs):
+        raise AssertionError("the fused kernel ran under bf16 autocast on a CPU")
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", fused)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert explicit_attention_pays(x)
+        out = attn(x, (2, 3))
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.02)
 
 
 @pytest.mark.parametrize("return_attn", [False, True])

@@ -28,13 +28,26 @@ from .detach import DetachableModule
 from .position import DistancePenalty, Grid
 
 
+def explicit_attention_pays(q: Tensor) -> bool:
+    """Whether ``softmax(q kᵀ) v`` written out beats ``F.scaled_dot_product_attention`` for queries
+    ``q``: on a CPU in bfloat16 or float16 (autocast's dtype where autocast is on). There torch
+    2.14's fused CPU kernel is 2-6x slower, forward and backward, than the two matrix products and
+    the softmax (which run on the same bf16 GEMMs as the linear layers): 16 vs 3 ms for 64 x 4 heads
+    x 49 tokens x 32, 38 vs 12 ms for ViT-Ti's 32 x 3 x 197 x 64, AVX512-BF16 without AMX
+    (docs/results.md, "Performance"). In float32, and on CUDA, the fused kernel stays."""
+    if q.device.type != "cpu":
+        return False
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+    return dtype in (torch.bfloat16, torch.float16)
+
+
 def attend(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, detach: bool, return_attn: bool
 ) -> tuple[Tensor, Tensor | None]:
     """``softmax(q kᵀ / sqrt(d) + bias) v`` per head: ``(N, h, Lq, d), (N, h, L, d) x2 -> (N, h, Lq, d)``,
     and the attention maps ``(N, h, Lq, L)`` with ``return_attn`` (else None). ``detach``: the
     attention matrix is a constant (explanation mode)."""
-    if not (return_attn or detach):
+    if not (return_attn or detach or explicit_attention_pays(q)):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias), None
     # Explanation mode multiplies by the constant attention matrix explicitly: the fused kernel has
     # no double backward, which explanation-regularised training needs.
