@@ -395,6 +395,15 @@ class FinetuneSource:
     architecture: ViTConfig
 
 
+def _stored_architecture(meta: dict) -> ViTConfig:
+    """The ``ViTConfig`` of checked weights metadata (``read_metadata``), with its class names where it
+    records them."""
+    architecture = ViTConfig.from_dict(meta["architecture"])
+    if meta.get("classes") is not None:
+        architecture.class_names = list(meta["classes"])
+    return architecture
+
+
 def finetune_source(source: str, pretrained: str = "auto", weights: str | None = None) -> FinetuneSource:
     """The fine-tuning source ``source``: an existing run folder or ``.safetensors`` file (its
     ``model.json``, checked), else a registered name with weights of the kind ``pretrained`` asks for
@@ -413,10 +422,7 @@ def finetune_source(source: str, pretrained: str = "auto", weights: str | None =
         name = meta.get("model_name")
         if not isinstance(name, str):
             raise ConfigError(f"finetune_from {source!r}: {path.with_suffix('.json')} names no model (model_name)")
-        architecture = ViTConfig.from_dict(meta["architecture"])
-        if meta.get("classes") is not None:
-            architecture.class_names = list(meta["classes"])
-        return FinetuneSource(source, path, "auto", None, name, architecture)
+        return FinetuneSource(source, path, "auto", None, name, _stored_architecture(meta))
     if "/" in source or source.endswith((".safetensors", ".json")):
         raise ConfigError(
             f"finetune_from {source!r}: no run folder or weights file there; pass the folder of a `bcosvit train` "
@@ -445,9 +451,7 @@ def finetune_source(source: str, pretrained: str = "auto", weights: str | None =
             f"finetune_from {source!r}: no published ImageNet weights for it (published: {list(PUBLISHED)})"
         )
     if pretrained == SHIPPED:
-        meta = read_metadata(shipped_path(source))
-        architecture = ViTConfig.from_dict(meta["architecture"])
-        architecture.class_names = list(meta["classes"]) if meta.get("classes") is not None else None
+        architecture = _stored_architecture(read_metadata(shipped_path(source)))
     else:
         architecture = model_config(source, class_names=imagenet_class_names())
     return FinetuneSource(source, None, pretrained, weights, source, architecture)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from ...weights.checkpoint import load_model
 from ..data import batch_to_device, evaluation_split, first_images_per_class
-from .builders import DatasetLoader, run_dataset_loader
+from .builders import run_dataset_loader
 from .config import TrainConfig
 from .distributed import is_main_process
 from .loop import train
@@ -31,13 +31,6 @@ def figure_images(dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor([label for _, label in items])
 
 
-def dataset_loader(config: TrainConfig) -> DatasetLoader:
-    """What reads the datasets of a run of ``config`` (``builders.run_dataset_loader``): ``load_dataset``
-    with the channels of its timm teacher or fine-tuning source where it has one, so that Fashion-MNIST's
-    grey images reach a model that reads RGB as RGB (their size: ``config.image_size``, resolved)."""
-    return run_dataset_loader(config)
-
-
 def write_explanation_figure(run: Path, config: TrainConfig) -> Path | None:
     """Explain one test image of each of up to ``FIGURE_CLASSES`` classes with the trained B-cos
     model (top-2 classes each) and save ``explanations.png`` in the run folder. Returns None for
@@ -51,7 +44,7 @@ def write_explanation_figure(run: Path, config: TrainConfig) -> Path | None:
         return None
     split = evaluation_split(config.dataset)
     # at the trained model's input size (a fine-tuned model's is its source's where image_size is unset)
-    test_ds, spec = dataset_loader(config)(config.dataset, split, config.data_dir, model.image_size)
+    test_ds, spec = run_dataset_loader(config)(config.dataset, split, config.data_dir, model.image_size)
     images, labels = figure_images(test_ds)
     expl = explain(model, images, target=TopK(2))
     true = [f"true: {spec.classes[int(y)]}" for y in labels]
@@ -75,8 +68,7 @@ def run_training(
 ) -> dict:
     """Train, then (on the main process) print the test accuracy and write the explanation figure."""
     started = time.perf_counter()
-    loader = dataset_loader(config)
-    metrics = train(config, out, resume, progress, stop_after, keep_process_group, dataset_loader=loader)
+    metrics = train(config, out, resume, progress, stop_after, keep_process_group)  # the run's own dataset loader
     if not is_main_process() or not metrics:
         return metrics
     finished = metrics.get("epoch") == config.epochs
