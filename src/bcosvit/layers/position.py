@@ -10,12 +10,26 @@ neither leaves a positional term.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 Grid = tuple[int, int]
+Table = TypeVar("Table")
+
+
+def cached_table(cache: dict, key: tuple, build: Callable[[], Table]) -> Table:
+    """``build()`` once per ``key`` in eager mode, kept in ``cache``. Under ``torch.compile`` the
+    table is computed inside the graph instead: a dict written while tracing fails its own guard on
+    the next call and costs a second compilation of the whole model."""
+    if torch.compiler.is_compiling():
+        return build()
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
 
 
 def grid_positions(grid: Grid) -> Tensor:
@@ -126,15 +140,15 @@ class Rotary2d(nn.Module):
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def _cos_sin(self, grid: Grid, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        key = (tuple(grid), device, dtype)
-        if key not in self._cache:
+        def build() -> tuple[Tensor, Tensor]:
             quarter = self.head_dim // 4
             freqs = 1.0 / self.temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)
             y, x = grid_positions(grid).unbind(dim=1)
             angles = torch.cat([y[:, None] * freqs, x[:, None] * freqs], dim=1)
             angles = torch.cat([angles, angles], dim=1)
-            self._cache[key] = (angles.cos().to(device, dtype), angles.sin().to(device, dtype))
-        return self._cache[key]
+            return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+
+        return cached_table(self._cache, (tuple(grid), device, dtype), build)
 
     def forward(self, x: Tensor, grid: Grid) -> Tensor:
         cos, sin = self._cos_sin(grid, x.device, x.dtype)
@@ -159,12 +173,12 @@ class DistancePenalty(nn.Module):
         self._cache: dict[tuple, Tensor] = {}
 
     def forward(self, grid: Grid, device: torch.device, dtype: torch.dtype) -> Tensor:
-        key = (tuple(grid), device, dtype)
-        if key not in self._cache:
+        def build() -> Tensor:
             positions = grid_positions(grid)
             distance = torch.cdist(positions, positions, compute_mode="donot_use_mm_for_euclid_dist")
-            self._cache[key] = (-self.slope * distance).to(device, dtype)
-        return self._cache[key]
+            return (-self.slope * distance).to(device, dtype)
+
+        return cached_table(self._cache, (tuple(grid), device, dtype), build)
 
     def extra_repr(self) -> str:
         return f"slope={self.slope}"
@@ -267,26 +281,26 @@ class TimmRotary2d(nn.Module):
 
     def _coords(self, grid: Grid) -> Tensor:
         """``(rows*cols, 2)`` float64 coordinate channels of the patches, in timm's channel order."""
-        key = ("coords", tuple(grid))
-        if key not in self._cache:
-            sizes = [int(grid[0]), int(grid[1])]
-            refs = None if self.ref_grid is None else list(self.ref_grid)
-            axes = []
-            for axis, size in enumerate(sizes):
-                if self.rope_type == "dinov3":
-                    denom = {"separate": size, "min": min(sizes), "max": max(sizes)}[self.normalize_coords]
-                    t = 2.0 * ((torch.arange(size, dtype=torch.float64) + 0.5 + self.grid_offset) / denom) - 1.0
-                else:
-                    t = torch.arange(size, dtype=torch.float64) + self.grid_offset
-                    if refs is not None:
-                        t = t / size * refs[axis]
-                axes.append(t)
-            rows, cols = torch.meshgrid(axes[0], axes[1], indexing="ij")
-            channels = [rows.flatten(), cols.flatten()]
-            if self.grid_indexing == "xy":
-                channels = channels[::-1]
-            self._cache[key] = torch.stack(channels, dim=1)
-        return self._cache[key]
+        return cached_table(self._cache, ("coords", tuple(grid)), lambda: self._build_coords(grid))
+
+    def _build_coords(self, grid: Grid) -> Tensor:
+        sizes = [int(grid[0]), int(grid[1])]
+        refs = None if self.ref_grid is None else list(self.ref_grid)
+        axes = []
+        for axis, size in enumerate(sizes):
+            if self.rope_type == "dinov3":
+                denom = {"separate": size, "min": min(sizes), "max": max(sizes)}[self.normalize_coords]
+                t = 2.0 * ((torch.arange(size, dtype=torch.float64) + 0.5 + self.grid_offset) / denom) - 1.0
+            else:
+                t = torch.arange(size, dtype=torch.float64) + self.grid_offset
+                if refs is not None:
+                    t = t / size * refs[axis]
+            axes.append(t)
+        rows, cols = torch.meshgrid(axes[0], axes[1], indexing="ij")
+        channels = [rows.flatten(), cols.flatten()]
+        if self.grid_indexing == "xy":
+            channels = channels[::-1]
+        return torch.stack(channels, dim=1)
 
     def _axial_frequencies(self) -> Tensor:
         """``(head_dim // 4,)`` float64 angular frequencies of the axial types."""
@@ -315,13 +329,13 @@ class TimmRotary2d(nn.Module):
             angles = t[:, 0, None] * freqs[0, :, None, :] + t[:, 1, None] * freqs[1, :, None, :]
             angles = self._layout(angles)
             return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
-        key = ("table", tuple(grid), device, dtype)
-        if key not in self._cache:
+
+        def build() -> tuple[Tensor, Tensor]:
             freqs = self._axial_frequencies()
-            angles = torch.cat([coords[:, :1] * freqs, coords[:, 1:] * freqs], dim=1)
-            angles = self._layout(angles)
-            self._cache[key] = (angles.cos().to(device, dtype), angles.sin().to(device, dtype))
-        return self._cache[key]
+            angles = self._layout(torch.cat([coords[:, :1] * freqs, coords[:, 1:] * freqs], dim=1))
+            return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+
+        return cached_table(self._cache, ("table", tuple(grid), device, dtype), build)
 
     def _turn(self, x: Tensor) -> Tensor:
         """The quarter turn of every pair: ``rot`` (interleaved) or ``rotate_half`` of timm."""
