@@ -10,6 +10,7 @@ import torch
 
 import bcosvit
 from bcosvit.explanation import dynamic_linear_weights
+from bcosvit.layers.detach import attribution_state
 from bcosvit.models import Capture, model_config
 
 BCOS_MODELS = bcosvit.list_models("bcos_*")
@@ -412,6 +413,29 @@ def test_explain_works_under_no_grad_and_returns_detached_tensors(tiny, images):
     reference = bcosvit.explain(tiny, x)
     torch.testing.assert_close(e.weights, reference.weights, rtol=0, atol=0)
     assert not any(t.requires_grad for t in (e.weights, e.logits, e.outputs, e.inputs, e.contributions, e.positional))
+
+
+def test_explanations_record_no_graph_for_the_parameters_and_restore_their_requires_grad(tiny, images):
+    x = images(2, 1, 8)
+    frozen = tiny.head.weight
+    frozen.requires_grad_(False)  # a user's frozen parameter stays frozen, the others trainable
+    seen = []
+    hook = tiny.blocks[0].attn.proj.register_forward_hook(lambda m, i, o: seen.append(m.weight.requires_grad))
+    try:
+        bcosvit.explain(tiny, x)
+        bcosvit.token_contributions(tiny, x)
+        bcosvit.explain(tiny, x, create_graph=True)  # explanation-regularised training needs the graph
+    finally:
+        hook.remove()
+        frozen.requires_grad_(True)
+    assert seen == [False, False, True]
+    trainable = {n for n, p in tiny.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in tiny.named_parameters()}
+    with pytest.raises(ZeroDivisionError):  # restored when the pass fails too
+        with attribution_state(tiny, input_gradients_only=True):
+            assert not any(p.requires_grad for p in tiny.parameters())
+            raise ZeroDivisionError
+    assert all(p.requires_grad for p in tiny.parameters())
 
 
 def test_create_graph_lets_a_loss_on_the_weights_train_the_parameters(tiny, images):

@@ -124,7 +124,7 @@ def _to_pixels(token_maps: Tensor, images: Tensor, patch_size: int) -> Tensor:
 def input_x_gradient(model: nn.Module, images: ImagesLike, target: TargetLike = None) -> Tensor:
     """``(x · ∂logit_target/∂x)`` summed over channels: images ``(N, C, H, W)`` -> ``(N, H, W)``."""
     model, images = _prepare(model, images)
-    with attribution_state(model, explanation=False):
+    with attribution_state(model, explanation=False, input_gradients_only=True):
         target = _targets(model, images, target)
         attr = InputXGradient(model).attribute(images.detach().requires_grad_(True), target=target)
     return _finish(attr.sum(dim=1))
@@ -157,7 +157,7 @@ def integrated_gradients(
     model, images = _prepare(model, images)
     if n_steps < 1:
         raise ConfigError(f"n_steps must be a positive integer, got {n_steps}")
-    with attribution_state(model, explanation=False):
+    with attribution_state(model, explanation=False, input_gradients_only=True):
         target = _targets(model, images, target)
         batch = None if internal_batch_size is None else max(int(internal_batch_size), images.shape[0])
         attr = IntegratedGradients(model).attribute(
@@ -173,7 +173,7 @@ def integrated_gradients(
 def gradient(model: nn.Module, images: ImagesLike, target: TargetLike = None, *, abs: bool = True) -> Tensor:
     """Saliency: ``|∂logit_target/∂x|`` (signed with ``abs=False``) summed over channels -> ``(N, H, W)``."""
     model, images = _prepare(model, images)
-    with attribution_state(model, explanation=False):
+    with attribution_state(model, explanation=False, input_gradients_only=True):
         target = _targets(model, images, target)
         attr = Saliency(model).attribute(images.detach().requires_grad_(True), target=target, abs=abs)
     return _finish(attr.sum(dim=1))
@@ -185,7 +185,7 @@ def gradient(model: nn.Module, images: ImagesLike, target: TargetLike = None, *,
 def gradcam(model: nn.Module, images: ImagesLike, target: TargetLike = None) -> Tensor:
     """Grad-CAM on the last block's tokens: images ``(N, C, H, W)`` -> non-negative ``(N, H, W)``."""
     model, images = _prepare(model, images)
-    with attribution_state(model, explanation=False):
+    with attribution_state(model, explanation=False, input_gradients_only=True):
         target = _targets(model, images, target)
         logits, record = model(images, capture=Capture(layers=(-1,)))
         tokens = record.tokens[-1]  # (N, L, D)
@@ -270,7 +270,7 @@ def transformer_attribution(model: nn.Module, images: ImagesLike, target: Target
     (it reads ``R[cls, patches]``), so it is left out here.
     """
     model, images = _prepare(model, images)
-    with attribution_state(model, explanation=False):
+    with attribution_state(model, explanation=False, input_gradients_only=True):
         target = _targets(model, images, target)
         logits, record = model(images, capture=Capture(attention=True))
         grads = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), record.attentions)
@@ -306,8 +306,8 @@ def bcos(
             "the 'bcos' attribution method is the exact explanation of B-cos models; this is a standard model "
             f"(use one of the post-hoc methods: {', '.join(m for m in METHODS if m != 'bcos')})"
         )
-    with attribution_state(model, explanation=False):
-        target = _targets(model, images, target)  # the predicted class (when None) in eval mode
+    if target is not None:  # None: explain's own forward pass picks the predicted classes (no second forward)
+        target = _targets(model, images, target)
     expl = explain(model, images, target, baseline=baseline)  # explain() restores the model's state
     return _finish(expl.contributions[:, 0])  # (N, 1, H, W): the one target per image
 

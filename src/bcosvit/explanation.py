@@ -286,7 +286,7 @@ def explain(
     model = _require_bcos(model)
     images = as_model_input(model, images)
     encoded_baseline = None if baseline is None else model.encode(baseline_image(baseline, images))
-    with attribution_state(model):
+    with attribution_state(model, input_gradients_only=not create_graph):
         logits, record = model(images, capture=Capture(), check=False)  # as_model_input checked the images
         target, outputs = _class_targets(model, logits, target)
         weights, positional, _ = dynamic_linear_weights(record, outputs, create_graph)
@@ -324,7 +324,7 @@ def explain_unit(
     """
     model = _require_bcos(model)
     images = as_model_input(model, images)
-    with attribution_state(model):
+    with attribution_state(model, input_gradients_only=True):
         logits, record = model(images, capture=Capture(layers=(layer,)), check=False)
         tokens = record.tokens[layer]
         n, num_tokens, dim = tokens.shape
@@ -375,7 +375,7 @@ def token_contributions(
     layers = tuple(layer) if several else (layer,)
     if not layers:
         raise InputError("layer must be a layer index or a non-empty sequence of them")
-    with attribution_state(model):
+    with attribution_state(model, input_gradients_only=True):
         logits, record = model(images, capture=Capture(layers=layers), check=False)
         target, outputs = _class_targets(model, logits, target)
         _, _, token_grads = dynamic_linear_weights(record, outputs, layer=list(layers))

@@ -67,24 +67,35 @@ def _require_autograd() -> None:
 
 @contextlib.contextmanager
 def attribution_state(
-    model: nn.Module, explanation: bool | None = True, gradients: bool | None = True
+    model: nn.Module,
+    explanation: bool | None = True,
+    gradients: bool | None = True,
+    *,
+    input_gradients_only: bool = False,
 ) -> Iterator[nn.Module]:
     """Context manager for explaining or measuring ``model``: eval mode, no gradient checkpointing,
     explanation mode on (exact explanations) or off (post-hoc gradients), gradients on or off.
 
     ``explanation=None`` or ``gradients=None`` leaves explanation mode or autograd as they are (the
-    metrics run any model, and any attribution method, which sets its own). Every module's training
-    flag, the gradient checkpointing switch (of models that have one) and explanation mode are
-    restored on exit, also when an exception is raised. Raises ``ConfigError`` under
-    ``torch.inference_mode()`` when gradients are asked for.
+    metrics run any model, and any attribution method, which sets its own). ``input_gradients_only``:
+    the parameters stop requiring gradients inside the block, so the forward pass records no graph
+    for them (weight normalisation, weight-gradient inputs): for passes that differentiate with
+    respect to the input or activations only (10-15 % of an explanation's time on the main job's
+    model). Every module's training flag, the gradient checkpointing switch (of models that have
+    one), explanation mode and each parameter's ``requires_grad`` are restored on exit, also when an
+    exception is raised. Raises ``ConfigError`` under ``torch.inference_mode()`` when gradients are
+    asked for.
     """
     if gradients:
         _require_autograd()
     training = {module: module.training for module in model.modules()}
     checkpointing = getattr(model, "grad_checkpointing", None)
+    trainable = [p for p in model.parameters() if p.requires_grad] if input_gradients_only else []
     model.eval()
     if checkpointing is not None:
         model.grad_checkpointing = False
+    for parameter in trainable:
+        parameter.requires_grad_(False)
     try:
         with contextlib.ExitStack() as stack:
             if explanation is not None:
@@ -97,3 +108,5 @@ def attribution_state(
             module.training = was_training
         if checkpointing is not None:
             model.grad_checkpointing = checkpointing
+        for parameter in trainable:
+            parameter.requires_grad_(True)
