@@ -262,6 +262,54 @@ def test_bcos_layernorm_matches_formula_and_explanation_gradient_treats_std_as_c
     assert norm(torch.full_like(x, 3.0)).abs().max() == 0
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_explanation_mode_layernorm_backward_and_double_backward_equal_the_written_out_layer(bias):
+    """The fused forward with a hand-written backward (std held constant) against autograd through
+    the formula: gradients of the input and of γ, β, and their own gradients (create_graph)."""
+    norm = BcosLayerNorm(6, bias=bias).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(6, dtype=D64) + 0.5)
+        if bias:
+            norm.bias.copy_(torch.randn(6, dtype=D64))
+    set_explanation_mode(norm, True)
+    x = (3 * torch.randn(2, 3, 6, dtype=D64) + 1).requires_grad_()
+    g = torch.randn(2, 3, 6, dtype=D64)
+    params = list(norm.parameters())
+
+    def written_out(x):
+        out = _ln_manual(x, (-1,), norm.weight, norm.eps, const_std=True)
+        return out + norm.bias if bias else out
+
+    results = []
+    for forward in (norm, written_out):
+        grads = torch.autograd.grad((forward(x) * g).sum(), [x, *params], create_graph=True)
+        second = torch.autograd.grad(sum(t.square().sum() for t in grads), [x, *params], allow_unused=True)
+        results.append((grads, second))
+    (grads, second), (expected, expected_second) = results
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
+    for got, want, source in zip(second, expected_second, [x, *params]):
+        zeros = torch.zeros_like(source)  # None: no second-order dependence on this source
+        got, want = zeros if got is None else got, zeros if want is None else want
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-11)
+    assert second[0].abs().max() > 1e-3  # the input's second-order term exists (through γ's gradient)
+
+
+def test_explanation_mode_layernorm_under_bf16_autocast_stays_near_float32():
+    norm = BcosLayerNorm(64)
+    set_explanation_mode(norm, True)
+    x = (torch.randn(4, 10, 64) * 2 + 1).requires_grad_()
+    g = torch.randn(4, 10, 64)
+    (full,) = torch.autograd.grad((norm(x) * g).sum(), x)
+    with torch.autocast("cpu", torch.bfloat16):
+        low = x.to(torch.bfloat16).detach().requires_grad_()
+        out = norm(low)
+        (grad,) = torch.autograd.grad((out.float() * g).sum(), low)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), norm(x).detach(), rtol=0.02, atol=0.05)
+    torch.testing.assert_close(grad.float(), full, rtol=0.02, atol=0.05)
+
+
 # --- Attention -------------------------------------------------------------------------------
 
 
