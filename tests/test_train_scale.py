@@ -19,7 +19,7 @@ import bcosvit.app.data
 from bcosvit import create_model
 from bcosvit.app.data import dataset_labels, load_dataset
 from bcosvit.app.loading import ShardSampler
-from bcosvit.app.training import clipping, train
+from bcosvit.app.training import clipping, loop, train
 from bcosvit.app.training.clipping import adaptive_clip_grad_
 from bcosvit.app.training.distributed import Runtime
 from bcosvit.app.training.loop import TrainingRun, resolve_config
@@ -271,7 +271,28 @@ def test_compile_waits_for_the_end_of_the_bcosification_warmup(tmp_path, monkeyp
     out = capsys.readouterr().out
     assert "eager through the B-cosification warmup, torch.compile from step 5" in out
     assert "torch.compile on from step 5: the B-cosification warmup is over" in out
-    assert compiled == [2.0, 2.0]  # the training step and the evaluation, once B stays 2
+    assert compiled == [2.0]  # the training step, once B stays 2; a few test images validate eagerly
+    assert "validation eager" in out
+
+
+@pytest.mark.parametrize("threshold", [None, 1])
+def test_validation_is_compiled_only_where_the_run_validates_enough_images_to_pay_for_it(
+    tmp_path, monkeypatch, capsys, threshold
+):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: compiled.append(type(net).__name__) or net)
+    if threshold is not None:
+        monkeypatch.setattr(loop, "COMPILE_VALIDATION_MIN_IMAGES", threshold)
+    config = tiny_config(epochs=2, compile=True, precision="fp32")
+    train(config, tmp_path, progress=False)
+    out = capsys.readouterr().out
+    validated = 2 * config.test_subset  # two epochs, each validated
+    if threshold is None:  # the tiny run validates far fewer images than compiling costs
+        assert compiled == ["VisionTransformer"]
+        assert f"validation eager ({validated} images in all: compiling it pays from 50000)" in out
+    else:
+        assert compiled == ["VisionTransformer", "VisionTransformer"]  # training, then validation once
+        assert "validation eager" not in out
 
 
 def folder_of_classes(root: Path, count: int, per_class: int = 2) -> Path:

@@ -62,6 +62,11 @@ from .schedules import BcosifySchedule
 from .step import StepSums, Trainer
 from .teacher import load_teacher
 
+# Validation is compiled only where the run validates at least this many images per process: for
+# the main job's model on 2 cores, compiling the eval graph costs 23-25 s and saves 0.64 ms per image
+# in float32 (break-even about 37k images) and nothing in bf16 (docs/results.md, "Performance").
+COMPILE_VALIDATION_MIN_IMAGES = 50_000
+
 
 @torch.no_grad()
 def evaluate(
@@ -239,11 +244,22 @@ class TrainingRun:
         if self.compile_from and self.rt.is_main:
             print(f"torch.compile on from step {done + 1}: the B-cosification warmup is over (B = 2 from now on)")
 
+    def validated_images(self) -> int:
+        """How many test images each process validates over the whole run."""
+        config = self.config
+        passes = sum(self.validates(epoch) for epoch in range(1, config.epochs + 1))
+        return -(-self.data.num_test // self.rt.world_size) * passes
+
+    def compiles_validation(self) -> bool:
+        """Whether validation runs compiled: where training compiles and the run validates enough
+        images for the eval graph's compilation to pay off (``COMPILE_VALIDATION_MIN_IMAGES``)."""
+        return self.compile_from is not None and self.validated_images() >= COMPILE_VALIDATION_MIN_IMAGES
+
     def evaluation_net(self) -> nn.Module:
-        """What validation runs: the EMA or the model, compiled where the training step is (eval mode
-        without gradients: no DDP wrapper)."""
+        """What validation runs: the EMA or the model, compiled where the training step is and
+        ``compiles_validation`` says it pays off (eval mode without gradients: no DDP wrapper)."""
         model = self.trainer.ema if self.trainer.ema is not None else self.trainer.model
-        if not self.compiled:
+        if not (self.compiled and self.compiles_validation()):
             return model
         if self.eval_net is None:
             self.eval_net = torch.compile(unwrap(model))
@@ -267,6 +283,11 @@ class TrainingRun:
             compiling = f"eager through the B-cosification warmup, torch.compile from step {self.compile_from + 1}"
         else:
             compiling = "no torch.compile (eager)"
+        if self.compile_from is not None and not self.compiles_validation():
+            compiling += (
+                f", validation eager ({self.validated_images()} images in all: compiling it pays from "
+                f"{COMPILE_VALIDATION_MIN_IMAGES})"
+            )
         print(
             f"{config.optimizer}, {config.loss} loss, {config.clip} clipping {config.clip_value:g}; "
             f"precision {precision}; {compiling}" + ("; gradient checkpointing" if config.grad_checkpointing else "")
