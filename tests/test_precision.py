@@ -29,9 +29,11 @@ def avx2_only(monkeypatch):
 
 @pytest.fixture
 def bf16_cpu(monkeypatch):
+    """A CPU with AVX512-BF16 whose bf16 products run 4x faster than float32 (this project's AVX512-BF16 kind)."""
     monkeypatch.setattr(
         precision, "cpu_features", lambda: {"avx2": True, "avx512": True, "avx512_bf16": True, "amx": False}
     )
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 4.0)
 
 
 def test_auto_picks_fp32_on_a_cpu_without_native_bf16(avx2_only):
@@ -41,7 +43,27 @@ def test_auto_picks_fp32_on_a_cpu_without_native_bf16(avx2_only):
 
 
 def test_auto_picks_bf16_on_a_cpu_with_avx512_bf16(bf16_cpu):
-    assert resolve_precision("auto", CPU).precision == "bf16"
+    choice = resolve_precision("auto", CPU)
+    assert choice.precision == "bf16" and "bf16 products 4.0x float32" in choice.reason
+
+
+def test_auto_keeps_fp32_where_the_bf16_flag_is_there_but_its_products_are_not_faster(bf16_cpu, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 1.1)
+    choice = resolve_precision("auto", CPU)
+    assert choice.precision == "fp32"
+    assert "has bfloat16 instructions, but step-shaped bf16 products 1.1x float32" in choice.reason
+
+
+def test_auto_measures_nothing_where_the_cpu_has_no_bf16_flag(avx2_only, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: pytest.fail("measured on an AVX2-only CPU"))
+    assert resolve_precision("auto", CPU).precision == "fp32"
+
+
+def test_the_bf16_speedup_is_measured_on_this_cpu_and_agrees_with_its_flags():
+    speedup = precision.cpu_bf16_speedup.__wrapped__(repeats=3)  # a fresh measurement, not the cached one
+    assert 0 < speedup < 100
+    if not precision.native_bf16(CPU):  # emulated bf16 is several times slower than float32
+        assert speedup < 1.0
 
 
 def test_explicit_precisions_are_kept_and_slow_bf16_is_flagged(avx2_only):

@@ -1,15 +1,23 @@
-"""Numeric precision chosen by the hardware: bfloat16 autocast where it is native, float32 elsewhere.
+"""Numeric precision chosen by the hardware: bfloat16 autocast where it is native and measured
+faster, float32 elsewhere.
 
 bf16 autocast pays off only where the hardware computes in bfloat16: CUDA devices with bf16 support,
 and CPUs with AVX512-BF16 or AMX. Elsewhere (e.g. a CPU with AVX2 only) every bf16 matrix product is
 emulated, so a training step runs far slower under bf16 autocast than in float32 (measured with
-``benchmarks/precision.py``, docs/results.md, "Precision"): ``"auto"`` picks float32 there.
+``benchmarks/precision.py``, docs/results.md, "Precision"): ``"auto"`` picks float32 there. On a CPU
+that has the flags, ``"auto"`` also times a training step's matrix products once per process in
+both precisions (``cpu_bf16_speedup``, a fraction of a second) and keeps bf16 only where they run
+``MIN_BF16_SPEEDUP`` times faster: a flag says the instructions exist, not that they are fast
+(a virtual machine may expose them without the throughput).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +50,39 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+# bf16 must beat float32 by this factor on a CPU's step-shaped products. Measured ratios: 4.0-4.3x on
+# AVX512-BF16 without AMX, where the B-cos train step is then 2.1-3.0x faster (docs/results.md,
+# "Performance"); emulated bf16 (AVX2 only) is about 0.1x.
+MIN_BF16_SPEEDUP = 1.3
+SPEEDUP_SHAPE = (2048, 384, 1536)  # rows, in, out: a ViT-S MLP layer on 2048 tokens
+
+
+@functools.cache
+def cpu_bf16_speedup(repeats: int = 5) -> float:
+    """How many times faster a linear layer's forward + input/weight gradients run under bf16 autocast
+    than in float32 on this CPU (median of ``repeats`` after a warm-up; once per process)."""
+    rows, fan_in, fan_out = SPEEDUP_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, fan_in, generator=generator)
+    weight = torch.randn(fan_out, fan_in, generator=generator)
+    grad = torch.randn(rows, fan_out, generator=generator)
+
+    def step(dtype: torch.dtype | None) -> float:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            out = torch.nn.functional.linear(x, weight)
+            grad_out = grad.to(out.dtype)
+            grad_out @ weight.to(out.dtype), grad_out.T @ x.to(out.dtype)
+        return time.perf_counter() - start
+
+    with torch.no_grad():
+        for dtype in (None, torch.bfloat16):
+            step(dtype)
+        fp32 = statistics.median(step(None) for _ in range(repeats))
+        bf16 = statistics.median(step(torch.bfloat16) for _ in range(repeats))
+    return fp32 / max(bf16, 1e-9)
+
+
 @dataclass(frozen=True)
 class PrecisionChoice:
     """The precision a run uses (``"fp32"`` or ``"bf16"``) and why."""
@@ -67,9 +108,17 @@ def resolve_precision(requested: str, device: torch.device) -> PrecisionChoice:
     native = native_bf16(device)
     hardware = _hardware(device)
     if requested == "auto":
-        if native:
+        if not native:
+            return PrecisionChoice("fp32", f"auto: no native bfloat16 on {hardware}")
+        if device.type != "cpu":
             return PrecisionChoice("bf16", f"auto: native bfloat16 on {hardware}")
-        return PrecisionChoice("fp32", f"auto: no native bfloat16 on {hardware}")
+        speedup = cpu_bf16_speedup()
+        measured = f"step-shaped bf16 products {speedup:.1f}x float32"
+        if speedup < MIN_BF16_SPEEDUP:
+            return PrecisionChoice(
+                "fp32", f"auto: {hardware} has bfloat16 instructions, but {measured} (bf16 needs {MIN_BF16_SPEEDUP}x)"
+            )
+        return PrecisionChoice("bf16", f"auto: native bfloat16 on {hardware}, {measured}")
     if requested == "bf16" and not native:
         return PrecisionChoice("bf16", f"as requested, but {hardware} has no native bfloat16: expect a slow run")
     return PrecisionChoice(requested, "as requested")
