@@ -10,7 +10,7 @@ from bcosvit.app import precision
 from bcosvit.app.precision import resolve_precision
 from bcosvit.app.training import TrainConfig, list_recipes, load_recipe, train
 
-from .test_train import tiny_config
+from .test_train import needs_torchrun, tiny_config, torchrun_two
 
 CPU = torch.device("cpu")
 
@@ -110,3 +110,26 @@ def test_compile_is_skipped_with_a_message_where_no_compiler_exists(monkeypatch,
     train(config, tmp_path, progress=False)
     assert "torch.compile skipped: no C++ compiler" in capsys.readouterr().out
     assert not compiled
+
+
+AGREE_SCRIPT = """
+import torch, torch.distributed as dist
+from bcosvit.app.precision import PrecisionChoice, agree_on_precision
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+mine = PrecisionChoice("bf16" if rank == 0 else "fp32", f"measured by {rank}")
+agreed = agree_on_precision(mine, torch.device("cpu"))
+print(f"rank {rank}: {agreed}")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.ddp
+@needs_torchrun
+def test_the_processes_of_a_cpu_job_train_in_process_zeros_precision(tmp_path):
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE_SCRIPT)
+    done = torchrun_two(str(script))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0: bf16 (measured by 0)" in done.stdout
+    assert "rank 1: bf16 (measured by 1; process 0 chose bf16)" in done.stdout

@@ -124,6 +124,22 @@ def resolve_precision(requested: str, device: torch.device) -> PrecisionChoice:
     return PrecisionChoice(requested, "as requested")
 
 
+def agree_on_precision(choice: PrecisionChoice, device: torch.device) -> PrecisionChoice:
+    """Process 0's ``choice`` in every process of a ``torch.distributed`` CPU job (each process
+    measures ``cpu_bf16_speedup`` itself, and a job must not train in two precisions); ``choice``
+    unchanged outside one. Every process of the job must call it."""
+    import torch.distributed as dist
+
+    if device.type != "cpu" or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return choice
+    flag = torch.tensor([choice.precision == "bf16"], dtype=torch.int32)
+    dist.broadcast(flag, src=0)
+    precision = "bf16" if bool(flag.item()) else "fp32"
+    if precision == choice.precision:
+        return choice
+    return PrecisionChoice(precision, f"{choice.reason}; process 0 chose {precision}")
+
+
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on ``device`` for ``"bf16"``; nothing for ``"fp32"``."""
     if precision == "bf16":

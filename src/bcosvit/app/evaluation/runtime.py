@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Subset
 from ...errors import ConfigError
 from ..data import TensorImageDataset
 from ..loading import shard_range
-from ..precision import PRECISIONS, PrecisionChoice, resolve_precision
+from ..precision import PRECISIONS, PrecisionChoice, agree_on_precision, resolve_precision
 from ..training.distributed import setup_distributed
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -126,7 +126,8 @@ def start_runtime(device: str, precision: str, workers: int | None, data: Datase
     where = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     count = default_workers(data, per_machine) if workers is None else workers
-    return EvalRuntime(where, resolve_precision(precision, where), count, processes.rank, processes.world_size)
+    choice = agree_on_precision(resolve_precision(precision, where), where)
+    return EvalRuntime(where, choice, count, processes.rank, processes.world_size)
 
 
 def leave_runtime(runtime: EvalRuntime) -> None:

@@ -33,7 +33,7 @@ from ...fileio import remove_stale_temporaries, write_json
 from ...metrics import TopkAccuracy, topk_accuracy
 from ...weights.checkpoint import load_state_dict
 from ..data import batch_to_device
-from ..precision import PrecisionChoice, autocast, compile_available, resolve_precision
+from ..precision import PrecisionChoice, agree_on_precision, autocast, compile_available, resolve_precision
 from .align import AlignmentNet
 from .builders import (
     DatasetLoader,
@@ -98,7 +98,7 @@ def evaluate(
 def resolve_config(config: TrainConfig, device: torch.device) -> tuple[TrainConfig, PrecisionChoice]:
     """``config`` with every "auto" resolved: optimizer, loss and clipping by the model's family
     (``TrainConfig.resolved``), the precision by what ``device`` computes natively; and why that precision."""
-    choice = resolve_precision(config.precision, device)
+    choice = agree_on_precision(resolve_precision(config.precision, device), device)
     return dataclasses.replace(config.resolved(), precision=choice.precision), choice
 
 
