@@ -28,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rows", type=int, default=15, help="operators per table")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="profile the torch.compile'd step")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     setting = SETTINGS[args.setting]
@@ -36,13 +37,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"setting {setting.key}: {setting.describe(setting.batch)}, torch {torch.__version__}")
     for precision in args.precisions:
         for family, model in zip(("B-cos", "twin"), models):
-            step = train_step_fn(copy.deepcopy(model), images, labels, precision)
+            step = train_step_fn(copy.deepcopy(model), images, labels, precision, compiled=args.compile)
             for _ in range(args.warmup):
                 step()
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 step()
             name = setting.bcos_model if family == "B-cos" else setting.standard_model
-            print(f"\n{family} {name}, {precision}")
+            print(f"\n{family} {name}, {precision}" + (", torch.compile" if args.compile else ""))
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     return 0
 
