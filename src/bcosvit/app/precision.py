@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -128,8 +129,6 @@ def agree_on_precision(choice: PrecisionChoice, device: torch.device) -> Precisi
     """Process 0's ``choice`` in every process of a ``torch.distributed`` CPU job (each process
     measures ``cpu_bf16_speedup`` itself, and a job must not train in two precisions); ``choice``
     unchanged outside one. Every process of the job must call it."""
-    import torch.distributed as dist
-
     if device.type != "cpu" or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return choice
     flag = torch.tensor([choice.precision == "bf16"], dtype=torch.int32)

@@ -119,7 +119,8 @@ def start_runtime(device: str, precision: str, workers: int | None, data: Datase
     """The runtime of an evaluation of ``data``: joins the ``torchrun`` job this process belongs to
     (``setup_distributed``: gloo on CPU, NCCL on GPU), resolves ``device`` (``resolve_device``) and
     the accuracy pass's ``precision`` there (``resolve_precision``: ``"auto"`` is bf16 where it is
-    native), and ``workers`` (None: ``default_workers``)."""
+    native and measured faster; process 0's choice in a distributed job), and ``workers`` (None:
+    ``default_workers``)."""
     check_device(device)
     check_precision(precision)
     processes = setup_distributed()

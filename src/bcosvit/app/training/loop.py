@@ -97,7 +97,9 @@ def evaluate(
 
 def resolve_config(config: TrainConfig, device: torch.device) -> tuple[TrainConfig, PrecisionChoice]:
     """``config`` with every "auto" resolved: optimizer, loss and clipping by the model's family
-    (``TrainConfig.resolved``), the precision by what ``device`` computes natively; and why that precision."""
+    (``TrainConfig.resolved``), the precision by what ``device`` computes natively and measures faster
+    (``resolve_precision``; in a distributed job process 0's choice, so every process must call this);
+    and why that precision."""
     choice = agree_on_precision(resolve_precision(config.precision, device), device)
     return dataclasses.replace(config.resolved(), precision=choice.precision), choice
 
