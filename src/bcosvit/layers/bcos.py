@@ -15,6 +15,7 @@ finite. All sit inside the detached factor, so they never break completeness.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from .detach import DetachableModule
 NORM_EPS = 1e-6
 LINEAR_NORM_EPS = 1e-12
 COS_EPS = 1e-6
+WEIGHT_NORM_EPS = 1e-12  # F.normalize's
 
 
 class _SquareCosScale(torch.autograd.Function):
@@ -55,6 +57,79 @@ class _SquareCosScale(torch.autograd.Function):
             grad_lin = (grad * factor).mul_(2)
             grad_norm = (grad_lin * lin).sum(dim=ctx.dim, keepdim=True).div_(norm).mul_(-0.5)
         return grad_lin.to(lin.dtype), grad_norm.to(norm.dtype), None
+
+
+class _BcosLinearB2(torch.autograd.Function):
+    """The whole B = 2 linear layer in one autograd node: ``out = lin · |lin| / n`` with
+    ``lin = x ŵᵀ``, ``ŵ = w / max(||w||, ε)`` (``F.normalize``; ``w`` itself with
+    ``weight_norm=False``) and ``n = ||x|| + LINEAR_NORM_EPS``; ``x`` is ``(rows, in)``, the
+    output ``(rows, out)``.
+
+    Written with autograd, the layer's backward takes about seven element-wise passes over the
+    activations besides its two matrix products (the |cos| factor's, the input norm's, and the sum
+    of the two input gradients); this one takes two or three. The input norm's gradient is folded
+    into the input gradient, ``grad_x = 2 g ŵ - x · S / (n ||x||)`` with ``g = grad · |cos|`` and
+    ``S = Σ grad · out``, and ``S`` is summed over the narrower side: ``Σ grad · out = Σ g · lin =
+    ½ (2 g ŵ) · x``. Values and dtypes are the plain layer's, autocast included. Where a graph of
+    the backward is requested (``create_graph``, torch.func) the backward recomputes the forward's
+    parts from the inputs, so that the same formulas are differentiable in them.
+    """
+
+    generate_vmap_rule = True  # torch.func transforms can run it (forward and setup_context apart)
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, normalize: bool) -> tuple[Tensor, ...]:
+        lin, factor, norm, unit, weight_norm = _b2_parts(x, weight, normalize)
+        return lin * factor, lin, factor, norm, unit, weight_norm
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: tuple[Tensor, ...]) -> None:
+        x, weight, normalize = inputs
+        _, lin, factor, norm, unit, weight_norm = output
+        ctx.mark_non_differentiable(lin, factor, norm, unit, weight_norm)
+        ctx.sum_over_outputs = x.shape[-1] > lin.shape[-1]  # where S is summed: the narrower side
+        ctx.save_for_backward(x, weight, lin if ctx.sum_over_outputs else None, factor, norm, unit, weight_norm)
+        ctx.normalize = normalize
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, weight, lin, factor, norm, unit, weight_norm = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a graph of the backward: the parts as functions of the inputs
+            lin, factor, norm, unit, weight_norm = _b2_parts(x, weight, ctx.normalize)
+        unit = unit if ctx.normalize else weight
+        need_x, need_weight = ctx.needs_input_grad[:2]
+        device = x.device.type
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+            g = (grad * factor).to(factor.dtype)  # half the gradient of lin, in the product's dtype
+            grad_x = grad_weight = None
+            if need_x:
+                grad_x = torch.mm(g, unit.to(g.dtype) * 2).to(x.dtype)  # through lin
+                if ctx.sum_over_outputs:
+                    total = (g * lin).sum(dim=1, keepdim=True).to(x.dtype)
+                else:
+                    total = (grad_x * x).sum(dim=1, keepdim=True) * 0.5
+                raw_norm = norm - LINEAR_NORM_EPS  # ||x||; where x = 0, S = 0 and so is the norm's share
+                grad_x = grad_x.addcmul(x, -total / (norm * torch.where(raw_norm > 0, raw_norm, 1.0)))
+            if need_weight:
+                grad_unit = torch.mm(g.t(), x.to(g.dtype)).to(weight.dtype) * 2
+                if ctx.normalize:  # F.normalize's backward; where its guard held, the gradient unprojected
+                    along = (grad_unit * unit).sum(dim=1, keepdim=True) * (weight_norm > WEIGHT_NORM_EPS)
+                    grad_unit = (grad_unit - unit * along) / weight_norm.clamp_min(WEIGHT_NORM_EPS)
+                grad_weight = grad_unit
+        return grad_x, grad_weight, None
+
+
+def _b2_parts(x: Tensor, weight: Tensor, normalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``lin``, ``|cos|``, ``n``, ``ŵ`` and ``||w||`` of ``_BcosLinearB2`` (the last two empty
+    without weight normalisation: ``w`` itself is the map)."""
+    if normalize:
+        weight_norm = torch.linalg.vector_norm(weight, dim=1, keepdim=True)
+        unit = weight / weight_norm.clamp_min(WEIGHT_NORM_EPS)
+    else:
+        weight_norm = unit = weight.new_empty(0)
+    lin = F.linear(x, unit if normalize else weight)
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True) + LINEAR_NORM_EPS
+    return lin, lin.abs().div_(norm), norm, unit, weight_norm  # |cos| in the product's dtype
 
 
 def bcos_scale(linear_out: Tensor, input_norm: Tensor, b: float, detach: bool, dim: int = -1) -> Tensor:
@@ -124,6 +199,9 @@ class BcosLinear(DetachableModule):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._fused_b2(x):
+            out = _BcosLinearB2.apply(x.reshape(-1, self.in_features), self.weight, self.weight_norm)[0]
+            return out.view(*x.shape[:-1], self.out_features)
         weight = F.normalize(self.weight, dim=1) if self.weight_norm else self.weight
         out = F.linear(x, weight, self.bias)
         if self.max_out > 1:
@@ -134,6 +212,20 @@ class BcosLinear(DetachableModule):
         if self.detach:
             norm = norm.detach()
         return bcos_scale(out, norm, self.b, self.detach, dim=-1)
+
+    def _fused_b2(self, x: Tensor) -> bool:
+        """Whether the training pass takes the one-node B = 2 layer (``_BcosLinearB2``). Not under
+        ``torch.compile``, which fuses the plain layer's element-wise work itself, nor where no
+        gradient is recorded (the same operations without a graph)."""
+        return (
+            self.b == 2
+            and self.max_out == 1
+            and self.bias is None
+            and not self.detach
+            and torch.is_grad_enabled()
+            and (x.requires_grad or self.weight.requires_grad)
+            and not torch.compiler.is_compiling()
+        )
 
     def extra_repr(self) -> str:
         extra = ("" if self.bias is None else ", bias=True") + ("" if self.weight_norm else ", weight_norm=False")
