@@ -153,6 +153,83 @@ def test_bcos_linear_b2_second_derivatives_match_plain_autograd():
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
 
 
+def _one_node(out: torch.Tensor) -> bool:
+    """Whether ``out`` comes from ``_BcosLinearB2`` (through the views that restore its shape)."""
+    node = out.grad_fn
+    while node is not None and type(node).__name__ in ("ViewBackward0", "ReshapeAliasBackward0"):
+        node = node.next_functions[0][0]
+    return node is not None and type(node).__name__ == "_BcosLinearB2Backward"
+
+
+def _plain_b2_linear(layer: BcosLinear, x: torch.Tensor) -> torch.Tensor:
+    """The B = 2 linear layer written with autograd's operations (what ``_BcosLinearB2`` fuses)."""
+    weight = F.normalize(layer.weight, dim=1) if layer.weight_norm else layer.weight
+    lin = F.linear(x, weight)
+    return lin * lin.abs() / _norm(x)
+
+
+@pytest.mark.parametrize("weight_norm", [True, False])
+@pytest.mark.parametrize(("fan_in", "fan_out"), [(6, 11), (11, 6)], ids=["widening", "narrowing"])
+def test_bcos_linear_b2_trains_as_one_node_with_the_plain_layers_gradients(fan_in, fan_out, weight_norm):
+    """Both ways of summing the norm's share (over the inputs, over the outputs), with and without
+    weight normalisation; a zero input row gets the plain layer's finite gradient (0: the B = 2 layer is
+    flat there)."""
+    layer = BcosLinear(fan_in, fan_out, b=2, weight_norm=weight_norm).double()
+    x = torch.randn(3, 4, fan_in, dtype=D64)
+    x[1, 2] = 0
+    x.requires_grad_()
+    out = layer(x)
+    assert _one_node(out)
+    grad_out = torch.randn(3, 4, fan_out, dtype=D64)
+    got = torch.autograd.grad(out, (x, layer.weight), grad_out)
+    expected = torch.autograd.grad(_plain_b2_linear(layer, x), (x, layer.weight), grad_out)
+    torch.testing.assert_close(out, _plain_b2_linear(layer, x), rtol=1e-14, atol=1e-16)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
+    assert torch.isfinite(got[0]).all()
+
+
+def test_bcos_linear_b2_single_node_only_where_a_graph_is_recorded_outside_explanation_mode():
+    layer = BcosLinear(4, 3, b=2)
+    x = torch.randn(2, 4, requires_grad=True)
+    assert _one_node(layer(x))
+    with torch.no_grad():
+        assert layer(x).grad_fn is None
+        assert torch.equal(layer(x), layer(x.detach().requires_grad_()))  # evaluation's forward = training's
+    with explanation_mode(layer):
+        assert not _one_node(layer(x))
+    for other in (BcosLinear(4, 3, b=2, max_out=2), BcosLinear(4, 3, b=2, bias=True), BcosLinear(4, 3, b=2.5)):
+        assert not _one_node(other(x))
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-7)
+
+
+def test_bcos_linear_b2_under_bf16_autocast_matches_the_plain_layer():
+    """Same output dtype and values as the layer written with autograd; gradients near float32's."""
+    torch.manual_seed(0)
+    layer = BcosLinear(64, 96, b=2)
+    x = torch.randn(128, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        plain = _plain_b2_linear(layer, x)
+    assert out.dtype == torch.bfloat16 and _one_node(out)
+    torch.testing.assert_close(out.float(), plain.float(), rtol=1e-2, atol=1e-2)
+    grad_out = torch.randn(128, 96)
+    got = torch.autograd.grad(out, (x, layer.weight), grad_out.bfloat16())
+    expected = torch.autograd.grad(_plain_b2_linear(layer, x), (x, layer.weight), grad_out)
+    for g, e in zip(got, expected):
+        assert g.dtype == torch.float32
+        assert (g - e).norm() / e.norm() < 2e-2
+
+
+def test_bcos_linear_b2_jacobian_by_torch_func_matches_plain_autograd():
+    layer = BcosLinear(5, 4, b=2).double()
+    x = torch.randn(3, 5, dtype=D64)
+    jac = torch.func.jacrev(layer)(x)
+    expected = torch.autograd.functional.jacobian(lambda t: _plain_b2_linear(layer, t), x)
+    torch.testing.assert_close(jac, expected, rtol=1e-12, atol=1e-14)
+
+
 def test_bcos_linear_and_conv_b2_pass_gradcheck_for_input_and_weight():
     linear = BcosLinear(4, 3, b=2).double()
     x = torch.randn(2, 5, 4, dtype=D64, requires_grad=True)

@@ -87,12 +87,15 @@ class _BcosLinearB2(torch.autograd.Function):
         x, weight, normalize = inputs
         _, lin, factor, norm, unit, weight_norm = output
         ctx.mark_non_differentiable(lin, factor, norm, unit, weight_norm)
+        ctx.set_materialize_grads(False)  # no zero gradients made for the parts (two activation-sized)
         ctx.sum_over_outputs = x.shape[-1] > lin.shape[-1]  # where S is summed: the narrower side
         ctx.save_for_backward(x, weight, lin if ctx.sum_over_outputs else None, factor, norm, unit, weight_norm)
         ctx.normalize = normalize
 
     @staticmethod
     def backward(ctx, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        if grad is None:
+            return None, None, None
         x, weight, lin, factor, norm, unit, weight_norm = ctx.saved_tensors
         if torch.is_grad_enabled():  # a graph of the backward: the parts as functions of the inputs
             lin, factor, norm, unit, weight_norm = _b2_parts(x, weight, ctx.normalize)
