@@ -20,6 +20,8 @@ import torch
 from throughput import SETTINGS, build_models, make_batch, train_step_fn
 from torch.profiler import ProfilerActivity, profile
 
+from bcosvit.app.allocator import keep_freed_memory
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -29,12 +31,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=15, help="operators per table")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="profile the torch.compile'd step")
+    parser.add_argument("--glibc-malloc-defaults", action="store_true", help="leave glibc's malloc settings")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    kept = False if args.glibc_malloc_defaults else keep_freed_memory()
     setting = SETTINGS[args.setting]
     models = build_models(setting)
     images, labels = make_batch(setting, setting.batch)
-    print(f"setting {setting.key}: {setting.describe(setting.batch)}, torch {torch.__version__}")
+    allocator = "freed memory kept (bcosvit's)" if kept else "malloc defaults"
+    print(f"setting {setting.key}: {setting.describe(setting.batch)}, torch {torch.__version__}, {allocator}")
     for precision in args.precisions:
         for family, model in zip(("B-cos", "twin"), models):
             step = train_step_fn(copy.deepcopy(model), images, labels, precision, compiled=args.compile)

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bcosvit
+from bcosvit.app.allocator import keep_freed_memory
 from bcosvit.app.precision import autocast, cpu_features, native_bf16, resolve_precision
 from bcosvit.app.training.clipping import adaptive_clip_grad_
 from bcosvit.app.training.losses import bce_uniform_off_labels
@@ -587,6 +588,7 @@ def machine_line(info: dict[str, Any]) -> str:
         f"machine: {info['cpu_model']}, {info['cpu_count']} cores (os.cpu_count), "
         f"torch.get_num_threads() = {info['torch_num_threads']}, torch {info['torch_version']}, "
         f"{info['date']}{load_text}; precision auto: {info['precision_auto']}"
+        + (f"; {info['allocator']}" if "allocator" in info else "")
     )
 
 
@@ -746,6 +748,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="train-step precisions to time (default: bf16 only where this CPU has it natively)",
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write all numbers")
+    parser.add_argument(
+        "--glibc-malloc-defaults",
+        action="store_true",
+        help="leave glibc's malloc settings (default: the bcosvit command's, bcosvit.app.allocator)",
+    )
     quick_batches = ", ".join(f"{key}: {s.quick_batch}" for key, s in SETTINGS.items())
     parser.add_argument(
         "--quick",
@@ -759,8 +766,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = False if args.glibc_malloc_defaults else keep_freed_memory()
     settings = list(dict.fromkeys(args.settings))
     machine = machine_info()
+    machine["allocator"] = "freed memory kept (bcosvit's)" if kept else "malloc defaults"
     log(machine_line(machine))
     args.peaks = matmul_peaks(args.precisions)
     machine["matmul_2048_gflops_per_s"] = {k: v / 1e9 for k, v in args.peaks.items()}

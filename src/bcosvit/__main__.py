@@ -1,5 +1,5 @@
 import sys
 
-from .app.cli import main
+from .app.cli import run
 
-sys.exit(main())
+sys.exit(run())

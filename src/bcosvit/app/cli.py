@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import BcosVitError
+from .allocator import keep_freed_memory
 
 if TYPE_CHECKING:
     from .training.recipes import Recipe
@@ -740,5 +741,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> int:
+    """The ``bcosvit`` command (console script and ``python -m bcosvit``): ``main`` with the
+    command line's memory policy (``allocator.keep_freed_memory``)."""
+    keep_freed_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
