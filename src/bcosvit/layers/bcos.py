@@ -41,7 +41,7 @@ class _SquareCosScale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lin: Tensor, norm: Tensor, dim: int) -> Tensor:
-        factor = lin.abs().div_(norm)  # |cos|
+        factor = _abs_cos(lin, norm)
         ctx.save_for_backward(lin, factor, norm)
         ctx.dim = dim
         return lin * factor
@@ -132,7 +132,14 @@ def _b2_parts(x: Tensor, weight: Tensor, normalize: bool) -> tuple[Tensor, Tenso
         weight_norm = unit = weight.new_empty(0)
     lin = F.linear(x, unit if normalize else weight)
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True) + LINEAR_NORM_EPS
-    return lin, lin.abs().div_(norm), norm, unit, weight_norm  # |cos| in the product's dtype
+    return lin, _abs_cos(lin, norm), norm, unit, weight_norm
+
+
+def _abs_cos(lin: Tensor, norm: Tensor) -> Tensor:
+    """``|lin| / norm`` in ``lin``'s dtype (autocast's bf16 where it cast the product). The norm is
+    cast first: a bf16 tensor divided in place by a float32 one takes torch's mixed-dtype path, about
+    6x slower on a CPU (0.9 against 0.15 ms at 6272 x 768)."""
+    return lin.abs().div_(norm.to(lin.dtype))
 
 
 def bcos_scale(linear_out: Tensor, input_norm: Tensor, b: float, detach: bool, dim: int = -1) -> Tensor:
