@@ -97,7 +97,8 @@ class _BcosLinearB2(torch.autograd.Function):
         if grad is None:
             return None, None, None
         x, weight, lin, factor, norm, unit, weight_norm = ctx.saved_tensors
-        if torch.is_grad_enabled():  # a graph of the backward: the parts as functions of the inputs
+        differentiable = torch.is_grad_enabled()
+        if differentiable:  # a graph of the backward: the parts as functions of the inputs
             lin, factor, norm, unit, weight_norm = _b2_parts(x, weight, ctx.normalize)
         unit = unit if ctx.normalize else weight
         need_x, need_weight = ctx.needs_input_grad[:2]
@@ -112,7 +113,8 @@ class _BcosLinearB2(torch.autograd.Function):
                 else:
                     total = (grad_x * x).sum(dim=1, keepdim=True) * 0.5
                 raw_norm = norm - LINEAR_NORM_EPS  # ||x||; where x = 0, S = 0 and so is the norm's share
-                grad_x = grad_x.addcmul(x, -total / (norm * torch.where(raw_norm > 0, raw_norm, 1.0)))
+                share = -total / (norm * torch.where(raw_norm > 0, raw_norm, 1.0))
+                grad_x = grad_x.addcmul(x, share) if differentiable else grad_x.addcmul_(x, share)
             if need_weight:
                 grad_unit = torch.mm(g.t(), x.to(g.dtype)).to(weight.dtype) * 2
                 if ctx.normalize:  # F.normalize's backward; where its guard held, the gradient unprojected
