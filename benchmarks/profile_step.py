@@ -17,10 +17,8 @@ import sys
 from collections.abc import Sequence
 
 import torch
-from throughput import SETTINGS, build_models, make_batch, train_step_fn
+from throughput import SETTINGS, apply_allocator_policy, build_models, make_batch, train_step_fn
 from torch.profiler import ProfilerActivity, profile
-
-from bcosvit.app.allocator import keep_freed_memory
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,11 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--glibc-malloc-defaults", action="store_true", help="leave glibc's malloc settings")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    kept = False if args.glibc_malloc_defaults else keep_freed_memory()
+    allocator = apply_allocator_policy(args.glibc_malloc_defaults)
     setting = SETTINGS[args.setting]
     models = build_models(setting)
     images, labels = make_batch(setting, setting.batch)
-    allocator = "freed memory kept (bcosvit's)" if kept else "malloc defaults"
     print(f"setting {setting.key}: {setting.describe(setting.batch)}, torch {torch.__version__}, {allocator}")
     for precision in args.precisions:
         for family, model in zip(("B-cos", "twin"), models):

@@ -564,6 +564,13 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def apply_allocator_policy(glibc_defaults: bool) -> str:
+    """The bcosvit command's memory policy (``bcosvit.app.allocator``) unless ``glibc_defaults``;
+    returns which allocator settings the run measures under."""
+    kept = False if glibc_defaults else keep_freed_memory()
+    return "freed memory kept (bcosvit's)" if kept else "malloc defaults"
+
+
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu_model": cpu_model(),
@@ -766,10 +773,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    kept = False if args.glibc_malloc_defaults else keep_freed_memory()
+    allocator = apply_allocator_policy(args.glibc_malloc_defaults)
     settings = list(dict.fromkeys(args.settings))
     machine = machine_info()
-    machine["allocator"] = "freed memory kept (bcosvit's)" if kept else "malloc defaults"
+    machine["allocator"] = allocator
     log(machine_line(machine))
     args.peaks = matmul_peaks(args.precisions)
     machine["matmul_2048_gflops_per_s"] = {k: v / 1e9 for k, v in args.peaks.items()}
